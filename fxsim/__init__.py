@@ -1,0 +1,26 @@
+"""fxsim: bit-accurate fixed-point simulation of neural-network accelerators."""
+
+from fxsim.errors import FxsimError
+from fxsim.fixedpoint import (
+    Overflow,
+    QFormat,
+    Rounding,
+    dequantize,
+    paper_format,
+    quantize,
+    requantize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FxsimError",
+    "Overflow",
+    "QFormat",
+    "Rounding",
+    "__version__",
+    "dequantize",
+    "paper_format",
+    "quantize",
+    "requantize",
+]

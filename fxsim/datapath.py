@@ -1,0 +1,481 @@
+"""One layer's fixed-point arithmetic (:class:`Datapath`) and its bit-accurate executor.
+
+Semantics of a conv/linear layer, all in integers (see docs/formats.md)::
+
+    acc = bias_code aligned to the accumulator's fraction (frac_x + frac_w)
+    for each input channel, kernel row, kernel column (linear: input index):
+        acc += x_code * w_code                     # zero weights skipped: adds nothing
+        (per_mac: the acc_bits register saturates or wraps after every MAC)
+    (final: the exact sum meets the acc_bits register once)
+    y = requantize(acc, frac_x + frac_w, out_fmt, rounding, overflow)
+
+Which kernel computes the sums is chosen from a bound, never a guess. With
+``P = max|x| * max_j sum_k |w[j, k]|`` every partial sum is below P in magnitude, so float32 BLAS
+is exact when P < 2^24, float64 BLAS when P < 2^53, and int64 when P < 2^63. A per_mac register
+that can never leave its range (P + max|bias| <= its max) behaves exactly like the exact sum;
+otherwise the sequential per-MAC kernel runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from fxsim.errors import DatapathError, FormatError, ShapeError
+from fxsim.fixedpoint import (
+    Overflow,
+    QFormat,
+    Rounding,
+    check_codes,
+    format_args,
+    requantize,
+    requantize_with_count,
+    uniform_draws,
+)
+from fxsim.kernels import dense
+
+ACC_MODES = ("final", "per_mac")
+
+# How many im2col elements one chunk of images may produce (bounds memory for big batches).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class Datapath:
+    """The arithmetic of one conv/linear layer.
+
+    act_fmt:      format of the layer's input codes.
+    weight_fmt:   format of the weight codes.
+    out_fmt:      format of the output codes (default: act_fmt).
+    bias_fmt:     format of the bias codes (default: the accumulator's fraction, acc_bits wide).
+    acc_bits:     accumulator width in bits (sign included); None = unbounded (exact).
+    acc_overflow: 'sat' or 'wrap' when the accumulator overflows.
+    acc_mode:     'final' (exact sum, overflow applied once: a wide accumulator) or 'per_mac'
+                  (overflow after every multiply-accumulate in canonical order).
+    rounding, overflow: how the accumulator is requantised into out_fmt.
+    seed:         seed of the draws for stochastic rounding.
+    """
+
+    act_fmt: QFormat
+    weight_fmt: QFormat
+    out_fmt: QFormat | None = None
+    bias_fmt: QFormat | None = None
+    acc_bits: int | None = None
+    acc_overflow: Overflow = Overflow.SAT
+    acc_mode: str = "final"
+    rounding: Rounding = Rounding.RND_CONV
+    overflow: Overflow = Overflow.SAT
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        for name in ("act_fmt", "weight_fmt", "out_fmt", "bias_fmt"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QFormat):
+                raise FormatError(f"Datapath {name} must be a QFormat, got {value!r}")
+        set_(self, "rounding", Rounding.parse(self.rounding))
+        set_(self, "overflow", Overflow.parse(self.overflow))
+        set_(self, "acc_overflow", Overflow.parse(self.acc_overflow))
+        if self.acc_overflow not in (Overflow.SAT, Overflow.WRAP):
+            raise FormatError(
+                f"accumulator overflow must be 'sat' or 'wrap', got '{self.acc_overflow}'"
+            )
+        if self.acc_mode not in ACC_MODES:
+            raise FormatError(f"acc_mode must be 'final' or 'per_mac', got {self.acc_mode!r}")
+        if self.acc_bits is not None:
+            if isinstance(self.acc_bits, bool) or not isinstance(self.acc_bits, int | np.integer):
+                raise DatapathError(f"acc_bits must be an integer or None, got {self.acc_bits!r}")
+            set_(self, "acc_bits", int(self.acc_bits))
+            if not 2 <= self.acc_bits <= 64:
+                raise DatapathError(f"acc_bits must be between 2 and 64, got {self.acc_bits}")
+            if self.acc_bits < self.product_bits:
+                raise DatapathError(
+                    f"acc_bits {self.acc_bits} cannot hold one product of {self.act_fmt} x "
+                    f"{self.weight_fmt} (needs {self.product_bits} bits)"
+                )
+        bias = self.bias_format
+        if bias.frac_bits > self.acc_frac_bits:
+            raise DatapathError(
+                f"bias format {bias} has {bias.frac_bits} fraction bits, more than the "
+                f"accumulator's {self.acc_frac_bits}"
+            )
+
+    @property
+    def output_fmt(self) -> QFormat:
+        return self.out_fmt if self.out_fmt is not None else self.act_fmt
+
+    @property
+    def acc_frac_bits(self) -> int:
+        """Fraction bits of a product and of the accumulator: frac_x + frac_w."""
+        return self.act_fmt.frac_bits + self.weight_fmt.frac_bits
+
+    @property
+    def bias_format(self) -> QFormat:
+        if self.bias_fmt is not None:
+            return self.bias_fmt
+        width = self.acc_bits or 64
+        return QFormat(width, width - self.acc_frac_bits)
+
+    @property
+    def product_bits(self) -> int:
+        """The narrowest signed register that holds every product of an input and a weight code."""
+        a, w = self.act_fmt, self.weight_fmt
+        ends = [x * y for x in (a.min_code, a.max_code) for y in (w.min_code, w.max_code)]
+        return _signed_bits(min(ends), max(ends))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (formats as dicts, modes as names)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, QFormat):
+                value = value.to_dict()
+            elif isinstance(value, Rounding | Overflow):
+                value = value.value
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Datapath:
+        if not isinstance(data, dict):
+            raise FormatError(f"a Datapath must be a JSON object, got {data!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise FormatError(f"unknown Datapath keys: {', '.join(sorted(unknown))}")
+        for required in ("act_fmt", "weight_fmt"):
+            if required not in data:
+                raise FormatError(f"a Datapath needs '{required}'")
+        kwargs = dict(data)
+        for name in ("act_fmt", "weight_fmt", "out_fmt", "bias_fmt"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = QFormat.from_dict(kwargs[name])
+        return cls(**kwargs)
+
+
+def _signed_bits(lo: int, hi: int) -> int:
+    bits = 1
+    while not (-(1 << (bits - 1)) <= lo and hi <= (1 << (bits - 1)) - 1):
+        bits += 1
+    return bits
+
+
+@dataclass
+class Counters:
+    """What one layer's execution did; counters of several calls add up with ``+``.
+
+    macs:            dense multiply-accumulates (outputs x fan-in).
+    acc_overflows:   accumulator overflow events (final: outputs whose exact sum left the
+                     register; per_mac: MAC steps, or bias loads, after which it overflowed).
+    out_saturations: outputs that overflowed the output format when requantised.
+    max_abs_acc:     largest |accumulator| at the end of a dot product (final: the exact sum;
+                     per_mac: the register's last value).
+    outputs:         output values produced.
+    paths:           which kernel computed the sums (float32, float64, int64, per_mac_int32,
+                     per_mac_int64), with how many outputs each.
+    """
+
+    macs: int = 0
+    acc_overflows: int = 0
+    out_saturations: int = 0
+    max_abs_acc: int = 0
+    outputs: int = 0
+    paths: dict = field(default_factory=dict)
+
+    def __add__(self, other: Counters) -> Counters:
+        paths = dict(self.paths)
+        for name, count in other.paths.items():
+            paths[name] = paths.get(name, 0) + count
+        return Counters(
+            macs=self.macs + other.macs,
+            acc_overflows=self.acc_overflows + other.acc_overflows,
+            out_saturations=self.out_saturations + other.out_saturations,
+            max_abs_acc=max(self.max_abs_acc, other.max_abs_acc),
+            outputs=self.outputs + other.outputs,
+            paths=paths,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which kernel, from the bound
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    path: str
+    weights: np.ndarray  # (J, K) in the path's dtype
+    bias: np.ndarray  # (J,) int64, aligned to the accumulator fraction
+    start: np.ndarray | None  # per_mac: the register's first value per output channel
+    start_overflowed: np.ndarray | None  # per_mac: whether loading the bias overflowed
+    cols_dtype: type
+
+
+def _max_abs(codes: np.ndarray) -> int:
+    if codes.size == 0:
+        return 0
+    return max(abs(int(codes.min())), abs(int(codes.max())))
+
+
+def _max_row_abs_sum(w2d: np.ndarray) -> int:
+    """max_j sum_k |w[j, k]| exactly, as a Python int."""
+    if w2d.size == 0:
+        return 0
+    if _max_abs(w2d) * w2d.shape[1] < 1 << 63:
+        return int(np.abs(w2d).sum(axis=1).max())
+    return max(sum(abs(int(v)) for v in row) for row in w2d)
+
+
+def _plan(w2d: np.ndarray, bias: np.ndarray, x_max_abs: int, dp: Datapath) -> _Plan:
+    bound = x_max_abs * _max_row_abs_sum(w2d)  # no partial sum of products exceeds this
+    bias_max = _max_abs(bias)
+    if dp.acc_mode == "per_mac" and dp.acc_bits is not None:
+        acc_max = (1 << (dp.acc_bits - 1)) - 1
+        if bound + bias_max > acc_max:
+            acc_fmt = QFormat(dp.acc_bits, dp.acc_bits)
+            start = requantize(bias, 0, acc_fmt, overflow=dp.acc_overflow)
+            narrow = dp.acc_bits <= 30  # acc + product then fits int32 lanes
+            dtype = np.int32 if narrow else np.int64
+            return _Plan(
+                "per_mac_int32" if narrow else "per_mac_int64",
+                np.ascontiguousarray(w2d, dtype=dtype),
+                bias,
+                start.astype(dtype),
+                start != bias,
+                dtype,
+            )
+    if bound < 1 << 24:
+        path, dtype = "float32", np.float32
+    elif bound < 1 << 53:
+        path, dtype = "float64", np.float64
+    else:
+        # int64 holds every partial sum only if the bound (refined per chunk when needed) says so
+        path, dtype = "int64", np.int64
+    return _Plan(path, np.ascontiguousarray(w2d, dtype=dtype), bias, None, None, dtype)
+
+
+def _check_int64_fits(plan: _Plan, cols: np.ndarray) -> None:
+    """Refine the bound for the int64 path with a float64 |w| @ |cols| (rounding margin added)."""
+    fan_in = cols.shape[0]
+    est = np.abs(plan.weights).astype(np.float64) @ np.abs(cols).astype(np.float64)
+    worst = float(est.max()) if est.size else 0.0
+    worst *= 1.0 + (fan_in + 4) * 2.0**-52
+    if worst + _max_abs(plan.bias) >= 2.0**63:
+        raise DatapathError(
+            f"an exact accumulator sum may need more than 64 bits (bound ~2^{np.log2(worst):.1f}); "
+            "fxsim holds exact sums in int64: use narrower formats, or a per_mac accumulator "
+            "of at most 64 bits"
+        )
+
+
+def _accumulate(plan: _Plan, cols: np.ndarray, dp: Datapath, out: np.ndarray, u: np.ndarray):
+    """Sums for one chunk -> output codes in ``out`` (N, J, P). Returns its Counters."""
+    fmt = dp.output_fmt
+    shift = dp.acc_frac_bits - fmt.frac_bits
+    if plan.path.startswith("per_mac"):
+        narrow = plan.path == "per_mac_int32"
+        kernel = dense.dot_per_mac_int32 if narrow else dense.dot_per_mac_int64
+        wrap = dp.acc_overflow is Overflow.WRAP
+        sums, events = kernel(plan.weights, cols, plan.start, dp.acc_bits, wrap)
+        events += int(plan.start_overflowed.sum()) * cols.shape[1]
+        bias = np.zeros(plan.bias.shape, np.int64)
+        acc_omode = -1
+    else:
+        if plan.path == "int64":
+            _check_int64_fits(plan, cols)
+            sums = dense.dot_int64(plan.weights, cols)
+        else:
+            sums = plan.weights @ cols
+        events = 0
+        bias = plan.bias
+        acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
+    acc_events, sat_events, highest, lowest = dense.finish(
+        sums, bias, dp.acc_bits or 0, acc_omode, shift, *format_args(fmt),
+        dp.rounding.code, dp.overflow.code, u, out,
+    )  # fmt: skip
+    return Counters(
+        macs=out.size * cols.shape[0],
+        acc_overflows=int(events) + int(acc_events),
+        out_saturations=int(sat_events),
+        max_abs_acc=max(int(highest), -int(lowest)),
+        outputs=out.size,
+        paths={plan.path: out.size},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public layer entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _as_codes(codes, fmt: QFormat, name: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(codes)
+    if arr.ndim != ndim:
+        raise ShapeError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    check_codes(arr, fmt, name)
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _aligned_bias(bias_codes, n_out: int, dp: Datapath) -> np.ndarray:
+    if bias_codes is None:
+        return np.zeros(n_out, np.int64)
+    bias = _as_codes(bias_codes, dp.bias_format, "bias", 1)
+    if bias.shape != (n_out,):
+        raise ShapeError(f"bias must have shape ({n_out},), got {bias.shape}")
+    # a left shift into a 64-bit word with the accumulator's fraction: exact unless it overflows
+    word = QFormat(64, 64 - dp.acc_frac_bits)
+    aligned, overflowed = requantize_with_count(bias, dp.bias_format.frac_bits, word)
+    if overflowed:
+        raise DatapathError("bias codes do not fit a 64-bit word once aligned to the accumulator")
+    return aligned
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int | np.integer) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int | np.integer)
+                             for v in pair):
+        raise ShapeError(f"{name} must be an integer or a pair of integers, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def conv2d(x_codes, w_codes, bias_codes, datapath: Datapath, stride=1, padding=0):
+    """Bit-accurate 2-D convolution (cross-correlation) of integer codes.
+
+    x_codes (N, C, H, W) in ``datapath.act_fmt``; w_codes (J, C, KH, KW) in ``weight_fmt``;
+    bias_codes (J,) in ``bias_format`` or None; zero padding. Returns (y_codes (N, J, OH, OW)
+    int64 in ``output_fmt``, :class:`Counters`).
+    """
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    if sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ShapeError(f"stride must be >= 1 and padding >= 0, got {stride}, {padding}")
+    x = _as_codes(x_codes, datapath.act_fmt, "x", 4)
+    w = _as_codes(w_codes, datapath.weight_fmt, "weights", 4)
+    n, c, h, wd = x.shape
+    n_out, c_w, kh, kw = w.shape
+    if c_w != c:
+        raise ShapeError(f"weights expect {c_w} input channels, x has {c} (shape {x.shape})")
+    oh = dense.conv_output_size(h, kh, sh, ph)
+    ow = dense.conv_output_size(wd, kw, sw, pw)
+    if oh < 1 or ow < 1:
+        raise ShapeError(
+            f"a {kh}x{kw} kernel does not fit a {h}x{wd} input with padding {(ph, pw)}"
+        )
+    bias = _aligned_bias(bias_codes, n_out, datapath)
+    plan = _plan(w.reshape(n_out, -1), bias, _max_abs(x), datapath)
+    out = np.empty((n, n_out, oh * ow), np.int64)
+    u = uniform_draws(datapath.rounding, out.size, datapath.seed)
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, c * kh * kw * oh * ow))
+    counters = Counters()
+    for n0 in range(0, n, per_chunk):
+        n1 = min(n, n0 + per_chunk)
+        cols = dense.im2col(x[n0:n1].astype(plan.cols_dtype), kh, kw, (sh, sw), (ph, pw))
+        block = out.size // n if n else 0
+        counters += _accumulate(plan, cols, datapath, out[n0:n1], _slice(u, n0, n1, block))
+    return out.reshape(n, n_out, oh, ow), counters
+
+
+def linear(x_codes, w_codes, bias_codes, datapath: Datapath):
+    """Bit-accurate fully connected layer: y = x @ w.T + bias, in integers.
+
+    x_codes (N, K) in ``act_fmt``; w_codes (J, K) in ``weight_fmt``; bias_codes (J,) or None.
+    Returns (y_codes (N, J) int64 in ``output_fmt``, :class:`Counters`).
+    """
+    x = _as_codes(x_codes, datapath.act_fmt, "x", 2)
+    w = _as_codes(w_codes, datapath.weight_fmt, "weights", 2)
+    n, k = x.shape
+    n_out = w.shape[0]
+    if w.shape[1] != k:
+        raise ShapeError(f"weights expect {w.shape[1]} inputs, x has {k} (shape {x.shape})")
+    bias = _aligned_bias(bias_codes, n_out, datapath)
+    plan = _plan(w, bias, _max_abs(x), datapath)
+    out = np.empty((n, n_out, 1), np.int64)
+    u = uniform_draws(datapath.rounding, out.size, datapath.seed)
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, k))
+    counters = Counters()
+    for n0 in range(0, n, per_chunk):
+        n1 = min(n, n0 + per_chunk)
+        cols = np.ascontiguousarray(x[n0:n1].T, dtype=plan.cols_dtype)
+        counters += _accumulate(plan, cols, datapath, out[n0:n1], _slice(u, n0, n1, n_out))
+    return out.reshape(n, n_out), counters
+
+
+def _slice(u: np.ndarray, n0: int, n1: int, per_image: int) -> np.ndarray:
+    return u[n0 * per_image : n1 * per_image] if u.size else u
+
+
+def relu(codes: np.ndarray) -> np.ndarray:
+    """ReLU on codes (exact): max(code, 0)."""
+    return np.maximum(codes, 0)
+
+
+def max_pool2d(codes, kernel=2, stride=None) -> np.ndarray:
+    """Max pooling of int64 codes (N, C, H, W); exact, so the format is unchanged."""
+    kernel = _pair(kernel, "kernel")
+    stride = kernel if stride is None else _pair(stride, "stride")
+    x = np.asarray(codes)
+    _check_pool(x, kernel, stride)
+    return dense.pool2d_codes(x, kernel, stride, True)
+
+
+def avg_pool2d(codes, frac_bits: int, kernel=2, stride=None, fmt: QFormat | None = None,
+               rounding="rnd_conv", overflow="sat"):
+    """Average pooling of codes (N, C, H, W) carrying ``frac_bits`` fraction bits.
+
+    When the window holds 2^s values and ``fmt`` is None the result is exact: the window sum,
+    carrying ``frac_bits + s`` fraction bits. Otherwise the mean is requantised into ``fmt``
+    (default for a non-power-of-two window: a 64-bit word with ``frac_bits`` fraction bits)
+    with the given rounding. Returns (codes, their fraction bits).
+    """
+    kernel = _pair(kernel, "kernel")
+    stride = kernel if stride is None else _pair(stride, "stride")
+    x = np.asarray(codes)
+    _check_pool(x, kernel, stride)
+    sums = dense.pool2d_codes(x, kernel, stride, False)
+    count = kernel[0] * kernel[1]
+    extra = count.bit_length() - 1
+    if count == 1 << extra:
+        if fmt is None:
+            return sums, frac_bits + extra
+        return requantize(sums, frac_bits + extra, fmt, rounding, overflow), fmt.frac_bits
+    if fmt is None:
+        fmt = QFormat(64, 64 - frac_bits)
+    return _divide_round(sums, count, frac_bits, fmt, Rounding.parse(rounding), overflow), (
+        fmt.frac_bits
+    )
+
+
+def _divide_round(sums, count, frac_bits, fmt, rounding, overflow):
+    """requantize(sums / count) exactly, for a window size that is not a power of two.
+
+    Scale so the division is an integer one with a remainder, then let requantize see the
+    quotient with two guard bits plus a sticky bit; that preserves every rounding decision.
+    """
+    if rounding is Rounding.STOCHASTIC:
+        raise FormatError("stochastic rounding of a non-power-of-two average is not supported")
+    shift_up = max(0, fmt.frac_bits - frac_bits)
+    scaled = [int(v) << shift_up for v in sums.reshape(-1)]
+    out = np.empty(len(scaled), np.int64)
+    for i, v in enumerate(scaled):
+        q, r = divmod(v, count)  # floor quotient, remainder >= 0
+        # q carries frac_bits + shift_up fraction bits; add 2 guard bits and a sticky bit
+        guard = (r * 4) // count
+        sticky = 1 if (r * 4) % count else 0
+        out[i] = (q << 3) | (guard << 1) | sticky
+    from_frac = frac_bits + shift_up + 3
+    return requantize(out.reshape(sums.shape), from_frac, fmt, rounding, overflow)
+
+
+def _check_pool(x: np.ndarray, kernel, stride) -> None:
+    if x.ndim != 4:
+        raise ShapeError(f"pooling needs codes of shape (N, C, H, W), got {x.shape}")
+    if x.dtype.kind not in "iu":
+        raise ShapeError(f"pooling works on integer codes, got dtype {x.dtype}")
+    if min(kernel) < 1 or min(stride) < 1:
+        raise ShapeError(f"kernel and stride must be >= 1, got {kernel}, {stride}")
+    if kernel[0] > x.shape[2] or kernel[1] > x.shape[3]:
+        raise ShapeError(f"a {kernel} window does not fit a {x.shape[2:]} input")

@@ -1,0 +1,1 @@
+"""Numba integer kernels. They operate on code arrays and plain integers only."""

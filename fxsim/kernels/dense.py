@@ -1,0 +1,263 @@
+"""Dense integer kernels: im2col, exact and per-MAC dot products, accumulator finish, pooling.
+
+Kernels know nothing of models or configurations; they take code arrays and plain integers.
+A conv or linear layer is one matrix product in this layout::
+
+    acc[j, m] = bias[j] + sum_k w[j, k] * cols[k, m]
+
+``j`` is the output channel (or feature), ``k`` the fan-in index in the canonical MAC order
+(input channel, kernel row, kernel column; for a linear layer the input index) and ``m`` the
+output position (image, row, column). For a convolution ``cols`` is the im2col matrix, for a
+linear layer it is ``x.T``. Loops run over ``m`` innermost, so one MAC step of many outputs is a
+contiguous vector operation while each output still sees its MACs in canonical order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fxsim.fixedpoint import apply_overflow, requantize_one
+
+# Output positions handled per task by the blocked kernels: a (K, BLOCK) slice of cols stays in
+# L2 while all output channels run over it.
+BLOCK = 256
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@njit(cache=True, parallel=True)
+def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
+    n_img, c_in, h, w = x.shape
+    ohw = oh * ow
+    for row in prange(c_in * kh * kw):
+        c = row // (kh * kw)
+        ki = (row // kw) % kh
+        kj = row % kw
+        # output columns whose input column lies inside the image (the rest read padding)
+        ox_lo = 0
+        while ox_lo < ow and ox_lo * sw + kj - pw < 0:
+            ox_lo += 1
+        ox_hi = ow
+        while ox_hi > ox_lo and (ox_hi - 1) * sw + kj - pw >= w:
+            ox_hi -= 1
+        for n in range(n_img):
+            for oy in range(oh):
+                iy = oy * sh + ki - ph
+                dst = n * ohw + oy * ow
+                if iy < 0 or iy >= h:
+                    for ox in range(ow):
+                        out[row, dst + ox] = 0
+                    continue
+                for ox in range(ox_lo):
+                    out[row, dst + ox] = 0
+                for ox in range(ox_lo, ox_hi):
+                    out[row, dst + ox] = x[n, c, iy, ox * sw + kj - pw]
+                for ox in range(ox_hi, ow):
+                    out[row, dst + ox] = 0
+    return out
+
+
+def im2col(x: np.ndarray, kh: int, kw: int, stride=(1, 1), padding=(0, 0)) -> np.ndarray:
+    """(N, C, H, W) -> (C*kh*kw, N*OH*OW) columns in x's dtype, zero padding included."""
+    x = np.ascontiguousarray(x)
+    n, c, h, w = x.shape
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    out = np.empty((c * kh * kw, n * oh * ow), x.dtype)
+    return _im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], oh, ow, out)
+
+
+@njit(cache=True, parallel=True)
+def dot_int64(w, cols):
+    """Exact ``w @ cols`` in int64 (wraps mod 2^64 if a partial sum leaves int64)."""
+    n_out, fan_in = w.shape
+    m_total = cols.shape[1]
+    out = np.empty((n_out, m_total), np.int64)
+    n_blocks = (m_total + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        m0 = b * BLOCK
+        width = min(BLOCK, m_total - m0)
+        acc = np.empty(BLOCK, np.int64)
+        for j in range(n_out):
+            acc[:width] = 0
+            for k in range(fan_in):
+                wv = w[j, k]
+                if wv == 0:
+                    continue
+                for t in range(width):
+                    acc[t] += wv * cols[k, m0 + t]
+            out[j, m0 : m0 + width] = acc[:width]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dot_per_mac_int32(w, cols, start, acc_bits, wrap):
+    """Per-MAC accumulator of ``acc_bits <= 30`` bits in int32 lanes.
+
+    Each output's register starts at ``start[j]`` (the aligned bias, already inside the
+    accumulator's range); after every MAC, in canonical order, it is saturated, or wrapped when
+    ``wrap``. ``w``, ``cols`` and ``start`` are int32; every product fits the accumulator (the
+    caller checks), so ``acc + product`` fits int32. Returns (acc int64 (J, M), overflow events).
+    """
+    n_out, fan_in = w.shape
+    m_total = cols.shape[1]
+    lo = np.int32(-(1 << (acc_bits - 1)))
+    hi = np.int32((1 << (acc_bits - 1)) - 1)
+    mask = np.int32((1 << acc_bits) - 1)
+    out = np.empty((n_out, m_total), np.int64)
+    n_blocks = (m_total + BLOCK - 1) // BLOCK
+    events = np.zeros(n_blocks, np.int64)
+    for b in prange(n_blocks):
+        m0 = b * BLOCK
+        width = min(BLOCK, m_total - m0)
+        acc = np.empty(BLOCK, np.int32)
+        count = 0
+        for j in range(n_out):
+            acc[:width] = start[j]
+            for k in range(fan_in):
+                wv = w[j, k]
+                if wv == 0:
+                    continue  # adding 0 changes neither an exact nor a saturated sum
+                if wrap:
+                    for t in range(width):
+                        s = np.int32(acc[t] + np.int32(wv * cols[k, m0 + t]))
+                        c = np.int32(((s - lo) & mask) + lo)
+                        count += np.int64(c != s)
+                        acc[t] = c
+                else:
+                    for t in range(width):
+                        s = np.int32(acc[t] + np.int32(wv * cols[k, m0 + t]))
+                        c = min(max(s, lo), hi)
+                        count += np.int64(c != s)
+                        acc[t] = c
+            for t in range(width):
+                out[j, m0 + t] = acc[t]
+        events[b] = count
+    return out, events.sum()
+
+
+@njit(cache=True, parallel=True)
+def dot_per_mac_int64(w, cols, start, acc_bits, wrap):
+    """Per-MAC accumulator of any width up to 64 bits, in int64 lanes with checked adds.
+
+    Same contract as :func:`dot_per_mac_int32` with int64 arrays; each product fits in
+    ``acc_bits`` (hence in int64). An add that leaves int64 is detected from the sign bits.
+    """
+    n_out, fan_in = w.shape
+    m_total = cols.shape[1]
+    lo = np.int64(-(1 << (acc_bits - 1))) if acc_bits < 64 else np.int64(-(1 << 63))
+    hi = np.int64((1 << (acc_bits - 1)) - 1) if acc_bits < 64 else np.int64((1 << 63) - 1)
+    out = np.empty((n_out, m_total), np.int64)
+    n_blocks = (m_total + BLOCK - 1) // BLOCK
+    events = np.zeros(n_blocks, np.int64)
+    omode = 1 if wrap else 0
+    for b in prange(n_blocks):
+        m0 = b * BLOCK
+        width = min(BLOCK, m_total - m0)
+        acc = np.empty(BLOCK, np.int64)
+        count = 0
+        for j in range(n_out):
+            acc[:width] = start[j]
+            for k in range(fan_in):
+                wv = w[j, k]
+                if wv == 0:
+                    continue
+                for t in range(width):
+                    a = acc[t]
+                    p = wv * cols[k, m0 + t]
+                    s = a + p  # wraps mod 2^64 if the true sum leaves int64
+                    big = ((a ^ s) & (p ^ s)) < 0
+                    c, over = apply_overflow(s, big, p < 0, lo, hi, acc_bits, True, omode)
+                    count += np.int64(over)
+                    acc[t] = c
+            out[j, m0 : m0 + width] = acc[:width]
+        events[b] = count
+    return out, events.sum()
+
+
+@njit(cache=True, parallel=True)
+def finish(sums, bias, acc_bits, acc_omode, shift, lo, hi, bits, signed, rmode, omode, u,
+           out):
+    """Turn raw dot products into output codes, writing ``out`` of shape (N, J, P).
+
+    ``sums`` (J, M) holds exact integer sums of products (any numeric dtype; M = N * P) and
+    ``bias`` (J,) int64 is added. With ``acc_omode >= 0`` the exact sum then meets an
+    ``acc_bits`` accumulator once (the ``final`` mode). The result is requantised by ``shift``
+    fraction bits into ``[lo, hi]``. ``u`` holds one uniform draw per output of ``out`` for
+    stochastic rounding (empty otherwise).
+
+    Returns (accumulator overflow events, output saturation events, largest and smallest
+    accumulator value before overflow); the caller takes |.| in Python, where -2^63 is safe.
+    """
+    n_out = sums.shape[0]
+    n_img, _, per_img = out.shape
+    acc_lo = -(np.int64(1) << (acc_bits - 1)) if 0 < acc_bits < 64 else np.int64(-(1 << 63))
+    acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if 0 < acc_bits < 64 else np.int64((1 << 63) - 1)
+    stochastic = u.size > 0
+    acc_events = np.zeros(n_out, np.int64)
+    sat_events = np.zeros(n_out, np.int64)
+    highest = np.zeros(n_out, np.int64)
+    lowest = np.zeros(n_out, np.int64)
+    for j in prange(n_out):
+        n_acc = 0
+        n_sat = 0
+        top = np.int64(0)
+        bottom = np.int64(0)
+        for n in range(n_img):
+            for p in range(per_img):
+                m = n * per_img + p
+                a = np.int64(sums[j, m]) + bias[j]
+                top = max(top, a)
+                bottom = min(bottom, a)
+                if acc_omode >= 0:
+                    a, over = apply_overflow(a, False, a < 0, acc_lo, acc_hi, acc_bits, True,
+                                             acc_omode)
+                    n_acc += np.int64(over)
+                ui = u[(n * n_out + j) * per_img + p] if stochastic else 0.0
+                code, sat = requantize_one(a, shift, lo, hi, bits, signed, rmode, omode, ui)
+                n_sat += np.int64(sat)
+                out[n, j, p] = code
+        acc_events[j] = n_acc
+        sat_events[j] = n_sat
+        highest[j] = top
+        lowest[j] = bottom
+    return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
+
+
+@njit(cache=True, parallel=True)
+def _pool2d(x, kh, kw, sh, sw, take_max, out):
+    n_img, chans, _, _ = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(n_img * chans):
+        n = nc // chans
+        c = nc % chans
+        for oy in range(oh):
+            for ox in range(ow):
+                y0 = oy * sh
+                x0 = ox * sw
+                acc = x[n, c, y0, x0]
+                for i in range(kh):
+                    for k in range(kw):
+                        if i == 0 and k == 0:
+                            continue
+                        v = x[n, c, y0 + i, x0 + k]
+                        if take_max:
+                            acc = max(acc, v)
+                        else:
+                            acc += v
+                out[n, c, oy, ox] = acc
+    return out
+
+
+def pool2d_codes(x: np.ndarray, kernel, stride, take_max: bool) -> np.ndarray:
+    """Max (``take_max``) or sum over (kh, kw) windows of int64 codes (N, C, H, W), no padding."""
+    kh, kw = kernel
+    sh, sw = stride
+    n, c, h, w = x.shape
+    oh = conv_output_size(h, kh, sh, 0)
+    ow = conv_output_size(w, kw, sw, 0)
+    out = np.empty((n, c, oh, ow), np.int64)
+    return _pool2d(np.ascontiguousarray(x, dtype=np.int64), kh, kw, sh, sw, take_max, out)

@@ -1,0 +1,307 @@
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxsim import QFormat
+from fxsim.datapath import Counters, Datapath, avg_pool2d, conv2d, linear, max_pool2d, relu
+from fxsim.errors import DatapathError, FormatError, RangeError, ShapeError
+from tests.reference import conv2d_ref, linear_ref, requantize_ref
+
+ROUNDINGS = ["trn", "trn_zero", "rnd", "rnd_zero", "rnd_min_inf", "rnd_inf", "rnd_conv"]
+OVERFLOWS = ["sat", "wrap", "sat_zero", "sat_sym"]
+
+
+def as_ref(dp: Datapath) -> dict:
+    fmt = lambda f: (f.bits, f.int_bits, f.signed)  # noqa: E731
+    return {
+        "act_fmt": fmt(dp.act_fmt), "weight_fmt": fmt(dp.weight_fmt),
+        "out_fmt": fmt(dp.output_fmt), "acc_bits": dp.acc_bits,
+        "acc_overflow": dp.acc_overflow.value, "acc_mode": dp.acc_mode,
+        "rounding": dp.rounding.value, "overflow": dp.overflow.value,
+    }  # fmt: skip
+
+
+def random_codes(rng, fmt: QFormat, shape, zero_fraction=0.0):
+    codes = rng.integers(fmt.min_code, fmt.max_code, size=shape, endpoint=True)
+    if zero_fraction:
+        codes[rng.random(shape) < zero_fraction] = 0
+    return codes
+
+
+def aligned_bias(bias, dp):
+    shift = dp.acc_frac_bits - dp.bias_format.frac_bits
+    return [int(b) << shift for b in bias]
+
+
+def check_conv(dp, x, w, b, stride=1, padding=0):
+    y, counters = conv2d(x, w, b, dp, stride=stride, padding=padding)
+    ref, ref_counters = conv2d_ref(x.tolist(), w.tolist(), aligned_bias(b, dp), as_ref(dp),
+                                   stride, padding)
+    assert y.tolist() == ref
+    for key, value in ref_counters.items():
+        assert getattr(counters, key) == value, key
+    assert counters.outputs == y.size
+    assert counters.macs == y.size * w[0].size
+    return counters
+
+
+def check_linear(dp, x, w, b):
+    y, counters = linear(x, w, b, dp)
+    ref, ref_counters = linear_ref(x.tolist(), w.tolist(), aligned_bias(b, dp), as_ref(dp))
+    assert y.tolist() == ref
+    for key, value in ref_counters.items():
+        assert getattr(counters, key) == value, key
+    return counters
+
+
+@st.composite
+def datapaths(draw, max_bits=12):
+    act = QFormat(draw(st.integers(2, max_bits)), draw(st.integers(-2, 6)))
+    weight = QFormat(draw(st.integers(2, max_bits)), draw(st.integers(-2, 4)))
+    out = QFormat(draw(st.integers(2, max_bits)), draw(st.integers(-2, 8)),
+                  draw(st.booleans()))
+    probe = Datapath(act, weight)
+    acc_bits = draw(st.one_of(st.none(), st.integers(probe.product_bits, 64)))
+    return Datapath(
+        act, weight, out_fmt=out, acc_bits=acc_bits,
+        acc_overflow=draw(st.sampled_from(["sat", "wrap"])),
+        acc_mode=draw(st.sampled_from(["final", "per_mac"])),
+        rounding=draw(st.sampled_from(ROUNDINGS)), overflow=draw(st.sampled_from(OVERFLOWS)),
+    )  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(dp=datapaths(), seed=st.integers(0, 2**32 - 1), stride=st.integers(1, 2),
+       padding=st.integers(0, 2), kernel=st.integers(1, 3), zeros=st.sampled_from([0, 0.5]))
+def test_conv2d_matches_reference(dp, seed, stride, padding, kernel, zeros):
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (2, 2, 5, 4))
+    w = random_codes(rng, dp.weight_fmt, (3, 2, kernel, kernel), zeros)
+    b = random_codes(rng, dp.bias_format, (3,)) >> rng.integers(0, 40)
+    check_conv(dp, x, w, b, stride, padding)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dp=datapaths(max_bits=16), seed=st.integers(0, 2**32 - 1),
+       fan_in=st.integers(1, 40), zeros=st.sampled_from([0, 0.3, 1.0]))
+def test_linear_matches_reference(dp, seed, fan_in, zeros):
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (3, fan_in))
+    w = random_codes(rng, dp.weight_fmt, (4, fan_in), zeros)
+    b = random_codes(rng, dp.bias_format, (4,)) >> rng.integers(0, 60)
+    check_linear(dp, x, w, b)
+
+
+# Each kernel path, forced by the formats and the accumulator, checked against the reference.
+PATHS = [
+    ("float32", QFormat(8, 2), QFormat(8, 2), None, "final"),
+    ("float64", QFormat(16, 4), QFormat(16, 2), None, "final"),
+    ("int64", QFormat(26, 4), QFormat(26, 2), None, "final"),
+    ("int64", QFormat(28, 4), QFormat(28, 2), 56, "final"),
+    ("per_mac_int32", QFormat(8, 2), QFormat(8, 2), 17, "per_mac"),
+    ("per_mac_int64", QFormat(16, 4), QFormat(16, 2), 33, "per_mac"),
+    ("per_mac_int64", QFormat(32, 4), QFormat(31, 2), 64, "per_mac"),
+    ("float32", QFormat(8, 2), QFormat(8, 2), 40, "per_mac"),  # cannot overflow: exact path
+]
+
+
+@pytest.mark.parametrize(("path", "act", "weight", "acc_bits", "mode"), PATHS)
+@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
+def test_every_kernel_path_is_exact(path, act, weight, acc_bits, mode, acc_overflow):
+    rng = np.random.default_rng(zlib.crc32(repr((path, acc_bits, acc_overflow)).encode()))
+    dp = Datapath(act, weight, out_fmt=QFormat(16, 6), acc_bits=acc_bits,
+                  acc_overflow=acc_overflow, acc_mode=mode, rounding="rnd_conv")
+    x = random_codes(rng, act, (3, 4, 6, 6))
+    w = random_codes(rng, weight, (5, 4, 3, 3), zero_fraction=0.3)
+    b = random_codes(rng, dp.bias_format, (5,)) >> 2
+    counters = check_conv(dp, x, w, b, stride=1, padding=1)
+    assert counters.paths == {path: counters.outputs}
+    if mode == "per_mac" and path.startswith("per_mac"):
+        assert counters.acc_overflows > 0  # the case is meant to exercise overflow
+    lin_counters = check_linear(dp, x.reshape(3, -1)[:, :36], w.reshape(5, -1), b)
+    assert set(lin_counters.paths) <= {path, "float32", "float64", "int64"}
+
+
+def test_per_mac_saturation_depends_on_order_and_differs_from_final():
+    fmt = QFormat(4, 4)  # products of fix<4,4> need 8 bits
+    final = Datapath(fmt, fmt, out_fmt=QFormat(8, 8), acc_bits=8, acc_mode="final")
+    per_mac = Datapath(fmt, fmt, out_fmt=QFormat(8, 8), acc_bits=8, acc_mode="per_mac")
+    w = np.array([[7, 7, 7, 7, 7]])
+    x = np.array([[7, 7, 7, -7, -7], [-7, -7, 7, 7, 7]])  # the same products, in two orders
+    y_final, c_final = linear(x, w, None, final)
+    y_mac, c_mac = linear(x, w, None, per_mac)
+    assert y_final.ravel().tolist() == [49, 49]  # exact sum, in range
+    assert c_final.acc_overflows == 0
+    # 49, 98, 147 saturates to 127, then 78, 29; the other order never leaves the range
+    assert y_mac.ravel().tolist() == [29, 49]
+    assert c_mac.acc_overflows == 1
+    wrap = Datapath(fmt, fmt, out_fmt=QFormat(8, 8), acc_bits=8, acc_mode="per_mac",
+                    acc_overflow="wrap")
+    y_wrap, c_wrap = linear(x, w, None, wrap)
+    assert y_wrap.ravel().tolist() == [49, 49] and c_wrap.acc_overflows == 2  # up, then back
+
+
+def test_final_accumulator_overflow_is_counted_not_silent():
+    fmt = QFormat(8, 8)
+    dp = Datapath(fmt, fmt, out_fmt=QFormat(16, 16), acc_bits=16, acc_overflow="sat")
+    x = np.full((1, 8), 127)
+    w = np.full((2, 8), 127)  # 8 * 16129 = 129032 > 32767
+    y, c = linear(x, w, None, dp)
+    assert y.ravel().tolist() == [32767, 32767]
+    assert c.acc_overflows == 2 and c.max_abs_acc == 129032
+
+
+def test_bias_and_requantisation_of_a_known_case():
+    # x = 0.5 (fix<8,2>: code 32), w = 0.25 (code 16), bias = 0.125: y = 0.25 in fix<8,2>
+    act = QFormat(8, 2)
+    dp = Datapath(act, act)
+    bias = np.array([round(0.125 * 2**dp.acc_frac_bits)])
+    y, c = linear(np.array([[32]]), np.array([[16]]), bias, dp)
+    assert y.tolist() == [[16]] and c.out_saturations == 0
+
+
+def test_counters_add_up():
+    a = Counters(macs=5, acc_overflows=1, max_abs_acc=7, outputs=2, paths={"float32": 2})
+    b = Counters(macs=3, out_saturations=2, max_abs_acc=9, outputs=1, paths={"int64": 1})
+    total = a + b
+    assert (total.macs, total.acc_overflows, total.out_saturations, total.max_abs_acc) == (
+        8, 1, 2, 9)
+    assert total.paths == {"float32": 2, "int64": 1}
+
+
+def test_large_batches_are_chunked_with_identical_results(monkeypatch):
+    import fxsim.datapath as datapath_module
+
+    rng = np.random.default_rng(3)
+    dp = Datapath(QFormat(8, 2), QFormat(8, 2), acc_bits=18, acc_mode="per_mac")
+    x = random_codes(rng, dp.act_fmt, (7, 3, 9, 9))
+    w = random_codes(rng, dp.weight_fmt, (4, 3, 3, 3))
+    y_whole, c_whole = conv2d(x, w, None, dp)
+    monkeypatch.setattr(datapath_module, "_CHUNK_ELEMENTS", 500)  # about one image per chunk
+    y_chunked, c_chunked = conv2d(x, w, None, dp)
+    assert np.array_equal(y_whole, y_chunked)
+    assert c_whole == c_chunked
+
+
+def test_stochastic_requantisation_is_seeded_and_batch_chunk_independent(monkeypatch):
+    import fxsim.datapath as datapath_module
+
+    rng = np.random.default_rng(4)
+    dp = Datapath(QFormat(8, 2), QFormat(8, 2), rounding="stochastic", seed=11)
+    x = random_codes(rng, dp.act_fmt, (5, 2, 6, 6))
+    w = random_codes(rng, dp.weight_fmt, (3, 2, 3, 3))
+    y1, _ = conv2d(x, w, None, dp)
+    monkeypatch.setattr(datapath_module, "_CHUNK_ELEMENTS", 100)
+    y2, _ = conv2d(x, w, None, dp)
+    assert np.array_equal(y1, y2)
+    # each output is one of the two neighbours of the exact value
+    exact, _ = conv2d(x, w, None, Datapath(dp.act_fmt, dp.weight_fmt, out_fmt=QFormat(40, 28)))
+    floor = exact >> (dp.acc_frac_bits - dp.act_fmt.frac_bits)  # fix<40,28> is exact here
+    assert np.all((y1 == np.clip(floor, -128, 127)) | (y1 == np.clip(floor + 1, -128, 127)))
+
+
+# ---------------------------------------------------------------------------- pools, relu
+
+
+def test_max_pool_and_relu_on_codes():
+    x = np.arange(32).reshape(1, 2, 4, 4) - 16
+    assert max_pool2d(x, 2).tolist() == [[[[-11, -9], [-3, -1]], [[5, 7], [13, 15]]]]
+    assert relu(np.array([-3, 0, 4])).tolist() == [0, 0, 4]
+
+
+def test_avg_pool_power_of_two_is_exact_and_other_windows_round():
+    x = np.array([[[[1, 2], [3, 5]]]])  # sum 11 over 4 values, frac_bits 3
+    codes, frac = avg_pool2d(x, 3, kernel=2)
+    assert codes.tolist() == [[[[11]]]] and frac == 5  # 11 / 2^5 == (11 / 4) / 2^3
+    y = np.array([[[[1, 2, 4]]]])  # mean 7/3 over a 1x3 window
+    for mode in ROUNDINGS:
+        got, frac = avg_pool2d(y, 0, kernel=(1, 3), fmt=QFormat(8, 6), rounding=mode)
+        # 7/3 in fix<8,6> (2 fraction bits): 28/3 = 9.33 -> the reference rounds the rational
+        from fractions import Fraction
+
+        from tests.reference import overflow_int, round_rational
+
+        expected = overflow_int(round_rational(Fraction(28, 3), mode), 8, True, "sat")[0]
+        assert got.ravel().tolist() == [expected] and frac == 2
+    assert requantize_ref(7, 0, 8, 8, True, "rnd_conv", "sat")[0] == 7
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.integers(-1000, 1000), min_size=3, max_size=3),
+       frac_in=st.integers(0, 4), frac_out=st.integers(-2, 8),
+       mode=st.sampled_from(ROUNDINGS))
+def test_avg_pool_non_power_of_two_matches_rational_rounding(values, frac_in, frac_out, mode):
+    from fractions import Fraction
+
+    from tests.reference import overflow_int, round_rational
+
+    fmt = QFormat(16, 16 - frac_out)
+    got, _ = avg_pool2d(np.array(values).reshape(1, 1, 1, 3), frac_in, kernel=(1, 3), fmt=fmt,
+                        rounding=mode)
+    exact = Fraction(sum(values), 3) * Fraction(2) ** (frac_out - frac_in)
+    assert got.item() == overflow_int(round_rational(exact, mode), 16, True, "sat")[0]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_named():
+    act = QFormat(8, 2)
+    dp = Datapath(act, act)
+    x = np.zeros((1, 2, 5, 5), np.int64)
+    w = np.zeros((3, 2, 3, 3), np.int64)
+    with pytest.raises(ShapeError, match="expect 3 input channels, x has 2"):
+        conv2d(x, np.zeros((3, 3, 3, 3), np.int64), None, dp)
+    with pytest.raises(ShapeError, match="x must have 4 dimensions"):
+        conv2d(x[0], w, None, dp)
+    with pytest.raises(ShapeError, match="does not fit"):
+        conv2d(x, np.zeros((3, 2, 7, 7), np.int64), None, dp)
+    with pytest.raises(ShapeError, match=r"bias must have shape \(3,\)"):
+        conv2d(x, w, np.zeros(2, np.int64), dp)
+    with pytest.raises(ShapeError, match="stride"):
+        conv2d(x, w, None, dp, stride=0)
+    with pytest.raises(RangeError, match="x: code 200"):
+        conv2d(x + 200, w, None, dp)
+    with pytest.raises(ShapeError, match="weights expect 4 inputs, x has 3"):
+        linear(np.zeros((2, 3), np.int64), np.zeros((5, 4), np.int64), None, dp)
+    with pytest.raises(RangeError, match="integer codes"):
+        linear(np.zeros((2, 3)), np.zeros((5, 3), np.int64), None, dp)
+
+
+def test_bad_datapaths_are_named():
+    act = QFormat(8, 2)
+    with pytest.raises(DatapathError, match=r"acc_bits 12 cannot hold .* \(needs 16 bits\)"):
+        Datapath(act, act, acc_bits=12)
+    with pytest.raises(DatapathError, match="between 2 and 64"):
+        Datapath(act, act, acc_bits=65)
+    with pytest.raises(FormatError, match="'sat' or 'wrap'"):
+        Datapath(act, act, acc_overflow="sat_zero")
+    with pytest.raises(FormatError, match="acc_mode"):
+        Datapath(act, act, acc_mode="sometimes")
+    with pytest.raises(DatapathError, match="more than the accumulator"):
+        Datapath(act, act, bias_fmt=QFormat(16, 0))
+    with pytest.raises(FormatError, match="unknown Datapath keys: accbits"):
+        Datapath.from_dict({"act_fmt": act.to_dict(), "weight_fmt": act.to_dict(), "accbits": 3})
+
+
+def test_datapath_dict_round_trip():
+    dp = Datapath(QFormat(8, 2), QFormat(6, 1), out_fmt=QFormat(10, 4), acc_bits=24,
+                  acc_mode="per_mac", acc_overflow="wrap", rounding="trn", overflow="sat_sym")
+    assert Datapath.from_dict(dp.to_dict()) == dp
+
+
+def test_sums_beyond_int64_are_refused_not_wrong():
+    big = QFormat(32, 3)  # a product needs 64 bits
+    dp = Datapath(big, big, out_fmt=QFormat(16, 8))
+    x = np.full((1, 16), big.max_code)
+    w = np.full((1, 16), big.max_code)
+    with pytest.raises(DatapathError, match="more than 64 bits"):
+        linear(x, w, None, dp)
+    # a per_mac register of at most 64 bits is always simulated exactly
+    narrow = Datapath(big, big, out_fmt=QFormat(16, 8), acc_bits=64, acc_mode="per_mac")
+    y, c = linear(x, w, None, narrow)
+    # the register saturates at 2^63 - 1 (value 2^63 / 2^58 = 32, code 32 * 2^8) from MAC 3 on
+    assert y.tolist() == [[8192]] and c.acc_overflows == 14
