@@ -209,10 +209,10 @@ class Counters:
 class _Plan:
     path: str
     weights: np.ndarray  # (J, K) in the path's dtype
-    bias: np.ndarray  # (J,) int64, aligned to the accumulator fraction
     start: np.ndarray | None  # per_mac: the register's first value per output channel
-    start_overflowed: np.ndarray | None  # per_mac: whether loading the bias overflowed
+    start_overflowed: int  # per_mac: output channels whose bias load overflowed
     cols_dtype: type
+    acc_bound: int  # no accumulator value (bias included) exceeds this in magnitude
 
 
 def _max_abs(codes: np.ndarray) -> int:
@@ -230,41 +230,174 @@ def _max_row_abs_sum(w2d: np.ndarray) -> int:
     return max(sum(abs(int(v)) for v in row) for row in w2d)
 
 
-def _plan(w2d: np.ndarray, bias: np.ndarray, x_max_abs: int, dp: Datapath) -> _Plan:
-    bound = x_max_abs * _max_row_abs_sum(w2d)  # no partial sum of products exceeds this
-    bias_max = _max_abs(bias)
-    if dp.acc_mode == "per_mac" and dp.acc_bits is not None:
-        acc_max = (1 << (dp.acc_bits - 1)) - 1
-        if bound + bias_max > acc_max:
-            acc_fmt = QFormat(dp.acc_bits, dp.acc_bits)
-            start = requantize(bias, 0, acc_fmt, overflow=dp.acc_overflow)
+class PreparedWeights:
+    """One layer's weight and bias codes under a Datapath, validated once and ready to run.
+
+    Everything that depends only on the weights (range checks, the bias aligned to the
+    accumulator, ``max_j sum_k |w[j, k]|`` for the bound, the dtype copies each kernel wants)
+    is computed here, so running many batches costs only the work on the activations.
+    """
+
+    def __init__(self, w_codes, bias_codes, datapath: Datapath):
+        if not isinstance(datapath, Datapath):
+            raise FormatError(f"expected a Datapath, got {datapath!r}")
+        w = np.asarray(w_codes)
+        if w.ndim not in (2, 4):
+            raise ShapeError(f"weights must be (J, K) or (J, C, KH, KW), got shape {w.shape}")
+        check_codes(w, datapath.weight_fmt, "weights")
+        self.datapath = datapath
+        self.weights = np.ascontiguousarray(w, dtype=np.int64)
+        self.matrix = self.weights.reshape(w.shape[0], -1)
+        self.bias = _aligned_bias(bias_codes, w.shape[0], datapath)
+        self.row_abs_max = _max_row_abs_sum(self.matrix)
+        self._casts: dict = {}
+        self._starts: dict = {}
+
+    def _matrix_as(self, dtype) -> np.ndarray:
+        if dtype not in self._casts:
+            self._casts[dtype] = np.ascontiguousarray(self.matrix, dtype=dtype)
+        return self._casts[dtype]
+
+    def plan(self, x_max_abs: int) -> _Plan:
+        """Choose the kernel for inputs bounded by ``x_max_abs``, from the bound alone."""
+        dp = self.datapath
+        bound = x_max_abs * self.row_abs_max  # no partial sum of products exceeds this
+        bias_max = _max_abs(self.bias)
+        may_overflow = dp.acc_bits is not None and bound + bias_max > (1 << (dp.acc_bits - 1)) - 1
+        if dp.acc_mode == "per_mac" and may_overflow:
             narrow = dp.acc_bits <= 30  # acc + product then fits int32 lanes
             dtype = np.int32 if narrow else np.int64
-            return _Plan(
-                "per_mac_int32" if narrow else "per_mac_int64",
-                np.ascontiguousarray(w2d, dtype=dtype),
-                bias,
-                start.astype(dtype),
-                start != bias,
-                dtype,
+            if dtype not in self._starts:
+                acc_fmt = QFormat(dp.acc_bits, dp.acc_bits)
+                start = requantize(self.bias, 0, acc_fmt, overflow=dp.acc_overflow)
+                self._starts[dtype] = (start.astype(dtype), int((start != self.bias).sum()))
+            start, overflowed = self._starts[dtype]
+            path = "per_mac_int32" if narrow else "per_mac_int64"
+            return _Plan(path, self._matrix_as(dtype), start, overflowed, dtype,
+                         1 << (dp.acc_bits - 1))
+        if bound < 1 << 24:
+            path, dtype = "float32", np.float32
+        elif bound < 1 << 53:
+            path, dtype = "float64", np.float64
+        else:
+            # int64 holds every partial sum only if the bound (refined per chunk) says so
+            path, dtype = "int64", np.int64
+        return _Plan(path, self._matrix_as(dtype), None, 0, dtype, bound + bias_max)
+
+    def conv2d(self, x_codes, stride=1, padding=0):
+        """Run as a convolution; see :func:`conv2d`."""
+        sh, sw = _pair(stride, "stride")
+        ph, pw = _pair(padding, "padding")
+        if sh < 1 or sw < 1 or ph < 0 or pw < 0:
+            raise ShapeError(f"stride must be >= 1 and padding >= 0, got {stride}, {padding}")
+        if self.weights.ndim != 4:
+            raise ShapeError(f"conv2d needs (J, C, KH, KW) weights, got {self.weights.shape}")
+        dp = self.datapath
+        x, x_max_abs = _as_codes(x_codes, dp.act_fmt, "x", 4)
+        n, c, h, wd = x.shape
+        n_out, c_w, kh, kw = self.weights.shape
+        if c_w != c:
+            raise ShapeError(f"weights expect {c_w} input channels, x has {c} (shape {x.shape})")
+        oh = dense.conv_output_size(h, kh, sh, ph)
+        ow = dense.conv_output_size(wd, kw, sw, pw)
+        if oh < 1 or ow < 1:
+            raise ShapeError(
+                f"a {kh}x{kw} kernel does not fit a {h}x{wd} input with padding {(ph, pw)}"
             )
-    if bound < 1 << 24:
-        path, dtype = "float32", np.float32
-    elif bound < 1 << 53:
-        path, dtype = "float64", np.float64
-    else:
-        # int64 holds every partial sum only if the bound (refined per chunk when needed) says so
-        path, dtype = "int64", np.int64
-    return _Plan(path, np.ascontiguousarray(w2d, dtype=dtype), bias, None, None, dtype)
+        plan = self.plan(x_max_abs)
+        out = np.empty((n, n_out, oh * ow), np.int64)
+        u = uniform_draws(dp.rounding, out.size, dp.seed)
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, c * kh * kw * oh * ow))
+        per_image = n_out * oh * ow
+        counters = Counters()
+        for n0 in range(0, n, per_chunk):
+            n1 = min(n, n0 + per_chunk)
+            cols = dense.im2col(x[n0:n1].astype(plan.cols_dtype), kh, kw, (sh, sw), (ph, pw))
+            counters += self._accumulate(plan, cols, out[n0:n1], _slice(u, n0, n1, per_image))
+        return out.reshape(n, n_out, oh, ow), counters
+
+    def linear(self, x_codes):
+        """Run as a fully connected layer; see :func:`linear`."""
+        if self.weights.ndim != 2:
+            raise ShapeError(f"linear needs (J, K) weights, got {self.weights.shape}")
+        x, x_max_abs = _as_codes(x_codes, self.datapath.act_fmt, "x", 2)
+        n, k = x.shape
+        n_out = self.weights.shape[0]
+        if self.weights.shape[1] != k:
+            raise ShapeError(
+                f"weights expect {self.weights.shape[1]} inputs, x has {k} (shape {x.shape})"
+            )
+        plan = self.plan(x_max_abs)
+        out = np.empty((n, n_out, 1), np.int64)
+        u = uniform_draws(self.datapath.rounding, out.size, self.datapath.seed)
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, k))
+        counters = Counters()
+        for n0 in range(0, n, per_chunk):
+            n1 = min(n, n0 + per_chunk)
+            x_rows = plan.path.startswith("float")
+            if x_rows:
+                cols = x[n0:n1].astype(plan.cols_dtype)  # (N, K): multiplied as x @ w.T
+            else:
+                cols = np.ascontiguousarray(x[n0:n1].T, dtype=plan.cols_dtype)  # (K, N)
+            chunk_u = _slice(u, n0, n1, n_out)
+            counters += self._accumulate(plan, cols, out[n0:n1], chunk_u, x_rows)
+        return out.reshape(n, n_out), counters
+
+    def _accumulate(self, plan: _Plan, cols: np.ndarray, out: np.ndarray, u: np.ndarray,
+                    x_rows: bool = False):
+        """Sums for one chunk -> output codes in ``out`` (N, J, P). Returns its Counters.
+
+        ``cols`` is (K, M) with M = N * P; or, with ``x_rows`` (a linear layer on a float path),
+        the (N, K) input itself, multiplied as x @ w.T so that nothing needs a transpose.
+        """
+        dp = self.datapath
+        n_img, n_out, per_img = out.shape
+        fan_in = self.matrix.shape[1]
+        shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
+        if plan.path.startswith("per_mac"):
+            narrow = plan.path == "per_mac_int32"
+            kernel = dense.dot_per_mac_int32 if narrow else dense.dot_per_mac_int64
+            wrap = dp.acc_overflow is Overflow.WRAP
+            sums, events = kernel(plan.weights, cols, plan.start, dp.acc_bits, wrap)
+            events += plan.start_overflowed * n_img * per_img
+            bias = np.zeros(self.bias.shape, np.int64)
+            acc_omode = -1
+        else:
+            if plan.path == "int64":
+                _check_int64_fits(plan, cols, self.bias)
+                sums = dense.dot_int64(plan.weights, cols)
+            elif x_rows:
+                sums = cols @ plan.weights.T
+            else:
+                sums = plan.weights @ cols
+            events = 0
+            bias = self.bias
+            acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
+        if x_rows:  # (N, J): the bias runs along the last axis
+            sums3, out3, bias_last = sums[:, None, :], out.reshape(n_img, 1, n_out), True
+        else:  # (J, N * P) seen as (N, J, P)
+            sums3 = sums.reshape(n_out, n_img, per_img).transpose(1, 0, 2)
+            out3, bias_last = out, False
+        acc_events, sat_events, highest, lowest = _finish(
+            sums3, bias, bias_last, acc_omode, shift, plan, dp, u, out3
+        )
+        return Counters(
+            macs=out.size * fan_in,
+            acc_overflows=int(events) + int(acc_events),
+            out_saturations=int(sat_events),
+            max_abs_acc=max(int(highest), -int(lowest)),
+            outputs=out.size,
+            paths={plan.path: out.size},
+        )
 
 
-def _check_int64_fits(plan: _Plan, cols: np.ndarray) -> None:
+def _check_int64_fits(plan: _Plan, cols: np.ndarray, bias: np.ndarray) -> None:
     """Refine the bound for the int64 path with a float64 |w| @ |cols| (rounding margin added)."""
     fan_in = cols.shape[0]
     est = np.abs(plan.weights).astype(np.float64) @ np.abs(cols).astype(np.float64)
     worst = float(est.max()) if est.size else 0.0
     worst *= 1.0 + (fan_in + 4) * 2.0**-52
-    if worst + _max_abs(plan.bias) >= 2.0**63:
+    if worst + _max_abs(bias) >= 2.0**63:
         raise DatapathError(
             f"an exact accumulator sum may need more than 64 bits (bound ~2^{np.log2(worst):.1f}); "
             "fxsim holds exact sums in int64: use narrower formats, or a per_mac accumulator "
@@ -272,39 +405,25 @@ def _check_int64_fits(plan: _Plan, cols: np.ndarray) -> None:
         )
 
 
-def _accumulate(plan: _Plan, cols: np.ndarray, dp: Datapath, out: np.ndarray, u: np.ndarray):
-    """Sums for one chunk -> output codes in ``out`` (N, J, P). Returns its Counters."""
+def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, u, out):
+    """Accumulator overflow + requantisation of raw sums: the vectorised kernel when the shift
+    and the bound allow it (a right shift of 1..62 bits whose rounding offset cannot overflow
+    int64, deterministic rounding), the general scalar one otherwise."""
     fmt = dp.output_fmt
-    shift = dp.acc_frac_bits - fmt.frac_bits
-    if plan.path.startswith("per_mac"):
-        narrow = plan.path == "per_mac_int32"
-        kernel = dense.dot_per_mac_int32 if narrow else dense.dot_per_mac_int64
-        wrap = dp.acc_overflow is Overflow.WRAP
-        sums, events = kernel(plan.weights, cols, plan.start, dp.acc_bits, wrap)
-        events += int(plan.start_overflowed.sum()) * cols.shape[1]
-        bias = np.zeros(plan.bias.shape, np.int64)
-        acc_omode = -1
-    else:
-        if plan.path == "int64":
-            _check_int64_fits(plan, cols)
-            sums = dense.dot_int64(plan.weights, cols)
-        else:
-            sums = plan.weights @ cols
-        events = 0
-        bias = plan.bias
-        acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
-    acc_events, sat_events, highest, lowest = dense.finish(
-        sums, bias, dp.acc_bits or 0, acc_omode, shift, *format_args(fmt),
-        dp.rounding.code, dp.overflow.code, u, out,
-    )  # fmt: skip
-    return Counters(
-        macs=out.size * cols.shape[0],
-        acc_overflows=int(events) + int(acc_events),
-        out_saturations=int(sat_events),
-        max_abs_acc=max(int(highest), -int(lowest)),
-        outputs=out.size,
-        paths={plan.path: out.size},
+    lo, hi, bits, signed = format_args(fmt)
+    fast = (
+        dp.rounding is not Rounding.STOCHASTIC
+        and 1 <= shift <= 62
+        and plan.acc_bound + (1 << shift) < 1 << 63
     )
+    if not fast:
+        return dense.finish(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi,
+                            bits, signed, dp.rounding.code, dp.overflow.code, u, out)
+    base, neg_extra, parity = dense.rounding_offsets(dp.rounding.code, shift)
+    sym_lo = lo + 1 if dp.overflow is Overflow.SAT_SYM and signed and bits > 1 else lo
+    mask = (1 << bits) - 1 if bits < 64 else -1
+    return dense.finish_fast(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, base,
+                             neg_extra, parity, lo, hi, sym_lo, mask, dp.overflow.code, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,18 +431,19 @@ def _accumulate(plan: _Plan, cols: np.ndarray, dp: Datapath, out: np.ndarray, u:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_codes(codes, fmt: QFormat, name: str, ndim: int) -> np.ndarray:
+def _as_codes(codes, fmt: QFormat, name: str, ndim: int) -> tuple[np.ndarray, int]:
+    """Validated int64 codes and their largest magnitude."""
     arr = np.asarray(codes)
     if arr.ndim != ndim:
         raise ShapeError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
-    check_codes(arr, fmt, name)
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    lo, hi = check_codes(arr, fmt, name)
+    return np.ascontiguousarray(arr, dtype=np.int64), max(abs(lo), abs(hi))
 
 
 def _aligned_bias(bias_codes, n_out: int, dp: Datapath) -> np.ndarray:
     if bias_codes is None:
         return np.zeros(n_out, np.int64)
-    bias = _as_codes(bias_codes, dp.bias_format, "bias", 1)
+    bias, _ = _as_codes(bias_codes, dp.bias_format, "bias", 1)
     if bias.shape != (n_out,):
         raise ShapeError(f"bias must have shape ({n_out},), got {bias.shape}")
     # a left shift into a 64-bit word with the accumulator's fraction: exact unless it overflows
@@ -342,6 +462,11 @@ def _pair(value, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def prepare(w_codes, bias_codes, datapath: Datapath) -> PreparedWeights:
+    """Validate a layer's weights once, for many calls of ``.conv2d(x)`` or ``.linear(x)``."""
+    return PreparedWeights(w_codes, bias_codes, datapath)
+
+
 def conv2d(x_codes, w_codes, bias_codes, datapath: Datapath, stride=1, padding=0):
     """Bit-accurate 2-D convolution (cross-correlation) of integer codes.
 
@@ -349,34 +474,7 @@ def conv2d(x_codes, w_codes, bias_codes, datapath: Datapath, stride=1, padding=0
     bias_codes (J,) in ``bias_format`` or None; zero padding. Returns (y_codes (N, J, OH, OW)
     int64 in ``output_fmt``, :class:`Counters`).
     """
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    if sh < 1 or sw < 1 or ph < 0 or pw < 0:
-        raise ShapeError(f"stride must be >= 1 and padding >= 0, got {stride}, {padding}")
-    x = _as_codes(x_codes, datapath.act_fmt, "x", 4)
-    w = _as_codes(w_codes, datapath.weight_fmt, "weights", 4)
-    n, c, h, wd = x.shape
-    n_out, c_w, kh, kw = w.shape
-    if c_w != c:
-        raise ShapeError(f"weights expect {c_w} input channels, x has {c} (shape {x.shape})")
-    oh = dense.conv_output_size(h, kh, sh, ph)
-    ow = dense.conv_output_size(wd, kw, sw, pw)
-    if oh < 1 or ow < 1:
-        raise ShapeError(
-            f"a {kh}x{kw} kernel does not fit a {h}x{wd} input with padding {(ph, pw)}"
-        )
-    bias = _aligned_bias(bias_codes, n_out, datapath)
-    plan = _plan(w.reshape(n_out, -1), bias, _max_abs(x), datapath)
-    out = np.empty((n, n_out, oh * ow), np.int64)
-    u = uniform_draws(datapath.rounding, out.size, datapath.seed)
-    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, c * kh * kw * oh * ow))
-    counters = Counters()
-    for n0 in range(0, n, per_chunk):
-        n1 = min(n, n0 + per_chunk)
-        cols = dense.im2col(x[n0:n1].astype(plan.cols_dtype), kh, kw, (sh, sw), (ph, pw))
-        block = out.size // n if n else 0
-        counters += _accumulate(plan, cols, datapath, out[n0:n1], _slice(u, n0, n1, block))
-    return out.reshape(n, n_out, oh, ow), counters
+    return PreparedWeights(w_codes, bias_codes, datapath).conv2d(x_codes, stride, padding)
 
 
 def linear(x_codes, w_codes, bias_codes, datapath: Datapath):
@@ -385,23 +483,7 @@ def linear(x_codes, w_codes, bias_codes, datapath: Datapath):
     x_codes (N, K) in ``act_fmt``; w_codes (J, K) in ``weight_fmt``; bias_codes (J,) or None.
     Returns (y_codes (N, J) int64 in ``output_fmt``, :class:`Counters`).
     """
-    x = _as_codes(x_codes, datapath.act_fmt, "x", 2)
-    w = _as_codes(w_codes, datapath.weight_fmt, "weights", 2)
-    n, k = x.shape
-    n_out = w.shape[0]
-    if w.shape[1] != k:
-        raise ShapeError(f"weights expect {w.shape[1]} inputs, x has {k} (shape {x.shape})")
-    bias = _aligned_bias(bias_codes, n_out, datapath)
-    plan = _plan(w, bias, _max_abs(x), datapath)
-    out = np.empty((n, n_out, 1), np.int64)
-    u = uniform_draws(datapath.rounding, out.size, datapath.seed)
-    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, k))
-    counters = Counters()
-    for n0 in range(0, n, per_chunk):
-        n1 = min(n, n0 + per_chunk)
-        cols = np.ascontiguousarray(x[n0:n1].T, dtype=plan.cols_dtype)
-        counters += _accumulate(plan, cols, datapath, out[n0:n1], _slice(u, n0, n1, n_out))
-    return out.reshape(n, n_out), counters
+    return PreparedWeights(w_codes, bias_codes, datapath).linear(x_codes)
 
 
 def _slice(u: np.ndarray, n0: int, n1: int, per_image: int) -> np.ndarray:

@@ -406,15 +406,18 @@ def requantize(
     return requantize_with_count(codes, from_frac_bits, fmt, rounding, overflow, seed)[0]
 
 
-def check_codes(codes: np.ndarray, fmt: QFormat, name: str) -> None:
-    """Raise :class:`RangeError` naming the first code of ``codes`` outside ``fmt``'s range."""
+def check_codes(codes: np.ndarray, fmt: QFormat, name: str) -> tuple[int, int]:
+    """Raise :class:`RangeError` naming the first code of ``codes`` outside ``fmt``'s range.
+
+    Returns the smallest and largest code (0, 0 for an empty array).
+    """
     if codes.dtype.kind not in "iub":
         raise RangeError(f"{name} must be integer codes, got dtype {codes.dtype}")
     if codes.size == 0:
-        return
+        return 0, 0
     lo, hi = int(codes.min()), int(codes.max())
     if lo >= fmt.min_code and hi <= fmt.max_code:
-        return
+        return lo, hi
     bad = lo if lo < fmt.min_code else hi
     index = np.unravel_index(int(np.flatnonzero(codes == bad)[0]), codes.shape)
     kind = "negative code in unsigned format" if bad < 0 and not fmt.signed else "code"

@@ -80,16 +80,17 @@ def dot_int64(w, cols):
     for b in prange(n_blocks):
         m0 = b * BLOCK
         width = min(BLOCK, m_total - m0)
-        acc = np.empty(BLOCK, np.int64)
+        block = np.ascontiguousarray(cols[:, m0 : m0 + width])  # stays in L2 for all j
+        acc = np.empty(width, np.int64)
         for j in range(n_out):
-            acc[:width] = 0
+            acc[:] = 0
             for k in range(fan_in):
                 wv = w[j, k]
                 if wv == 0:
                     continue
                 for t in range(width):
-                    acc[t] += wv * cols[k, m0 + t]
-            out[j, m0 : m0 + width] = acc[:width]
+                    acc[t] += wv * block[k, t]
+            out[j, m0 : m0 + width] = acc
     return out
 
 
@@ -101,6 +102,7 @@ def dot_per_mac_int32(w, cols, start, acc_bits, wrap):
     accumulator's range); after every MAC, in canonical order, it is saturated, or wrapped when
     ``wrap``. ``w``, ``cols`` and ``start`` are int32; every product fits the accumulator (the
     caller checks), so ``acc + product`` fits int32. Returns (acc int64 (J, M), overflow events).
+    Overflow events are counted per lane in int32 so the loop stays one vector width.
     """
     n_out, fan_in = w.shape
     m_total = cols.shape[1]
@@ -113,28 +115,32 @@ def dot_per_mac_int32(w, cols, start, acc_bits, wrap):
     for b in prange(n_blocks):
         m0 = b * BLOCK
         width = min(BLOCK, m_total - m0)
-        acc = np.empty(BLOCK, np.int32)
+        block = np.ascontiguousarray(cols[:, m0 : m0 + width])
+        acc = np.empty(width, np.int32)
+        hits = np.zeros(width, np.int32)  # at most fan_in per output and j: no int32 overflow
         count = 0
         for j in range(n_out):
-            acc[:width] = start[j]
+            acc[:] = start[j]
             for k in range(fan_in):
                 wv = w[j, k]
                 if wv == 0:
                     continue  # adding 0 changes neither an exact nor a saturated sum
                 if wrap:
                     for t in range(width):
-                        s = np.int32(acc[t] + np.int32(wv * cols[k, m0 + t]))
-                        c = np.int32(((s - lo) & mask) + lo)
-                        count += np.int64(c != s)
+                        s = np.int32(acc[t] + np.int32(wv * block[k, t]))
+                        c = np.int32(np.int32((s - lo) & mask) + lo)
+                        hits[t] += np.int32(c != s)
                         acc[t] = c
                 else:
                     for t in range(width):
-                        s = np.int32(acc[t] + np.int32(wv * cols[k, m0 + t]))
-                        c = min(max(s, lo), hi)
-                        count += np.int64(c != s)
+                        s = np.int32(acc[t] + np.int32(wv * block[k, t]))
+                        c = np.int32(min(max(s, lo), hi))
+                        hits[t] += np.int32(c != s)
                         acc[t] = c
+            out[j, m0 : m0 + width] = acc
             for t in range(width):
-                out[j, m0 + t] = acc[t]
+                count += hits[t]
+            hits[:] = 0
         events[b] = count
     return out, events.sum()
 
@@ -157,73 +163,161 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap):
     for b in prange(n_blocks):
         m0 = b * BLOCK
         width = min(BLOCK, m_total - m0)
-        acc = np.empty(BLOCK, np.int64)
+        block = np.ascontiguousarray(cols[:, m0 : m0 + width])
+        acc = np.empty(width, np.int64)
         count = 0
         for j in range(n_out):
-            acc[:width] = start[j]
+            acc[:] = start[j]
             for k in range(fan_in):
                 wv = w[j, k]
                 if wv == 0:
                     continue
                 for t in range(width):
                     a = acc[t]
-                    p = wv * cols[k, m0 + t]
+                    p = wv * block[k, t]
                     s = a + p  # wraps mod 2^64 if the true sum leaves int64
                     big = ((a ^ s) & (p ^ s)) < 0
                     c, over = apply_overflow(s, big, p < 0, lo, hi, acc_bits, True, omode)
                     count += np.int64(over)
                     acc[t] = c
-            out[j, m0 : m0 + width] = acc[:width]
+            out[j, m0 : m0 + width] = acc
         events[b] = count
     return out, events.sum()
 
 
 @njit(cache=True, parallel=True)
-def finish(sums, bias, acc_bits, acc_omode, shift, lo, hi, bits, signed, rmode, omode, u,
-           out):
-    """Turn raw dot products into output codes, writing ``out`` of shape (N, J, P).
+def finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, signed, rmode,
+           omode, u, out):
+    """Turn raw dot products into output codes: the general (scalar) kernel.
 
-    ``sums`` (J, M) holds exact integer sums of products (any numeric dtype; M = N * P) and
-    ``bias`` (J,) int64 is added. With ``acc_omode >= 0`` the exact sum then meets an
-    ``acc_bits`` accumulator once (the ``final`` mode). The result is requantised by ``shift``
-    fraction bits into ``[lo, hi]``. ``u`` holds one uniform draw per output of ``out`` for
-    stochastic rounding (empty otherwise).
+    ``sums`` (A, B, C), any strides, holds exact integer sums of products in any numeric dtype;
+    ``out`` is the C-contiguous int64 (A, B, C) result. ``bias`` (int64) is indexed by the last
+    axis when ``bias_last``, else by the middle one (conv: (N, J, P); linear: (N, 1, J)). With
+    ``acc_omode >= 0`` the exact sum then meets an ``acc_bits`` accumulator once (``final``
+    mode). The result is requantised by ``shift`` fraction bits into ``[lo, hi]``. ``u`` holds
+    one uniform draw per element of ``out`` for stochastic rounding (empty otherwise).
 
     Returns (accumulator overflow events, output saturation events, largest and smallest
     accumulator value before overflow); the caller takes |.| in Python, where -2^63 is safe.
     """
-    n_out = sums.shape[0]
-    n_img, _, per_img = out.shape
+    n_a, n_b, n_c = out.shape
     acc_lo = -(np.int64(1) << (acc_bits - 1)) if 0 < acc_bits < 64 else np.int64(-(1 << 63))
     acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if 0 < acc_bits < 64 else np.int64((1 << 63) - 1)
     stochastic = u.size > 0
-    acc_events = np.zeros(n_out, np.int64)
-    sat_events = np.zeros(n_out, np.int64)
-    highest = np.zeros(n_out, np.int64)
-    lowest = np.zeros(n_out, np.int64)
-    for j in prange(n_out):
+    tasks = n_a * n_b
+    acc_events = np.zeros(tasks, np.int64)
+    sat_events = np.zeros(tasks, np.int64)
+    highest = np.zeros(tasks, np.int64)
+    lowest = np.zeros(tasks, np.int64)
+    for task in prange(tasks):
+        i = task // n_b
+        j = task % n_b
         n_acc = 0
         n_sat = 0
         top = np.int64(0)
         bottom = np.int64(0)
-        for n in range(n_img):
-            for p in range(per_img):
-                m = n * per_img + p
-                a = np.int64(sums[j, m]) + bias[j]
-                top = max(top, a)
-                bottom = min(bottom, a)
-                if acc_omode >= 0:
-                    a, over = apply_overflow(a, False, a < 0, acc_lo, acc_hi, acc_bits, True,
-                                             acc_omode)
-                    n_acc += np.int64(over)
-                ui = u[(n * n_out + j) * per_img + p] if stochastic else 0.0
-                code, sat = requantize_one(a, shift, lo, hi, bits, signed, rmode, omode, ui)
-                n_sat += np.int64(sat)
-                out[n, j, p] = code
-        acc_events[j] = n_acc
-        sat_events[j] = n_sat
-        highest[j] = top
-        lowest[j] = bottom
+        for p in range(n_c):
+            a = np.int64(sums[i, j, p]) + (bias[p] if bias_last else bias[j])
+            top = max(top, a)
+            bottom = min(bottom, a)
+            if acc_omode >= 0:
+                a, over = apply_overflow(a, False, a < 0, acc_lo, acc_hi, acc_bits, True,
+                                         acc_omode)
+                n_acc += np.int64(over)
+            ui = u[task * n_c + p] if stochastic else 0.0
+            code, sat = requantize_one(a, shift, lo, hi, bits, signed, rmode, omode, ui)
+            n_sat += np.int64(sat)
+            out[i, j, p] = code
+        acc_events[task] = n_acc
+        sat_events[task] = n_sat
+        highest[task] = top
+        lowest[task] = bottom
+    return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
+
+
+def rounding_offsets(rmode: int, shift: int) -> tuple[int, int, int]:
+    """(base, extra if negative, parity flag) with round(a / 2^s) == (a + offset) >> s.
+
+    ``offset = base + (a < 0) * negative_extra + parity * ((a >> s) & 1)`` reproduces every
+    deterministic mode of :func:`fxsim.fixedpoint.round_shift` for ``1 <= s <= 62``: adding
+    ``half`` makes a floor round ties up, ``half - 1`` makes it round them down, and the parity
+    of the floor quotient picks the even neighbour. Proven equal by the tests.
+    """
+    half = 1 << (shift - 1)
+    table = {
+        0: (0, 0, 0),  # trn
+        1: (0, (1 << shift) - 1, 0),  # trn_zero: ceil for negatives
+        2: (half, 0, 0),  # rnd: ties up
+        3: (half - 1, 1, 0),  # rnd_zero: ties down if positive, up if negative
+        4: (half - 1, 0, 0),  # rnd_min_inf: ties down
+        5: (half, -1, 0),  # rnd_inf: ties up if positive, down if negative
+        6: (half - 1, 0, 1),  # rnd_conv: ties down, plus one when the floor is odd
+    }
+    return table[rmode]
+
+
+@njit(cache=True, parallel=True)
+def finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_extra, parity, lo,
+                hi, sym_lo, mask, omode, out):
+    """:func:`finish` for a right shift of 1..62 bits with a deterministic rounding mode.
+
+    Branch-free, in separate simple passes over each row, so that every loop vectorises. The
+    caller guarantees ``|sum + bias| + 2^shift < 2^63`` so the rounding offset cannot overflow.
+    ``mask`` is ``2^bits - 1`` (or -1 for 64 bits) and ``sym_lo`` is where negative overflow
+    saturates (``lo``, or ``lo + 1`` for sat_sym).
+    """
+    n_a, n_b, n_c = out.shape
+    has_acc = acc_omode >= 0 and 0 < acc_bits < 64
+    acc_lo = -(np.int64(1) << (acc_bits - 1)) if has_acc else np.int64(0)
+    acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if has_acc else np.int64(0)
+    acc_mask = (np.int64(1) << acc_bits) - 1 if has_acc else np.int64(0)
+    acc_wrap = acc_omode == 1
+    wrap = omode == 1
+    zero = omode == 2
+    tasks = n_a * n_b
+    acc_events = np.zeros(tasks, np.int64)
+    sat_events = np.zeros(tasks, np.int64)
+    highest = np.zeros(tasks, np.int64)
+    lowest = np.zeros(tasks, np.int64)
+    for task in prange(tasks):
+        i = task // n_b
+        j = task % n_b
+        acc = np.empty(n_c, np.int64)
+        if bias_last:
+            for p in range(n_c):
+                acc[p] = np.int64(sums[i, j, p]) + bias[p]
+        else:
+            for p in range(n_c):
+                acc[p] = np.int64(sums[i, j, p]) + bias[j]
+        top = np.int64(0)
+        bottom = np.int64(0)
+        for p in range(n_c):
+            top = max(top, acc[p])
+            bottom = min(bottom, acc[p])
+        n_acc = 0
+        if has_acc:
+            for p in range(n_c):
+                a = acc[p]
+                inside = (a >= acc_lo) & (a <= acc_hi)
+                n_acc += 1 - np.int64(inside)
+                wrapped = ((a - acc_lo) & acc_mask) + acc_lo
+                clamped = min(max(a, acc_lo), acc_hi)
+                acc[p] = a if inside else (wrapped if acc_wrap else clamped)
+        n_sat = 0
+        for p in range(n_c):
+            a = acc[p]
+            offset = base + np.int64(a < 0) * neg_extra + parity * ((a >> shift) & 1)
+            q = (a + offset) >> shift
+            inside = (q >= lo) & (q <= hi)
+            n_sat += 1 - np.int64(inside)
+            over = hi if q > hi else sym_lo
+            over = 0 if zero else over
+            over = (((q - lo) & mask) + lo) if wrap else over
+            out[i, j, p] = q if inside else over
+        acc_events[task] = n_acc
+        sat_events[task] = n_sat
+        highest[task] = top
+        lowest[task] = bottom
     return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
 
 

@@ -1,0 +1,151 @@
+"""Integer datapath kernels vs float32 BLAS on LeNet5 / CifarNet layer shapes, in one run.
+
+For every layer shape it times, on the same random codes:
+  f32 gemm    float32 BLAS on the prebuilt im2col matrix (the bare GEMM, a lower bound)
+  f32 layer   float32 layer as a CPU framework runs it: im2col + sgemm + NCHW layout
+  int final   fxsim.datapath, exact sum then one overflow (codes in, codes out); weights
+              prepared once with fxsim.datapath.prepare, as a model executor runs them
+  int per_mac the same with a narrow accumulator saturating after every MAC
+and prints a Markdown table of medians with throughput (GMAC/s) and ratios to the f32 layer.
+No assertions on time: the numbers go to docs/results/kernels.md.
+
+    python benchmarks/kernels.py [--repeats 7] [--json out.json] [--bits 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from fxsim import QFormat, paper_format
+from fxsim.datapath import Datapath, prepare
+from fxsim.kernels.dense import conv_output_size, im2col
+
+# name, kind, input shape, weight shape, stride, padding
+SHAPES = [
+    ("lenet5.conv1", "conv", (256, 1, 28, 28), (20, 1, 5, 5), 1, 0),
+    ("lenet5.conv2", "conv", (256, 20, 12, 12), (50, 20, 5, 5), 1, 0),
+    ("lenet5.fc1", "linear", (256, 800), (500, 800), 1, 0),
+    ("lenet5.fc2", "linear", (256, 500), (10, 500), 1, 0),
+    ("cifarnet.conv1", "conv", (32, 64, 30, 30), (64, 64, 3, 3), 1, 1),
+    ("cifarnet.conv2", "conv", (32, 64, 30, 30), (128, 64, 3, 3), 2, 1),
+    ("cifarnet.conv6", "conv", (32, 192, 8, 8), (192, 192, 3, 3), 1, 1),
+]
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: JIT compilation or cache load, page faults
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def float_layer(kind, xf, wf, stride, padding):
+    if kind == "linear":
+        return xf @ wf.T
+    n = xf.shape[0]
+    j, _, kh, kw = wf.shape
+    oh = conv_output_size(xf.shape[2], kh, stride, padding)
+    ow = conv_output_size(xf.shape[3], kw, stride, padding)
+    cols = im2col(xf, kh, kw, (stride, stride), (padding, padding))
+    y = wf.reshape(j, -1) @ cols
+    return np.ascontiguousarray(y.reshape(j, n, oh, ow).transpose(1, 0, 2, 3))
+
+
+def bench_shape(name, kind, x_shape, w_shape, stride, padding, fmt, acc_bits, repeats, rng):
+    x = rng.integers(fmt.min_code, fmt.max_code, size=x_shape, endpoint=True)
+    w = rng.integers(fmt.min_code, fmt.max_code, size=w_shape, endpoint=True)
+    final = prepare(w, None, Datapath(fmt, fmt))
+    per_mac = prepare(w, None, Datapath(fmt, fmt, acc_bits=acc_bits, acc_mode="per_mac"))
+    xf, wf = x.astype(np.float32), w.astype(np.float32)
+    if kind == "conv":
+        kh, kw = w_shape[2:]
+        cols = im2col(xf, kh, kw, (stride, stride), (padding, padding))
+        w2 = wf.reshape(w_shape[0], -1)
+
+        def gemm():
+            return w2 @ cols
+
+        def run(prepared):
+            return prepared.conv2d(x, stride=stride, padding=padding)
+    else:
+        def gemm():
+            return xf @ wf.T
+
+        def run(prepared):
+            return prepared.linear(x)
+
+    _, c_final = run(final)
+    _, c_mac = run(per_mac)
+    macs = c_final.macs
+    t_gemm = median_time(gemm, repeats)
+    t_float = median_time(lambda: float_layer(kind, xf, wf, stride, padding), repeats)
+    t_final = median_time(lambda: run(final), repeats)
+    t_mac = median_time(lambda: run(per_mac), repeats)
+    return {
+        "layer": name,
+        "macs": macs,
+        "format": str(fmt),
+        "per_mac_acc_bits": acc_bits,
+        "final_path": next(iter(c_final.paths)),
+        "per_mac_path": next(iter(c_mac.paths)),
+        "per_mac_overflow_events": c_mac.acc_overflows,
+        "seconds": {"f32_gemm": t_gemm, "f32_layer": t_float, "int_final": t_final,
+                    "int_per_mac": t_mac},
+        "gmacs": {k: macs / t / 1e9 for k, t in
+                  {"f32_gemm": t_gemm, "f32_layer": t_float, "int_final": t_final,
+                   "int_per_mac": t_mac}.items()},
+        "ratio_final_vs_f32_layer": t_float / t_final,
+        "ratio_final_vs_f32_gemm": t_gemm / t_final,
+        "ratio_per_mac_vs_f32_layer": t_float / t_mac,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--bits", type=int, default=8, help="paper format width (default 8)")
+    parser.add_argument("--acc-bits", type=int, default=20,
+                        help="per_mac accumulator width (default 20)")
+    parser.add_argument("--json", help="write results to this JSON file")
+    args = parser.parse_args(argv)
+    fmt = paper_format(args.bits) if args.bits != 64 else QFormat(64, 4)
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in SHAPES:
+        print(f"  {shape[0]} ...", file=sys.stderr)
+        rows.append(bench_shape(*shape, fmt, args.acc_bits, args.repeats, rng))
+    header = ("| layer | MMAC | f32 gemm GMAC/s | f32 layer GMAC/s | int final GMAC/s (path) "
+              "| final / f32 layer | final / f32 gemm | per_mac GMAC/s (path) "
+              "| per_mac / f32 layer |")
+    print(f"\nformat {fmt}, per_mac accumulator {args.acc_bits} bits, medians of "
+          f"{args.repeats}, {os.cpu_count()} cores\n")
+    print(header)
+    print("|---" * 9 + "|")
+    for r in rows:
+        g = r["gmacs"]
+        print(f"| {r['layer']} | {r['macs'] / 1e6:.0f} | {g['f32_gemm']:.1f} | "
+              f"{g['f32_layer']:.1f} | {g['int_final']:.1f} ({r['final_path']}) | "
+              f"{r['ratio_final_vs_f32_layer']:.2f} | {r['ratio_final_vs_f32_gemm']:.2f} | "
+              f"{g['int_per_mac']:.1f} ({r['per_mac_path']}) | "
+              f"{r['ratio_per_mac_vs_f32_layer']:.2f} |")
+    if args.json:
+        meta = {"python": platform.python_version(), "numpy": np.__version__,
+                "machine": platform.machine(), "cores": os.cpu_count(), "format": str(fmt),
+                "repeats": args.repeats}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
