@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import numba
 import numpy as np
 
 from fxsim.errors import DatapathError, FormatError, ShapeError
@@ -358,14 +359,16 @@ class PreparedWeights:
             narrow = plan.path == "per_mac_int32"
             kernel = dense.dot_per_mac_int32 if narrow else dense.dot_per_mac_int64
             wrap = dp.acc_overflow is Overflow.WRAP
-            sums, events = kernel(plan.weights, cols, plan.start, dp.acc_bits, wrap)
+            block = dense.block_size(cols.shape[1], numba.get_num_threads())
+            sums, events = kernel(plan.weights, cols, plan.start, dp.acc_bits, wrap, block)
             events += plan.start_overflowed * n_img * per_img
             bias = np.zeros(self.bias.shape, np.int64)
             acc_omode = -1
         else:
             if plan.path == "int64":
                 _check_int64_fits(plan, cols, self.bias)
-                sums = dense.dot_int64(plan.weights, cols)
+                block = dense.block_size(cols.shape[1], numba.get_num_threads())
+                sums = dense.dot_int64(plan.weights, cols, block)
             elif x_rows:
                 sums = cols @ plan.weights.T
             else:

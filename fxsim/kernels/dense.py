@@ -19,9 +19,17 @@ from numba import njit, prange
 
 from fxsim.fixedpoint import apply_overflow, requantize_one
 
-# Output positions handled per task by the blocked kernels: a (K, BLOCK) slice of cols stays in
-# L2 while all output channels run over it.
+# Output positions handled per task by the blocked kernels: a (K, block) slice of cols stays in
+# L2 while all output channels run over it. Smaller blocks when there are few positions, so
+# that every core gets work (a linear layer's batch of 256 would otherwise be one task).
 BLOCK = 256
+MIN_BLOCK = 32
+
+
+def block_size(m_total: int, threads: int) -> int:
+    """Positions per task: BLOCK, or less so that there are at least 4 tasks per thread."""
+    per_task = -(-m_total // (4 * max(1, threads)))
+    return int(min(BLOCK, max(MIN_BLOCK, -(-per_task // MIN_BLOCK) * MIN_BLOCK)))
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -71,16 +79,16 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride=(1, 1), padding=(0, 0)) -> np
 
 
 @njit(cache=True, parallel=True)
-def dot_int64(w, cols):
+def dot_int64(w, cols, block):
     """Exact ``w @ cols`` in int64 (wraps mod 2^64 if a partial sum leaves int64)."""
     n_out, fan_in = w.shape
     m_total = cols.shape[1]
     out = np.empty((n_out, m_total), np.int64)
-    n_blocks = (m_total + BLOCK - 1) // BLOCK
+    n_blocks = (m_total + block - 1) // block
     for b in prange(n_blocks):
-        m0 = b * BLOCK
-        width = min(BLOCK, m_total - m0)
-        block = np.ascontiguousarray(cols[:, m0 : m0 + width])  # stays in L2 for all j
+        m0 = b * block
+        width = min(block, m_total - m0)
+        tile = np.ascontiguousarray(cols[:, m0 : m0 + width])  # stays in L2 for all j
         acc = np.empty(width, np.int64)
         for j in range(n_out):
             acc[:] = 0
@@ -89,13 +97,13 @@ def dot_int64(w, cols):
                 if wv == 0:
                     continue
                 for t in range(width):
-                    acc[t] += wv * block[k, t]
+                    acc[t] += wv * tile[k, t]
             out[j, m0 : m0 + width] = acc
     return out
 
 
 @njit(cache=True, parallel=True)
-def dot_per_mac_int32(w, cols, start, acc_bits, wrap):
+def dot_per_mac_int32(w, cols, start, acc_bits, wrap, block):
     """Per-MAC accumulator of ``acc_bits <= 30`` bits in int32 lanes.
 
     Each output's register starts at ``start[j]`` (the aligned bias, already inside the
@@ -110,12 +118,12 @@ def dot_per_mac_int32(w, cols, start, acc_bits, wrap):
     hi = np.int32((1 << (acc_bits - 1)) - 1)
     mask = np.int32((1 << acc_bits) - 1)
     out = np.empty((n_out, m_total), np.int64)
-    n_blocks = (m_total + BLOCK - 1) // BLOCK
+    n_blocks = (m_total + block - 1) // block
     events = np.zeros(n_blocks, np.int64)
     for b in prange(n_blocks):
-        m0 = b * BLOCK
-        width = min(BLOCK, m_total - m0)
-        block = np.ascontiguousarray(cols[:, m0 : m0 + width])
+        m0 = b * block
+        width = min(block, m_total - m0)
+        tile = np.ascontiguousarray(cols[:, m0 : m0 + width])
         acc = np.empty(width, np.int32)
         hits = np.zeros(width, np.int32)  # at most fan_in per output and j: no int32 overflow
         count = 0
@@ -127,13 +135,13 @@ def dot_per_mac_int32(w, cols, start, acc_bits, wrap):
                     continue  # adding 0 changes neither an exact nor a saturated sum
                 if wrap:
                     for t in range(width):
-                        s = np.int32(acc[t] + np.int32(wv * block[k, t]))
+                        s = np.int32(acc[t] + np.int32(wv * tile[k, t]))
                         c = np.int32(np.int32((s - lo) & mask) + lo)
                         hits[t] += np.int32(c != s)
                         acc[t] = c
                 else:
                     for t in range(width):
-                        s = np.int32(acc[t] + np.int32(wv * block[k, t]))
+                        s = np.int32(acc[t] + np.int32(wv * tile[k, t]))
                         c = np.int32(min(max(s, lo), hi))
                         hits[t] += np.int32(c != s)
                         acc[t] = c
@@ -146,7 +154,7 @@ def dot_per_mac_int32(w, cols, start, acc_bits, wrap):
 
 
 @njit(cache=True, parallel=True)
-def dot_per_mac_int64(w, cols, start, acc_bits, wrap):
+def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
     """Per-MAC accumulator of any width up to 64 bits, in int64 lanes with checked adds.
 
     Same contract as :func:`dot_per_mac_int32` with int64 arrays; each product fits in
@@ -156,15 +164,17 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap):
     m_total = cols.shape[1]
     lo = np.int64(-(1 << (acc_bits - 1))) if acc_bits < 64 else np.int64(-(1 << 63))
     hi = np.int64((1 << (acc_bits - 1)) - 1) if acc_bits < 64 else np.int64((1 << 63) - 1)
+    mask = np.int64((1 << acc_bits) - 1) if acc_bits < 63 else np.int64(-1)
     out = np.empty((n_out, m_total), np.int64)
-    n_blocks = (m_total + BLOCK - 1) // BLOCK
+    n_blocks = (m_total + block - 1) // block
     events = np.zeros(n_blocks, np.int64)
     omode = 1 if wrap else 0
     for b in prange(n_blocks):
-        m0 = b * BLOCK
-        width = min(BLOCK, m_total - m0)
-        block = np.ascontiguousarray(cols[:, m0 : m0 + width])
+        m0 = b * block
+        width = min(block, m_total - m0)
+        tile = np.ascontiguousarray(cols[:, m0 : m0 + width])
         acc = np.empty(width, np.int64)
+        hits = np.zeros(width, np.int64)
         count = 0
         for j in range(n_out):
             acc[:] = start[j]
@@ -172,16 +182,32 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap):
                 wv = w[j, k]
                 if wv == 0:
                     continue
+                if acc_bits <= 62:
+                    # |acc| and |product| are below 2^(acc_bits - 1): the add cannot leave int64,
+                    # so the same branch-free saturate / wrap as the int32 kernel applies.
+                    if wrap:
+                        for t in range(width):
+                            s = acc[t] + wv * tile[k, t]
+                            c = ((s - lo) & mask) + lo
+                            hits[t] += np.int64(c != s)
+                            acc[t] = c
+                    else:
+                        for t in range(width):
+                            s = acc[t] + wv * tile[k, t]
+                            c = min(max(s, lo), hi)
+                            hits[t] += np.int64(c != s)
+                            acc[t] = c
+                    continue
                 for t in range(width):
                     a = acc[t]
-                    p = wv * block[k, t]
+                    p = wv * tile[k, t]
                     s = a + p  # wraps mod 2^64 if the true sum leaves int64
                     big = ((a ^ s) & (p ^ s)) < 0
                     c, over = apply_overflow(s, big, p < 0, lo, hi, acc_bits, True, omode)
                     count += np.int64(over)
                     acc[t] = c
             out[j, m0 : m0 + width] = acc
-        events[b] = count
+        events[b] = count + hits.sum()
     return out, events.sum()
 
 

@@ -1,0 +1,99 @@
+"""The ``fxsim`` command line. Thin: it parses, calls the library and prints.
+
+A problem the user can fix (:class:`fxsim.FxsimError`) ends with one line on stderr and exit
+code 2; anything else is a bug and exits 1 (set FXSIM_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+import numpy as np
+
+from fxsim import __version__
+from fxsim.errors import FxsimError
+from fxsim.fixedpoint import Overflow, QFormat, Rounding, dequantize, quantize_with_count
+
+ROUNDING_NAMES = [r.value for r in Rounding]
+OVERFLOW_NAMES = [o.value for o in Overflow]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fxsim")
+def cli():
+    """Bit-accurate fixed-point simulation of neural-network accelerators.
+
+    fxsim simulates exactly what a fixed-point datapath computes (rounding, saturation,
+    accumulator width, overflow counts) and asks whether adversarial examples transfer between
+    a full-precision network and its pruned or quantised versions.
+    """
+
+
+@cli.command("format")
+@click.argument("bits", type=int)
+@click.argument("int_bits", type=int)
+@click.argument("values", nargs=-1, type=float)
+@click.option("--unsigned", is_flag=True, help="Unsigned word (default: two's complement).")
+@click.option("--rounding", type=click.Choice(ROUNDING_NAMES), default="rnd_conv",
+              show_default=True, help="Rounding mode (ap_fixed names).")
+@click.option("--overflow", type=click.Choice(OVERFLOW_NAMES), default="sat",
+              show_default=True, help="Overflow mode (ap_fixed names).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def format_command(bits, int_bits, values, unsigned, rounding, overflow, as_json):
+    """Describe the format fix<BITS,INT_BITS> and quantise VALUES into it.
+
+    INT_BITS counts integer bits including the sign bit (the ap_fixed convention), so
+    `fxsim format 8 2 0.3 -5` shows fix<8,2>: step 1/64 over [-2, 1.984375], and the code,
+    the value it stands for and whether it overflowed for 0.3 and -5. Negative values need
+    `--` before them so they are not read as options: `fxsim format 8 2 -- -5`.
+    """
+    fmt = QFormat(bits, int_bits, signed=not unsigned)
+    rows = []
+    for value in values:
+        codes, overflowed = quantize_with_count(np.array([value]), fmt, rounding, overflow)
+        code = int(codes[0])
+        rows.append({"input": value, "code": code, "value": float(dequantize(codes, fmt)[0]),
+                     "overflow": bool(overflowed)})
+    info = {"format": str(fmt), "bits": fmt.bits, "int_bits": fmt.int_bits,
+            "frac_bits": fmt.frac_bits, "signed": fmt.signed, "min_code": fmt.min_code,
+            "max_code": fmt.max_code, "step": fmt.step, "min_value": fmt.min_value,
+            "max_value": fmt.max_value, "rounding": rounding, "overflow": overflow,
+            "values": rows}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{fmt}: {fmt.bits} bits, {fmt.int_bits} integer (sign included), "
+               f"{fmt.frac_bits} fraction; step {fmt.step:g}; "
+               f"range [{fmt.min_value:g}, {fmt.max_value:g}] "
+               f"(codes {fmt.min_code}..{fmt.max_code})")
+    for row in rows:
+        note = f"  overflow ({overflow})" if row["overflow"] else ""
+        click.echo(f"{row['input']:>14g} -> code {row['code']:>8d} = {row['value']:g}{note}")
+
+
+def main(argv=None):
+    """Entry point of the ``fxsim`` console script."""
+    try:
+        cli.main(args=argv, prog_name="fxsim", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except FxsimError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # a bug: say so in one line, traceback on request
+        if os.environ.get("FXSIM_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} "
+                   "(set FXSIM_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

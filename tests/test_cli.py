@@ -1,0 +1,37 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fxsim.cli import main
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_format_command_quantises_values(capsys):
+    main(["format", "8", "2", "--json", "0.3", "--", "-5"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 1 / 64 and (info["min_code"], info["max_code"]) == (-128, 127)
+    assert [(r["code"], r["overflow"]) for r in info["values"]] == [(19, False), (-128, True)]
+    main(["format", "4", "1", "--rounding", "trn", "0.9999"])
+    assert "code        7 = 0.875" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_and_exit_code_2(capsys):
+    code, out, err = run(["format", "70", "2"], capsys)
+    assert out == ""
+    assert code == 2 and err.strip() == "error: QFormat bits must be between 1 and 64, got 70"
+    code, _, err = run(["format", "8", "2", "--rounding", "nearest", "1"], capsys)
+    assert code == 2 and "'nearest' is not one of" in err
+
+
+def test_console_script_runs():
+    done = subprocess.run([sys.executable, "-m", "fxsim.cli", "--version"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and "fxsim, version" in done.stdout
