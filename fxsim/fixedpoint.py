@@ -406,6 +406,35 @@ def requantize(
     return requantize_with_count(codes, from_frac_bits, fmt, rounding, overflow, seed)[0]
 
 
+@njit(cache=True, parallel=True)
+def _min_max(flat):
+    """(min, max) of a 1-D integer array in one parallel pass."""
+    n_tasks = 64
+    size = flat.size
+    lows = np.empty(n_tasks, np.int64)
+    highs = np.empty(n_tasks, np.int64)
+    for t in prange(n_tasks):
+        start = size * t // n_tasks
+        stop = size * (t + 1) // n_tasks
+        lo = np.int64(flat[start]) if stop > start else np.int64(flat[0])
+        hi = lo
+        for i in range(start, stop):
+            v = np.int64(flat[i])
+            lo = min(lo, v)
+            hi = max(hi, v)
+        lows[t] = lo
+        highs[t] = hi
+    return lows.min(), highs.max()
+
+
+def min_max(codes: np.ndarray) -> tuple[int, int]:
+    """Smallest and largest code of a non-empty integer array (one parallel pass when large)."""
+    if codes.size < 1 << 16 or codes.dtype == np.uint64 or not codes.flags.c_contiguous:
+        return int(codes.min()), int(codes.max())
+    lo, hi = _min_max(codes.reshape(-1))
+    return int(lo), int(hi)
+
+
 def check_codes(codes: np.ndarray, fmt: QFormat, name: str) -> tuple[int, int]:
     """Raise :class:`RangeError` naming the first code of ``codes`` outside ``fmt``'s range.
 
@@ -415,7 +444,7 @@ def check_codes(codes: np.ndarray, fmt: QFormat, name: str) -> tuple[int, int]:
         raise RangeError(f"{name} must be integer codes, got dtype {codes.dtype}")
     if codes.size == 0:
         return 0, 0
-    lo, hi = int(codes.min()), int(codes.max())
+    lo, hi = min_max(codes)
     if lo >= fmt.min_code and hi <= fmt.max_code:
         return lo, hi
     bad = lo if lo < fmt.min_code else hi

@@ -269,3 +269,18 @@ def test_requantize_extreme_codes_and_shifts(rounding, from_frac):
         expected = [requantize_ref(c, from_frac, 8, 8, True, rounding, overflow)[0]
                     for c in EXTREMES]
         assert got == expected
+
+
+@pytest.mark.parametrize("size", [1, 70_000, 1_000_003])
+def test_min_max_matches_numpy_on_large_arrays(size):
+    from fxsim.fixedpoint import check_codes, min_max
+
+    rng = np.random.default_rng(size)
+    codes = rng.integers(-1000, 1000, size)
+    codes[rng.integers(size)] = -(2**40)
+    codes[rng.integers(size)] = 2**41
+    assert min_max(codes) == (int(codes.min()), int(codes.max()))
+    assert min_max(codes.astype(np.int32)[::-1]) == (int(codes.astype(np.int32).min()),
+                                                     int(codes.astype(np.int32).max()))
+    with pytest.raises(RangeError, match="code 2199023255552"):
+        check_codes(codes, QFormat(41, 41), "big")

@@ -68,13 +68,17 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
     return out
 
 
-def im2col(x: np.ndarray, kh: int, kw: int, stride=(1, 1), padding=(0, 0)) -> np.ndarray:
-    """(N, C, H, W) -> (C*kh*kw, N*OH*OW) columns in x's dtype, zero padding included."""
+def im2col(x: np.ndarray, kh: int, kw: int, stride=(1, 1), padding=(0, 0), dtype=None):
+    """(N, C, H, W) -> (C*kh*kw, N*OH*OW) columns, zero padding included.
+
+    ``dtype`` (default x's) is the dtype of the columns; values are cast on the fly, which is
+    exact for integer codes the caller has bounded (e.g. below 2^24 for float32).
+    """
     x = np.ascontiguousarray(x)
     n, c, h, w = x.shape
     oh = conv_output_size(h, kh, stride[0], padding[0])
     ow = conv_output_size(w, kw, stride[1], padding[1])
-    out = np.empty((c * kh * kw, n * oh * ow), x.dtype)
+    out = np.empty((c * kh * kw, n * oh * ow), x.dtype if dtype is None else dtype)
     return _im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], oh, ow, out)
 
 
