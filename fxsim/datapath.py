@@ -34,9 +34,14 @@ from fxsim.fixedpoint import (
     requantize_with_count,
     uniform_draws,
 )
-from fxsim.kernels import dense
+from fxsim.kernels import dense, sparse
 
 ACC_MODES = ("final", "per_mac")
+KERNELS = ("auto", "dense", "sparse")
+
+# kernel="auto" runs a layer on the zero-skipping kernel when its weight density is below this.
+# Measured with benchmarks/sparse.py on LeNet5 / CifarNet shapes (docs/results/sparse.md).
+SPARSE_DENSITY_THRESHOLD = 0.3
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
@@ -59,6 +64,9 @@ class Datapath:
                   (overflow after every multiply-accumulate in canonical order).
     rounding, overflow: how the accumulator is requantised into out_fmt.
     seed:         seed of the draws for stochastic rounding.
+    kernel:       'dense', 'sparse' (skip zero weights like a pruned accelerator) or 'auto'
+                  (sparse when the layer's weight density is below SPARSE_DENSITY_THRESHOLD).
+                  The results are bit-identical; only time and the executed-MAC counters differ.
     """
 
     act_fmt: QFormat
@@ -71,6 +79,7 @@ class Datapath:
     rounding: Rounding = Rounding.RND_CONV
     overflow: Overflow = Overflow.SAT
     seed: int = 0
+    kernel: str = "auto"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -87,6 +96,8 @@ class Datapath:
             )
         if self.acc_mode not in ACC_MODES:
             raise FormatError(f"acc_mode must be 'final' or 'per_mac', got {self.acc_mode!r}")
+        if self.kernel not in KERNELS:
+            raise FormatError(f"kernel must be 'auto', 'dense' or 'sparse', got {self.kernel!r}")
         if self.acc_bits is not None:
             if isinstance(self.acc_bits, bool) or not isinstance(self.acc_bits, int | np.integer):
                 raise DatapathError(f"acc_bits must be an integer or None, got {self.acc_bits!r}")
@@ -176,8 +187,15 @@ class Counters:
     max_abs_acc:     largest |accumulator| at the end of a dot product (final: the exact sum;
                      per_mac: the register's last value).
     outputs:         output values produced.
+    executed_macs:   MACs the kernel performed (dense: all of them; sparse: stored weights x
+                     output positions).
+    skipped_macs:    MACs skipped because the weight is zero (macs - executed_macs).
     paths:           which kernel computed the sums (float32, float64, int64, per_mac_int32,
-                     per_mac_int64), with how many outputs each.
+                     per_mac_int64, and sparse_* for the zero-skipping kernel), with how many
+                     outputs each.
+    weight_bytes:    bytes the layer's weights take in the dense, bitmask, csr and eie
+                     encodings at the weight format's width (a property of the layer, not
+                     summed over calls).
     """
 
     macs: int = 0
@@ -185,7 +203,15 @@ class Counters:
     out_saturations: int = 0
     max_abs_acc: int = 0
     outputs: int = 0
+    executed_macs: int = 0
+    skipped_macs: int = 0
     paths: dict = field(default_factory=dict)
+    weight_bytes: dict = field(default_factory=dict)
+
+    @property
+    def density(self) -> float:
+        """Executed over dense MACs: the weight density the sparse kernel saw (1.0 if dense)."""
+        return self.executed_macs / self.macs if self.macs else 1.0
 
     def __add__(self, other: Counters) -> Counters:
         paths = dict(self.paths)
@@ -197,11 +223,16 @@ class Counters:
             out_saturations=self.out_saturations + other.out_saturations,
             max_abs_acc=max(self.max_abs_acc, other.max_abs_acc),
             outputs=self.outputs + other.outputs,
+            executed_macs=self.executed_macs + other.executed_macs,
+            skipped_macs=self.skipped_macs + other.skipped_macs,
             paths=paths,
+            weight_bytes=self.weight_bytes or other.weight_bytes,
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["density"] = self.density
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,20 +273,39 @@ class PreparedWeights:
     is computed here, so running many batches costs only the work on the activations.
     """
 
-    def __init__(self, w_codes, bias_codes, datapath: Datapath):
+    def __init__(self, w_codes, bias_codes, datapath: Datapath, mask=None):
         if not isinstance(datapath, Datapath):
             raise FormatError(f"expected a Datapath, got {datapath!r}")
         w = np.asarray(w_codes)
         if w.ndim not in (2, 4):
             raise ShapeError(f"weights must be (J, K) or (J, C, KH, KW), got shape {w.shape}")
         check_codes(w, datapath.weight_fmt, "weights")
+        if mask is not None:
+            sparse.check_mask(w, mask)
         self.datapath = datapath
         self.weights = np.ascontiguousarray(w, dtype=np.int64)
         self.matrix = self.weights.reshape(w.shape[0], -1)
         self.bias = _aligned_bias(bias_codes, w.shape[0], datapath)
         self.row_abs_max = _max_row_abs_sum(self.matrix)
+        self.density = float(np.count_nonzero(self.matrix)) / max(1, self.matrix.size)
+        self._compressed: sparse.CompressedWeights | None = None
         self._casts: dict = {}
         self._starts: dict = {}
+
+    @property
+    def compressed(self) -> sparse.CompressedWeights:
+        """The CSR storage of the nonzero weights (built on first use)."""
+        if self._compressed is None:
+            self._compressed = sparse.CompressedWeights(self.weights)
+        return self._compressed
+
+    @property
+    def use_sparse(self) -> bool:
+        kernel = self.datapath.kernel
+        return kernel == "sparse" or (kernel == "auto" and self.density < SPARSE_DENSITY_THRESHOLD)
+
+    def weight_bytes(self) -> dict[str, int]:
+        return self.compressed.storage_bytes(self.datapath.weight_fmt.bits)
 
     def _matrix_as(self, dtype) -> np.ndarray:
         if dtype not in self._casts:
@@ -271,11 +321,7 @@ class PreparedWeights:
         if dp.acc_mode == "per_mac" and may_overflow:
             narrow = dp.acc_bits <= 30  # acc + product then fits int32 lanes
             dtype = np.int32 if narrow else np.int64
-            if dtype not in self._starts:
-                acc_fmt = QFormat(dp.acc_bits, dp.acc_bits)
-                start = requantize(self.bias, 0, acc_fmt, overflow=dp.acc_overflow)
-                self._starts[dtype] = (start.astype(dtype), int((start != self.bias).sum()))
-            start, overflowed = self._starts[dtype]
+            start, overflowed = self._starts_for(dtype)
             path = "per_mac_int32" if narrow else "per_mac_int64"
             return _Plan(path, self._matrix_as(dtype), start, overflowed, dtype,
                          1 << (dp.acc_bits - 1))
@@ -311,9 +357,12 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, oh * ow), np.int64)
         u = uniform_draws(dp.rounding, out.size, dp.seed)
+        if self.use_sparse and _sparse_lanes(plan, dp) is not None:
+            counters = self._run_sparse(plan, x, (sh, sw), (ph, pw), (oh, ow), out, u)
+            return out.reshape(n, n_out, oh, ow), counters
         per_chunk = max(1, _CHUNK_ELEMENTS // max(1, c * kh * kw * oh * ow))
         per_image = n_out * oh * ow
-        counters = Counters()
+        counters = Counters(weight_bytes=self.weight_bytes())
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             cols = dense.im2col(x[n0:n1], kh, kw, (sh, sw), (ph, pw), dtype=plan.cols_dtype)
@@ -334,8 +383,12 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, 1), np.int64)
         u = uniform_draws(self.datapath.rounding, out.size, self.datapath.seed)
+        if self.use_sparse and _sparse_lanes(plan, self.datapath) is not None:
+            x4 = x.reshape(n, k, 1, 1)  # a linear layer is a 1x1 convolution of a 1x1 image
+            counters = self._run_sparse(plan, x4, (1, 1), (0, 0), (1, 1), out, u)
+            return out.reshape(n, n_out), counters
         per_chunk = max(1, _CHUNK_ELEMENTS // max(1, k))
-        counters = Counters()
+        counters = Counters(weight_bytes=self.weight_bytes())
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             x_rows = plan.path.startswith("float")
@@ -393,8 +446,90 @@ class PreparedWeights:
             out_saturations=int(sat_events),
             max_abs_acc=max(int(highest), -int(lowest)),
             outputs=out.size,
+            executed_macs=out.size * fan_in,
             paths={plan.path: out.size},
         )
+
+    def _run_sparse(self, plan: _Plan, x, stride, padding, out_hw, out, u) -> Counters:
+        """The zero-skipping kernel over chunks of images; fills ``out`` (N, J, P)."""
+        dp = self.datapath
+        lanes, per_mac = _sparse_lanes(plan, dp)
+        cw = self.compressed
+        n, c, h, w = x.shape
+        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        # a linear layer's (J, K) weights read input row k directly
+        bases = sparse.conv_bases(cw, (hp, wp)) if len(cw.shape) == 4 else cw.col_idx
+        offsets = sparse.conv_offsets(out_hw, stride, wp)
+        values = cw.values.astype(lanes)
+        _, n_out, per_img = out.shape
+        if per_mac:
+            start, overflowed = self._starts_for(lanes)
+            bias, acc_omode = np.zeros(n_out, np.int64), -1
+            first_events = overflowed * per_img
+            lo = lanes(-(1 << (dp.acc_bits - 1)))
+            hi = lanes((1 << (dp.acc_bits - 1)) - 1)
+            mask = lanes((1 << dp.acc_bits) - 1)
+            wrap = dp.acc_overflow is Overflow.WRAP
+        else:
+            bias, first_events = self.bias, 0
+            acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
+        shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, c * hp * wp, n_out * per_img))
+        counters = Counters(weight_bytes=self.weight_bytes())
+        path = f"sparse_{plan.path}"
+        for n0 in range(0, n, per_chunk):
+            n1 = min(n, n0 + per_chunk)
+            xt = sparse.layout_input(x[n0:n1], padding, lanes)
+            block = min(_SPARSE_LANES_BLOCK, n1 - n0)
+            if per_mac:
+                sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, offsets,
+                                                     start, wrap, lo, hi, mask, block)
+            else:
+                sums, events = sparse.sparse_sum(xt, cw.row_ptr, bases, values, offsets, block), 0
+            chunk_out = out[n0:n1]
+            acc_events, sat_events, highest, lowest = _finish(
+                sums.transpose(2, 0, 1), bias, False, acc_omode, shift, plan, dp,
+                _slice(u, n0, n1, n_out * per_img), chunk_out,
+            )  # fmt: skip
+            executed = cw.nnz * per_img * (n1 - n0)
+            counters += Counters(
+                macs=chunk_out.size * cw.fan_in,
+                acc_overflows=int(events) + int(acc_events) + first_events * (n1 - n0),
+                out_saturations=int(sat_events),
+                max_abs_acc=max(int(highest), -int(lowest)),
+                outputs=chunk_out.size,
+                executed_macs=executed,
+                skipped_macs=chunk_out.size * cw.fan_in - executed,
+                paths={path: chunk_out.size},
+            )
+        return counters
+
+    def _starts_for(self, dtype):
+        """The per_mac register's first value per output (the bias, overflow-checked)."""
+        dp = self.datapath
+        if dtype not in self._starts:
+            acc_fmt = QFormat(dp.acc_bits, dp.acc_bits)
+            start = requantize(self.bias, 0, acc_fmt, overflow=dp.acc_overflow)
+            self._starts[dtype] = (start.astype(dtype), int((start != self.bias).sum()))
+        return self._starts[dtype]
+
+
+# Images per vector in the sparse kernel: long enough to vectorise, short enough that a task's
+# accumulators (positions x lanes) stay in L2.
+_SPARSE_LANES_BLOCK = 64
+
+
+def _sparse_lanes(plan: _Plan, dp: Datapath):
+    """(lane dtype, per_mac) for the zero-skipping kernel, or None where it cannot be exact
+    without the dense kernel's extra checks (exact sums that may exceed 2^63, per-MAC registers
+    wider than 62 bits whose add could leave int64); those layers run densely."""
+    if plan.path in ("float32", "float64"):
+        return (np.float32 if plan.path == "float32" else np.float64), False
+    if plan.path == "int64":
+        return (np.int64, False) if plan.acc_bound < 1 << 63 else None
+    if plan.path == "per_mac_int64" and dp.acc_bits > 62:
+        return None
+    return (np.int32 if plan.path == "per_mac_int32" else np.int64), True
 
 
 def _check_int64_fits(plan: _Plan, cols: np.ndarray, bias: np.ndarray) -> None:
@@ -468,9 +603,13 @@ def _pair(value, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def prepare(w_codes, bias_codes, datapath: Datapath) -> PreparedWeights:
-    """Validate a layer's weights once, for many calls of ``.conv2d(x)`` or ``.linear(x)``."""
-    return PreparedWeights(w_codes, bias_codes, datapath)
+def prepare(w_codes, bias_codes, datapath: Datapath, mask=None) -> PreparedWeights:
+    """Validate a layer's weights once, for many calls of ``.conv2d(x)`` or ``.linear(x)``.
+
+    ``mask`` (boolean, the weights' shape) marks the weights pruning kept; pruned weights must
+    be zero (a nonzero one is an error, not silently zeroed).
+    """
+    return PreparedWeights(w_codes, bias_codes, datapath, mask)
 
 
 def conv2d(x_codes, w_codes, bias_codes, datapath: Datapath, stride=1, padding=0):

@@ -1,0 +1,210 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxsim import QFormat
+from fxsim.datapath import Datapath, prepare
+from fxsim.errors import ShapeError
+from fxsim.kernels.sparse import CompressedWeights, random_mask
+
+ROUNDINGS = ["trn", "trn_zero", "rnd", "rnd_zero", "rnd_min_inf", "rnd_inf", "rnd_conv"]
+COUNTERS = ("macs", "acc_overflows", "out_saturations", "max_abs_acc", "outputs")
+
+
+def with_kernel(dp: Datapath, kernel: str) -> Datapath:
+    return Datapath(**{**dp.__dict__, "kernel": kernel})
+
+
+def run_both(dp, w, b, x, mask, conv, stride=1, padding=0):
+    dense_layer = prepare(w, b, with_kernel(dp, "dense"), mask)
+    sparse_layer = prepare(w, b, with_kernel(dp, "sparse"), mask)
+    if conv:
+        y_d, c_d = dense_layer.conv2d(x, stride, padding)
+        y_s, c_s = sparse_layer.conv2d(x, stride, padding)
+    else:
+        y_d, c_d = dense_layer.linear(x)
+        y_s, c_s = sparse_layer.linear(x)
+    assert np.array_equal(y_d, y_s)
+    for key in COUNTERS:
+        assert getattr(c_d, key) == getattr(c_s, key), key
+    return c_d, c_s
+
+
+def random_bias(rng, dp, n):
+    fmt = dp.bias_format
+    return rng.integers(fmt.min_code, fmt.max_code, n, endpoint=True) >> rng.integers(0, 40)
+
+
+def check_mac_counters(c_s, w, positions):
+    nnz = int(np.count_nonzero(w))
+    assert c_s.executed_macs == nnz * positions
+    assert c_s.executed_macs + c_s.skipped_macs == c_s.macs
+    assert c_s.density == pytest.approx(nnz / w.size)
+
+
+@st.composite
+def layer_cases(draw):
+    act = QFormat(draw(st.integers(2, 12)), draw(st.integers(0, 5)))
+    weight = QFormat(draw(st.integers(2, 12)), draw(st.integers(-1, 3)))
+    probe = Datapath(act, weight)
+    acc_bits = draw(st.one_of(st.none(), st.integers(probe.product_bits, 64)))
+    dp = Datapath(
+        act, weight, out_fmt=QFormat(draw(st.integers(2, 16)), draw(st.integers(-2, 8))),
+        acc_bits=acc_bits, acc_overflow=draw(st.sampled_from(["sat", "wrap"])),
+        acc_mode=draw(st.sampled_from(["final", "per_mac"])),
+        rounding=draw(st.sampled_from(ROUNDINGS)),
+        overflow=draw(st.sampled_from(["sat", "wrap", "sat_zero", "sat_sym"])),
+    )  # fmt: skip
+    mask_kind = draw(st.sampled_from(["random", "dense", "single", "empty_rows", "none"]))
+    return dp, mask_kind, draw(st.integers(0, 2**32 - 1))
+
+
+def make_weights(rng, dp, shape, mask_kind):
+    w = rng.integers(dp.weight_fmt.min_code, dp.weight_fmt.max_code, size=shape, endpoint=True)
+    if mask_kind == "dense":
+        mask = np.ones(shape, bool)
+    elif mask_kind == "single":
+        mask = np.zeros(shape, bool)
+        mask.flat[rng.integers(mask.size)] = True
+    elif mask_kind == "none":
+        mask = np.zeros(shape, bool)
+    else:
+        mask = rng.random(shape) < rng.uniform(0.05, 0.9)
+        if mask_kind == "empty_rows":
+            mask[:: 2] = False
+    return np.where(mask, w, 0), mask
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=layer_cases(), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       kernel=st.integers(1, 3))
+def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel):
+    dp, mask_kind, seed = case
+    rng = np.random.default_rng(seed)
+    w, mask = make_weights(rng, dp, (4, 3, kernel, kernel), mask_kind)
+    b = random_bias(rng, dp, 4)
+    x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (5, 3, 6, 5), endpoint=True)
+    _, c_s = run_both(dp, w, b, x, mask, conv=True, stride=stride, padding=padding)
+    check_mac_counters(c_s, w, c_s.outputs // 4)
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=layer_cases(), fan_in=st.integers(1, 50), batch=st.integers(1, 70))
+def test_sparse_linear_is_bit_identical_to_dense(case, fan_in, batch):
+    dp, mask_kind, seed = case
+    rng = np.random.default_rng(seed)
+    w, mask = make_weights(rng, dp, (6, fan_in), mask_kind)
+    b = random_bias(rng, dp, 6)
+    x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, fan_in), endpoint=True)
+    _, c_s = run_both(dp, w, b, x, mask, conv=False)
+    check_mac_counters(c_s, w, batch)
+
+
+# Every lane type of the sparse kernel, forced, with overflow actually happening.
+SPARSE_PATHS = [
+    ("sparse_float32", QFormat(8, 2), None, "final"),
+    ("sparse_float64", QFormat(16, 4), None, "final"),
+    ("sparse_int64", QFormat(28, 4), 60, "final"),
+    ("sparse_per_mac_int32", QFormat(8, 2), 17, "per_mac"),
+    ("sparse_per_mac_int64", QFormat(16, 4), 32, "per_mac"),
+]
+
+
+@pytest.mark.parametrize(("path", "fmt", "acc_bits", "mode"), SPARSE_PATHS)
+@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
+def test_each_sparse_lane_type(path, fmt, acc_bits, mode, acc_overflow):
+    rng = np.random.default_rng(len(path) + (acc_bits or 0))
+    dp = Datapath(fmt, fmt, out_fmt=QFormat(16, 8), acc_bits=acc_bits, acc_mode=mode,
+                  acc_overflow=acc_overflow)
+    mask = random_mask((6, 4, 3, 3), 0.4, rng)
+    w = np.where(mask, rng.integers(fmt.min_code, fmt.max_code, mask.shape, endpoint=True), 0)
+    x = rng.integers(fmt.min_code, fmt.max_code, (9, 4, 7, 7), endpoint=True)
+    b = rng.integers(-1000, 1000, 6)
+    _, c_s = run_both(dp, w, b, x, mask, conv=True, padding=1)
+    assert c_s.paths == {path: c_s.outputs}
+    if mode == "per_mac":
+        assert c_s.acc_overflows > 0
+
+
+def test_wide_per_mac_registers_fall_back_to_dense_bit_identically():
+    fmt = QFormat(32, 3)
+    dp = Datapath(fmt, fmt, out_fmt=QFormat(16, 8), acc_bits=64, acc_mode="per_mac",
+                  kernel="sparse")
+    x = np.full((1, 16), fmt.max_code)
+    w = np.full((1, 16), fmt.max_code)
+    w[0, ::2] = 0
+    y, counters = prepare(w, None, dp).linear(x)
+    assert counters.paths == {"per_mac_int64": 1} and y.tolist() == [[8192]]
+
+
+def test_auto_uses_sparse_below_the_threshold():
+    from fxsim.datapath import SPARSE_DENSITY_THRESHOLD
+
+    rng = np.random.default_rng(0)
+    fmt = QFormat(8, 2)
+    x = rng.integers(-128, 128, (4, 20))
+    low = np.where(random_mask((10, 20), SPARSE_DENSITY_THRESHOLD / 2, rng), 5, 0)
+    high = np.full((10, 20), 5)
+    _, c_low = prepare(low, None, Datapath(fmt, fmt)).linear(x)
+    _, c_high = prepare(high, None, Datapath(fmt, fmt)).linear(x)
+    assert next(iter(c_low.paths)).startswith("sparse_")
+    assert not next(iter(c_high.paths)).startswith("sparse_")
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+def test_storage_bytes_of_a_hand_worked_layer():
+    # 2 rows of 40 weights at 8 bits; row 0 stores indices 0, 5, 39; row 1 stores nothing.
+    w = np.zeros((2, 40), np.int64)
+    w[0, [0, 5, 39]] = [3, -1, 7]
+    cw = CompressedWeights(w)
+    assert cw.nnz == 3 and cw.row_ptr.tolist() == [0, 3, 3] and cw.col_idx.tolist() == [0, 5, 39]
+    sizes = cw.storage_bytes(8)
+    assert sizes["dense"] == 80  # 80 weights x 8 bits
+    assert sizes["bitmask"] == (80 + 3 * 8 + 7) // 8  # 80 presence bits + 3 values = 13
+    # csr: 3 x (8 + 6 index bits) + 3 row pointers x 2 bits = 48 bits
+    assert sizes["csr"] == 6
+    # eie: gaps before the stored weights are 0, 4 and 33 zeros -> 33 // 16 = 2 fillers;
+    # 5 entries x 12 bits + 3 pointers x 3 bits = 69 bits -> 9 bytes
+    assert sizes["eie"] == 9
+
+
+def test_compressed_format_is_canonical_csr():
+    rng = np.random.default_rng(1)
+    w = np.where(rng.random((5, 3, 2, 2)) < 0.3, rng.integers(-9, 9, (5, 3, 2, 2)), 0)
+    cw = CompressedWeights(w)
+    rebuilt = np.zeros((5, 12), np.int64)
+    for j in range(5):
+        lo, hi = cw.row_ptr[j], cw.row_ptr[j + 1]
+        assert np.all(np.diff(cw.col_idx[lo:hi]) > 0)  # canonical (ascending) MAC order
+        rebuilt[j, cw.col_idx[lo:hi]] = cw.values[lo:hi]
+    assert np.array_equal(rebuilt.reshape(w.shape), w)
+    assert cw.density == np.count_nonzero(w) / w.size
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_masks_are_rejected_with_where():
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt)
+    w = np.array([[1, 0, 2], [0, 0, 3]])
+    with pytest.raises(ShapeError, match=r"mask shape \(2, 2\) does not match weight shape"):
+        prepare(w, None, dp, mask=np.ones((2, 2), bool))
+    with pytest.raises(ShapeError, match="mask must be boolean, got dtype int64"):
+        prepare(w, None, dp, mask=np.ones((2, 3), np.int64))
+    with pytest.raises(ShapeError, match=r"weight at index \(1, 2\) is 3 but the mask prunes it"):
+        prepare(w, None, dp, mask=np.array([[1, 0, 1], [0, 0, 0]], bool))
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_density_outside_unit_interval_is_rejected(density):
+    with pytest.raises(ShapeError, match=r"density must be in \(0, 1\]"):
+        random_mask((4, 4), density, np.random.default_rng(0))
+
+
+def test_random_mask_hits_the_density_exactly():
+    mask = random_mask((50, 20, 5, 5), 0.1, np.random.default_rng(2))
+    assert mask.sum() == 2500
