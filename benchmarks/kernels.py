@@ -3,6 +3,7 @@
 For every layer shape it times, on the same random codes:
   f32 gemm    float32 BLAS on the prebuilt im2col matrix (the bare GEMM, a lower bound)
   f32 layer   float32 layer as a CPU framework runs it: im2col + sgemm + NCHW layout
+Shapes: fxsim.bench.LAYERS (LeNet5 at batch 256, CifarNet at batch 128).
   int final   fxsim.datapath, exact sum then one overflow (codes in, codes out); weights
               prepared once with fxsim.datapath.prepare, as a model executor runs them
   int per_mac the same with a narrow accumulator saturating after every MAC
@@ -18,60 +19,27 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from fxsim import QFormat, paper_format
+from fxsim.bench import LAYERS, float_layer, median_time
 from fxsim.datapath import Datapath, prepare
-from fxsim.kernels.dense import conv_output_size, im2col
-
-# name, kind, input shape, weight shape, stride, padding
-SHAPES = [
-    ("lenet5.conv1", "conv", (256, 1, 28, 28), (20, 1, 5, 5), 1, 0),
-    ("lenet5.conv2", "conv", (256, 20, 12, 12), (50, 20, 5, 5), 1, 0),
-    ("lenet5.fc1", "linear", (256, 800), (500, 800), 1, 0),
-    ("lenet5.fc2", "linear", (256, 500), (10, 500), 1, 0),
-    ("cifarnet.conv1", "conv", (32, 64, 30, 30), (64, 64, 3, 3), 1, 1),
-    ("cifarnet.conv2", "conv", (32, 64, 30, 30), (128, 64, 3, 3), 2, 1),
-    ("cifarnet.conv6", "conv", (32, 192, 8, 8), (192, 192, 3, 3), 1, 1),
-]
+from fxsim.kernels.dense import im2col
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: JIT compilation or cache load, page faults
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def float_layer(kind, xf, wf, stride, padding):
-    if kind == "linear":
-        return xf @ wf.T
-    n = xf.shape[0]
-    j, _, kh, kw = wf.shape
-    oh = conv_output_size(xf.shape[2], kh, stride, padding)
-    ow = conv_output_size(xf.shape[3], kw, stride, padding)
-    cols = im2col(xf, kh, kw, (stride, stride), (padding, padding))
-    y = wf.reshape(j, -1) @ cols
-    return np.ascontiguousarray(y.reshape(j, n, oh, ow).transpose(1, 0, 2, 3))
-
-
-def bench_shape(name, kind, x_shape, w_shape, stride, padding, fmt, acc_bits, repeats, rng):
-    x = rng.integers(fmt.min_code, fmt.max_code, size=x_shape, endpoint=True)
-    w = rng.integers(fmt.min_code, fmt.max_code, size=w_shape, endpoint=True)
+def bench_shape(name, shape, fmt, acc_bits, repeats, rng):
+    kind, stride, padding = shape.kind, shape.stride, shape.padding
+    x = rng.integers(fmt.min_code, fmt.max_code, size=shape.x_shape, endpoint=True)
+    w = rng.integers(fmt.min_code, fmt.max_code, size=shape.w_shape, endpoint=True)
     final = prepare(w, None, Datapath(fmt, fmt))
     per_mac = prepare(w, None, Datapath(fmt, fmt, acc_bits=acc_bits, acc_mode="per_mac"))
     xf, wf = x.astype(np.float32), w.astype(np.float32)
     if kind == "conv":
-        kh, kw = w_shape[2:]
+        kh, kw = shape.w_shape[2:]
         cols = im2col(xf, kh, kw, (stride, stride), (padding, padding))
-        w2 = wf.reshape(w_shape[0], -1)
+        w2 = wf.reshape(shape.w_shape[0], -1)
 
         def gemm():
             return w2 @ cols
@@ -89,7 +57,7 @@ def bench_shape(name, kind, x_shape, w_shape, stride, padding, fmt, acc_bits, re
     _, c_mac = run(per_mac)
     macs = c_final.macs
     t_gemm = median_time(gemm, repeats)
-    t_float = median_time(lambda: float_layer(kind, xf, wf, stride, padding), repeats)
+    t_float = median_time(lambda: float_layer(shape, xf, wf), repeats)
     t_final = median_time(lambda: run(final), repeats)
     t_mac = median_time(lambda: run(per_mac), repeats)
     return {
@@ -122,9 +90,9 @@ def main(argv=None):
     fmt = paper_format(args.bits) if args.bits != 64 else QFormat(64, 4)
     rng = np.random.default_rng(0)
     rows = []
-    for shape in SHAPES:
-        print(f"  {shape[0]} ...", file=sys.stderr)
-        rows.append(bench_shape(*shape, fmt, args.acc_bits, args.repeats, rng))
+    for name, shape in LAYERS.items():
+        print(f"  {name} ...", file=sys.stderr)
+        rows.append(bench_shape(name, shape, fmt, args.acc_bits, args.repeats, rng))
     header = ("| layer | MMAC | f32 gemm GMAC/s | f32 layer GMAC/s | int final GMAC/s (path) "
               "| final / f32 layer | final / f32 gemm | per_mac GMAC/s (path) "
               "| per_mac / f32 layer |")

@@ -74,6 +74,54 @@ def format_command(bits, int_bits, values, unsigned, rounding, overflow, as_json
         click.echo(f"{row['input']:>14g} -> code {row['code']:>8d} = {row['value']:g}{note}")
 
 
+@cli.group()
+def bench():
+    """Measure fxsim's kernels on the paper's layer shapes (no accuracy, only time)."""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise FxsimError(f"--densities must be comma-separated numbers, got {text!r}") from exc
+
+
+@bench.command("kernels")
+@click.option("--layers", default=None,
+              help="Comma-separated layer names (default: all LeNet5 and CifarNet shapes).")
+@click.option("--densities", default="1,0.5,0.2,0.1,0.05,0.02", show_default=True,
+              help="Weight densities in (0, 1].")
+@click.option("--bits", type=int, default=8, show_default=True,
+              help="Width of the paper's fixed-point format for weights and activations.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Timed calls per measurement (the median is reported).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write the rows to this JSON file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG of time vs density (log scale) here.")
+def bench_kernels(layers, densities, bits, repeats, seed, json_path, plot_path):
+    """Sparse (zero-skipping) vs dense integer kernels vs float32 BLAS.
+
+    For every layer and weight density the three are timed in one run on the same random
+    codes, after checking that sparse and dense agree bit for bit. Prints a Markdown table.
+    """
+    from fxsim import bench as bench_lib
+    from fxsim import report, store
+
+    names = [n.strip() for n in layers.split(",")] if layers else None
+    rows = bench_lib.sparse_vs_dense(
+        names, bench_lib.check_densities(_floats(densities)), bits, repeats, seed,
+        progress=lambda msg: click.echo(f"  {msg}", err=True),
+    )
+    click.echo(bench_lib.markdown_table(rows))
+    if json_path:
+        store.write_json(json_path, {"bits": bits, "repeats": repeats, "rows": rows})
+    if plot_path:
+        report.plot_sparse_benchmark(rows, plot_path)
+        click.echo(f"plot: {plot_path}", err=True)
+
+
 def main(argv=None):
     """Entry point of the ``fxsim`` console script."""
     try:

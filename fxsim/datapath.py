@@ -40,8 +40,10 @@ ACC_MODES = ("final", "per_mac")
 KERNELS = ("auto", "dense", "sparse")
 
 # kernel="auto" runs a layer on the zero-skipping kernel when its weight density is below this.
-# Measured with benchmarks/sparse.py on LeNet5 / CifarNet shapes (docs/results/sparse.md).
-SPARSE_DENSITY_THRESHOLD = 0.3
+# Measured with benchmarks/sparse.py on LeNet5 / CifarNet shapes (docs/results/sparse.md): the
+# sparse convolution beats the BLAS-backed dense one below about 0.3 to 0.5, a sparse linear
+# layer (one output position, so no reuse of the transposed input) only below about 0.05.
+SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.05}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
@@ -65,7 +67,8 @@ class Datapath:
     rounding, overflow: how the accumulator is requantised into out_fmt.
     seed:         seed of the draws for stochastic rounding.
     kernel:       'dense', 'sparse' (skip zero weights like a pruned accelerator) or 'auto'
-                  (sparse when the layer's weight density is below SPARSE_DENSITY_THRESHOLD).
+                  (sparse when the layer's weight density is below SPARSE_DENSITY_THRESHOLD
+                  for its kind, conv or linear).
                   The results are bit-identical; only time and the executed-MAC counters differ.
     """
 
@@ -289,6 +292,7 @@ class PreparedWeights:
         self.row_abs_max = _max_row_abs_sum(self.matrix)
         self.density = float(np.count_nonzero(self.matrix)) / max(1, self.matrix.size)
         self._compressed: sparse.CompressedWeights | None = None
+        self._weight_bytes: dict | None = None
         self._casts: dict = {}
         self._starts: dict = {}
 
@@ -302,10 +306,16 @@ class PreparedWeights:
     @property
     def use_sparse(self) -> bool:
         kernel = self.datapath.kernel
-        return kernel == "sparse" or (kernel == "auto" and self.density < SPARSE_DENSITY_THRESHOLD)
+        kind = "conv" if self.weights.ndim == 4 else "linear"
+        return kernel == "sparse" or (
+            kernel == "auto" and self.density < SPARSE_DENSITY_THRESHOLD[kind]
+        )
 
     def weight_bytes(self) -> dict[str, int]:
-        return self.compressed.storage_bytes(self.datapath.weight_fmt.bits)
+        """Storage of the weights per encoding (see CompressedWeights.storage_bytes)."""
+        if self._weight_bytes is None:
+            self._weight_bytes = self.compressed.storage_bytes(self.datapath.weight_fmt.bits)
+        return dict(self._weight_bytes)
 
     def _matrix_as(self, dtype) -> np.ndarray:
         if dtype not in self._casts:
@@ -459,7 +469,6 @@ class PreparedWeights:
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         # a linear layer's (J, K) weights read input row k directly
         bases = sparse.conv_bases(cw, (hp, wp)) if len(cw.shape) == 4 else cw.col_idx
-        offsets = sparse.conv_offsets(out_hw, stride, wp)
         values = cw.values.astype(lanes)
         _, n_out, per_img = out.shape
         if per_mac:
@@ -474,22 +483,29 @@ class PreparedWeights:
             bias, first_events = self.bias, 0
             acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
         shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
-        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, c * hp * wp, n_out * per_img))
+        # a task holds one channel's accumulators for the whole chunk: keep them in L2
+        per_chunk = max(1, min(_CHUNK_ELEMENTS // max(1, c * hp * wp, n_out * per_img),
+                               _SPARSE_TASK_ELEMENTS // per_img))
         counters = Counters(weight_bytes=self.weight_bytes())
         path = f"sparse_{plan.path}"
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             xt = sparse.layout_input(x[n0:n1], padding, lanes)
-            block = min(_SPARSE_LANES_BLOCK, n1 - n0)
             if per_mac:
-                sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, offsets,
-                                                     start, wrap, lo, hi, mask, block)
+                sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, out_hw,
+                                                     stride, wp, start, wrap, lo, hi, mask)
             else:
-                sums, events = sparse.sparse_sum(xt, cw.row_ptr, bases, values, offsets, block), 0
+                sums = sparse.sparse_sum(xt, cw.row_ptr, bases, values, out_hw, stride, wp)
+                events = 0
             chunk_out = out[n0:n1]
+            if per_img == 1:  # linear: one (1, J) row per image, the bias along it
+                sums3 = sums.reshape(n_out, 1, -1).transpose(2, 1, 0)
+                out3 = chunk_out.reshape(-1, 1, n_out)
+            else:
+                sums3, out3 = sums.transpose(2, 0, 1), chunk_out
             acc_events, sat_events, highest, lowest = _finish(
-                sums.transpose(2, 0, 1), bias, False, acc_omode, shift, plan, dp,
-                _slice(u, n0, n1, n_out * per_img), chunk_out,
+                sums3, bias, per_img == 1, acc_omode, shift, plan, dp,
+                _slice(u, n0, n1, n_out * per_img), out3,
             )  # fmt: skip
             executed = cw.nnz * per_img * (n1 - n0)
             counters += Counters(
@@ -514,9 +530,9 @@ class PreparedWeights:
         return self._starts[dtype]
 
 
-# Images per vector in the sparse kernel: long enough to vectorise, short enough that a task's
-# accumulators (positions x lanes) stay in L2.
-_SPARSE_LANES_BLOCK = 64
+# Accumulators (output positions x images) one task of the sparse kernel keeps: ~512 KiB of
+# float32, within a core's L2.
+_SPARSE_TASK_ELEMENTS = 1 << 17
 
 
 def _sparse_lanes(plan: _Plan, dp: Datapath):

@@ -144,7 +144,7 @@ def test_auto_uses_sparse_below_the_threshold():
     rng = np.random.default_rng(0)
     fmt = QFormat(8, 2)
     x = rng.integers(-128, 128, (4, 20))
-    low = np.where(random_mask((10, 20), SPARSE_DENSITY_THRESHOLD / 2, rng), 5, 0)
+    low = np.where(random_mask((10, 20), SPARSE_DENSITY_THRESHOLD["linear"] / 2, rng), 5, 0)
     high = np.full((10, 20), 5)
     _, c_low = prepare(low, None, Datapath(fmt, fmt)).linear(x)
     _, c_high = prepare(high, None, Datapath(fmt, fmt)).linear(x)

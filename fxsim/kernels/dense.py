@@ -240,8 +240,9 @@ def finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sign
     highest = np.zeros(tasks, np.int64)
     lowest = np.zeros(tasks, np.int64)
     for task in prange(tasks):
-        i = task // n_b
-        j = task % n_b
+        # channel-major: neighbouring tasks read neighbouring images of a transposed input
+        i = task % n_a
+        j = task // n_a
         n_acc = 0
         n_sat = 0
         top = np.int64(0)
@@ -254,7 +255,7 @@ def finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sign
                 a, over = apply_overflow(a, False, a < 0, acc_lo, acc_hi, acc_bits, True,
                                          acc_omode)
                 n_acc += np.int64(over)
-            ui = u[task * n_c + p] if stochastic else 0.0
+            ui = u[(i * n_b + j) * n_c + p] if stochastic else 0.0
             code, sat = requantize_one(a, shift, lo, hi, bits, signed, rmode, omode, ui)
             n_sat += np.int64(sat)
             out[i, j, p] = code
@@ -310,8 +311,8 @@ def finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_ext
     highest = np.zeros(tasks, np.int64)
     lowest = np.zeros(tasks, np.int64)
     for task in prange(tasks):
-        i = task // n_b
-        j = task % n_b
+        i = task % n_a  # channel-major, as in finish
+        j = task // n_a
         acc = np.empty(n_c, np.int64)
         if bias_last:
             for p in range(n_c):

@@ -7,10 +7,11 @@ the canonical MAC order.
 
 The kernel needs no im2col. The input is transposed once to ``(C * Hp * Wp, N)`` with explicit
 zero padding, so that a batch of images is one contiguous vector per input pixel. A stored
-weight at (c, kh, kw) then reads row ``base + offset[p]`` for output position p, where
-``base = (c * Hp + kh) * Wp + kw`` and ``offset[p] = oy * sh * Wp + ox * sw``. A linear layer is
-the case Hp = Wp = 1, one position, base = input index. Time is proportional to the stored
-weights times the output positions: skipping is real, not simulated.
+weight at (c, kh, kw) reads row ``base + oy * sh * Wp + ox * sw`` for output (oy, ox), where
+``base = (c * Hp + kh) * Wp + kw``; with stride 1 the rows of one output row are adjacent, so
+they form one contiguous run of ``OW * N`` values. A linear layer is the case Hp = Wp = 1, one
+position, base = input index. Time is proportional to the stored weights times the output
+positions: skipping is real, not simulated.
 
 Every output sees its MACs in canonical order (stored weights are visited in index order), so
 the per-MAC saturating and wrapping accumulators give exactly the dense kernels' results;
@@ -92,12 +93,14 @@ class CompressedWeights:
 
     def _eie_fillers(self) -> int:
         """Filler entries a 4-bit relative index needs: one per 16 zeros in a gap."""
-        fillers = 0
-        for j in range(self.n_out):
-            idx = self.col_idx[self.row_ptr[j] : self.row_ptr[j + 1]]
-            gaps = np.diff(np.concatenate([[-1], idx])) - 1  # zeros before each stored weight
-            fillers += int((gaps // 16).sum())
-        return fillers
+        if self.nnz == 0:
+            return 0
+        previous = np.empty(self.nnz, np.int64)
+        previous[0] = -1
+        previous[1:] = self.col_idx[:-1]
+        previous[self.row_ptr[:-1][self.row_ptr[:-1] < self.nnz]] = -1  # each row starts afresh
+        gaps = self.col_idx - previous - 1  # zeros before each stored weight
+        return int((gaps // 16).sum())
 
 
 def random_mask(shape, density: float, rng: np.random.Generator) -> np.ndarray:
@@ -128,13 +131,31 @@ def check_mask(w: np.ndarray, mask) -> None:
         )
 
 
+@njit(cache=True, parallel=True)
+def _layout(x, ph, pw, out):
+    n_img, chans, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    for row in prange(chans * hp):
+        c = row // hp
+        iy = row % hp - ph
+        for ix in range(-pw, w + pw):
+            dst = out[(c * hp + iy + ph) * wp + ix + pw]
+            if iy < 0 or iy >= h or ix < 0 or ix >= w:
+                dst[:] = 0
+            else:
+                for n in range(n_img):
+                    dst[n] = x[n, c, iy, ix]
+    return out
+
+
 def layout_input(x: np.ndarray, padding, dtype) -> np.ndarray:
-    """(N, C, H, W) -> (C * Hp * Wp, N) in ``dtype``, zero-padded: one batch vector per pixel."""
+    """(N, C, H, W) -> (C * Hp * Wp, N) in ``dtype``, zero-padded: one batch vector per pixel.
+
+    Values are cast on the fly (exact for codes the caller has bounded)."""
     n, c, h, w = x.shape
     ph, pw = padding
-    out = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype)
-    out[:, ph : ph + h, pw : pw + w, :] = x.transpose(1, 2, 3, 0)
-    return out.reshape(-1, n)
+    out = np.empty((c * (h + 2 * ph) * (w + 2 * pw), n), dtype)
+    return _layout(np.ascontiguousarray(x), ph, pw, out)
 
 
 def conv_bases(cw: CompressedWeights, padded_hw) -> np.ndarray:
@@ -146,84 +167,113 @@ def conv_bases(cw: CompressedWeights, padded_hw) -> np.ndarray:
     return (c * hp + ki) * wp + kj
 
 
-def conv_offsets(out_hw, stride, padded_w: int) -> np.ndarray:
-    """Row offset of each output position (oy, ox) in the padded input layout."""
-    oh, ow = out_hw
-    oy, ox = np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij")
-    return (oy * stride[0] * padded_w + ox * stride[1]).reshape(-1).astype(np.int64)
+@njit(cache=True, inline="always")
+def _segment(xflat, row, n_img, length):
+    return xflat[row * n_img : row * n_img + length]
 
 
 @njit(cache=True, parallel=True)
-def sparse_sum(xt, row_ptr, bases, values, offsets, block):
-    """Exact zero-skipping sums ``sums[j, p, n]`` over the stored weights of row j.
+def sparse_sum(xt, row_ptr, bases, values, out_hw, stride, padded_w):
+    """Exact zero-skipping sums ``sums[n, j, p]`` over the stored weights of row j.
 
     ``xt`` (R, N) is the laid-out input and ``values`` the stored weights, both in the lane
     dtype (float32, float64 or int64), where the caller's bound makes every partial sum exact.
-    Returns sums (J, P, N) in that dtype.
+    Each task is one output channel over all N images: with stride 1 the inputs of one output
+    row are ``OW * N`` contiguous values, so one stored weight is one long vector update per
+    output row. Four stored weights are applied per pass. Returns sums (J, P, N).
     """
     n_out = row_ptr.size - 1
-    n_pos = offsets.size
     n_img = xt.shape[1]
-    n_blocks = (n_img + block - 1) // block
-    sums = np.empty((n_out, n_pos, n_img), xt.dtype)
-    for task in prange(n_out * n_blocks):
-        j = task // n_blocks
-        n0 = (task % n_blocks) * block
-        width = min(block, n_img - n0)
-        acc = np.zeros((n_pos, width), xt.dtype)
-        for idx in range(row_ptr[j], row_ptr[j + 1]):
-            wv = values[idx]
-            base = bases[idx]
-            for p in range(n_pos):
-                src = xt[base + offsets[p], n0 : n0 + width]
-                dst = acc[p]
-                for t in range(width):
-                    dst[t] += wv * src[t]
-        sums[j, :, n0 : n0 + width] = acc
+    oh, ow = out_hw
+    sh, sw = stride
+    xflat = xt.reshape(-1)
+    seg = ow * n_img if sw == 1 else n_img  # contiguous values per (output row, segment)
+    n_seg = 1 if sw == 1 else ow
+    sums = np.empty((n_out, oh * ow, n_img), xt.dtype)
+    for j in prange(n_out):
+        acc = np.zeros((oh * n_seg, seg), xt.dtype)
+        idx, last = row_ptr[j], row_ptr[j + 1]
+        while idx < last:
+            group = min(4, last - idx)
+            w0 = values[idx]
+            w1 = values[idx + 1] if group > 1 else values[idx]
+            w2 = values[idx + 2] if group > 2 else values[idx]
+            w3 = values[idx + 3] if group > 3 else values[idx]
+            for oy in range(oh):
+                for g in range(n_seg):
+                    shift = oy * sh * padded_w + g * sw
+                    dst = acc[oy * n_seg + g]
+                    x0 = _segment(xflat, bases[idx] + shift, n_img, seg)
+                    if group == 4:
+                        x1 = _segment(xflat, bases[idx + 1] + shift, n_img, seg)
+                        x2 = _segment(xflat, bases[idx + 2] + shift, n_img, seg)
+                        x3 = _segment(xflat, bases[idx + 3] + shift, n_img, seg)
+                        for t in range(seg):
+                            dst[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
+                    else:
+                        for t in range(seg):
+                            dst[t] += w0 * x0[t]
+            idx += 4 if group == 4 else 1
+        sums[j] = acc.reshape(oh * ow, n_img)
     return sums
 
 
+@njit(cache=True, inline="always")
+def _sat_add(acc, product, lo, hi):
+    """Saturating register add: (new register value, 1 if it overflowed else 0) as int32."""
+    s = acc + product
+    c = min(max(s, lo), hi)
+    return c, np.int32(c != s)
+
+
+@njit(cache=True, inline="always")
+def _wrap_add(acc, product, lo, mask):
+    """Wrapping register add of a two's-complement register [lo, -lo - 1], mask = 2^bits - 1."""
+    s = acc + product
+    c = ((s - lo) & mask) + lo
+    return c, np.int32(c != s)
+
+
 @njit(cache=True, parallel=True)
-def sparse_per_mac(xt, row_ptr, bases, values, offsets, start, wrap, lo, hi, mask, block):
+def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride, padded_w, start, wrap, lo, hi,
+                   mask):
     """Zero-skipping per-MAC register: saturates (or wraps, with ``wrap``) after every MAC.
 
-    Integer lanes (int32 or int64): every product fits the register [lo, hi] and register +
-    product fits the lane dtype (the caller checks). ``start`` (J,) holds each register's first
-    value (the aligned, overflow-checked bias); ``mask`` is 2^bits - 1. Returns (sums (J, P, N)
-    int64, overflow events).
+    Same layout and tasks as :func:`sparse_sum`. Integer lanes (int32 or int64): every product
+    fits the register [lo, hi] and register + product fits the lane dtype (the caller checks).
+    ``start`` (J,) holds each register's first value (the aligned, overflow-checked bias);
+    ``mask`` is 2^bits - 1. Every output still takes its MACs one after another in canonical
+    order. Returns (sums (J, P, N) int64, overflow events).
     """
     n_out = row_ptr.size - 1
-    n_pos = offsets.size
     n_img = xt.shape[1]
-    n_blocks = (n_img + block - 1) // block
-    sums = np.empty((n_out, n_pos, n_img), np.int64)
-    tasks = n_out * n_blocks
-    events = np.zeros(tasks, np.int64)
-    for task in prange(tasks):
-        j = task // n_blocks
-        n0 = (task % n_blocks) * block
-        width = min(block, n_img - n0)
-        acc = np.empty((n_pos, width), xt.dtype)
+    oh, ow = out_hw
+    sh, sw = stride
+    xflat = xt.reshape(-1)
+    seg = ow * n_img if sw == 1 else n_img
+    n_seg = 1 if sw == 1 else ow
+    sums = np.empty((n_out, oh * ow, n_img), np.int64)
+    events = np.zeros(n_out, np.int64)
+    for j in prange(n_out):
+        acc = np.empty((oh * n_seg, seg), xt.dtype)
         acc[:, :] = start[j]
-        hits = np.zeros(width, np.int32)  # per lane: at most nnz(row) x positions events
+        hits = np.zeros(seg, np.int32)  # per lane: at most nnz(row) x oh x n_seg events
         for idx in range(row_ptr[j], row_ptr[j + 1]):
             wv = values[idx]
-            base = bases[idx]
-            for p in range(n_pos):
-                src = xt[base + offsets[p], n0 : n0 + width]
-                dst = acc[p]
-                if wrap:
-                    for t in range(width):
-                        s = dst[t] + wv * src[t]
-                        c = ((s - lo) & mask) + lo
-                        hits[t] += np.int32(c != s)
-                        dst[t] = c
-                else:
-                    for t in range(width):
-                        s = dst[t] + wv * src[t]
-                        c = min(max(s, lo), hi)
-                        hits[t] += np.int32(c != s)
-                        dst[t] = c
-        sums[j, :, n0 : n0 + width] = acc
-        events[task] = np.int64(hits.sum())
+            for oy in range(oh):
+                for g in range(n_seg):
+                    src = _segment(xflat, bases[idx] + oy * sh * padded_w + g * sw, n_img, seg)
+                    dst = acc[oy * n_seg + g]
+                    if wrap:
+                        for t in range(seg):
+                            a, h = _wrap_add(dst[t], wv * src[t], lo, mask)
+                            hits[t] += h
+                            dst[t] = a
+                    else:
+                        for t in range(seg):
+                            a, h = _sat_add(dst[t], wv * src[t], lo, hi)
+                            hits[t] += h
+                            dst[t] = a
+        sums[j] = acc.reshape(oh * ow, n_img)
+        events[j] = np.int64(hits.sum())
     return sums, events.sum()
