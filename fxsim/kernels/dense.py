@@ -83,6 +83,37 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride=(1, 1), padding=(0, 0), dtype
 
 
 @njit(cache=True, parallel=True)
+def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
+    n_img, c_in, h, w = out.shape
+    ohw = oh * ow
+    for n in prange(n_img):  # one image per task: no two tasks add into the same pixel
+        for row in range(c_in * kh * kw):
+            c = row // (kh * kw)
+            ki = (row // kw) % kh
+            kj = row % kw
+            for oy in range(oh):
+                iy = oy * sh + ki - ph
+                if iy < 0 or iy >= h:
+                    continue
+                src = n * ohw + oy * ow
+                for ox in range(ow):
+                    ix = ox * sw + kj - pw
+                    if 0 <= ix < w:
+                        out[n, c, iy, ix] += cols[row, src + ox]
+    return out
+
+
+def col2im(cols: np.ndarray, x_shape, kh: int, kw: int, stride=(1, 1), padding=(0, 0)):
+    """The adjoint of :func:`im2col`: add (C*kh*kw, N*OH*OW) columns back into (N, C, H, W)."""
+    n, c, h, w = x_shape
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    out = np.zeros(x_shape, cols.dtype)
+    return _col2im(np.ascontiguousarray(cols), kh, kw, stride[0], stride[1], padding[0],
+                   padding[1], oh, ow, out)
+
+
+@njit(cache=True, parallel=True)
 def dot_int64(w, cols, block):
     """Exact ``w @ cols`` in int64 (wraps mod 2^64 if a partial sum leaves int64)."""
     n_out, fan_in = w.shape

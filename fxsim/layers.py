@@ -1,0 +1,285 @@
+"""Float layers with hand-written backward passes, for the thin autograd in :mod:`fxsim.autograd`.
+
+Every layer implements ``forward(x, train, rng) -> (y, ctx)`` and
+``backward(dy, ctx) -> (dx, {param name: gradient})``. ``ctx`` is whatever the backward pass
+needs; layers keep no per-call state, so one model can run many batches at once. Parameters
+live in ``layer.params`` (name -> array) and are updated in place by the trainer. Arrays are
+NCHW; the dtype follows the input (float32 by default, float64 for gradient checks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxsim.errors import ShapeError
+from fxsim.kernels.dense import col2im, conv_output_size, im2col
+
+
+class Layer:
+    """Base class: a named layer with parameters (possibly none)."""
+
+    kind = "layer"
+
+    def __init__(self, name: str | None = None):
+        self.name = name or self.kind
+        self.params: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}  # state that is not trained (BN statistics)
+
+    def forward(self, x, train=False, rng=None):
+        raise NotImplementedError
+
+    def backward(self, dy, ctx):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
+        return f"{type(self).__name__}({self.name}{', ' + shapes if shapes else ''})"
+
+
+def _he_normal(rng, shape, fan_in):
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+class Conv2d(Layer):
+    """2-D cross-correlation, im2col + BLAS. weight (J, C, KH, KW), optional bias (J,)."""
+
+    kind = "conv"
+
+    def __init__(self, in_channels, out_channels, kernel, stride=1, padding=0, bias=True,
+                 name=None, rng=None):
+        super().__init__(name)
+        rng = rng or np.random.default_rng(0)
+        self.stride, self.padding, self.kernel = stride, padding, kernel
+        fan_in = in_channels * kernel * kernel
+        self.params["weight"] = _he_normal(rng, (out_channels, in_channels, kernel, kernel),
+                                           fan_in)
+        if bias:
+            self.params["bias"] = np.zeros(out_channels, np.float32)
+
+    def forward(self, x, train=False, rng=None):
+        w = self.params["weight"].astype(x.dtype, copy=False)
+        j, c, kh, kw = w.shape
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ShapeError(f"{self.name}: expects (N, {c}, H, W) input, got {x.shape}")
+        n, _, h, wd = x.shape
+        s, p = (self.stride,) * 2, (self.padding,) * 2
+        oh, ow = conv_output_size(h, kh, s[0], p[0]), conv_output_size(wd, kw, s[1], p[1])
+        cols = im2col(x, kh, kw, s, p)
+        y = w.reshape(j, -1) @ cols
+        if "bias" in self.params:
+            y += self.params["bias"].astype(x.dtype, copy=False)[:, None]
+        y = np.ascontiguousarray(y.reshape(j, n, oh, ow).transpose(1, 0, 2, 3))
+        return y, (cols, x.shape)
+
+    def backward(self, dy, ctx):
+        cols, x_shape = ctx
+        w = self.params["weight"].astype(dy.dtype, copy=False)
+        j = w.shape[0]
+        dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
+        grads = {"weight": (dy2 @ cols.T).reshape(w.shape)}
+        if "bias" in self.params:
+            grads["bias"] = dy2.sum(axis=1)
+        dcols = w.reshape(j, -1).T @ dy2
+        s, p = (self.stride,) * 2, (self.padding,) * 2
+        dx = col2im(dcols, x_shape, w.shape[2], w.shape[3], s, p)
+        return dx, grads
+
+
+class Linear(Layer):
+    """y = x @ weight.T + bias; weight (out, in) as in the integer datapath."""
+
+    kind = "linear"
+
+    def __init__(self, in_features, out_features, bias=True, name=None, rng=None):
+        super().__init__(name)
+        rng = rng or np.random.default_rng(0)
+        self.params["weight"] = _he_normal(rng, (out_features, in_features), in_features)
+        if bias:
+            self.params["bias"] = np.zeros(out_features, np.float32)
+
+    def forward(self, x, train=False, rng=None):
+        w = self.params["weight"].astype(x.dtype, copy=False)
+        if x.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ShapeError(f"{self.name}: expects (N, {w.shape[1]}) input, got {x.shape}")
+        y = x @ w.T
+        if "bias" in self.params:
+            y += self.params["bias"].astype(x.dtype, copy=False)
+        return y, x
+
+    def backward(self, dy, ctx):
+        x = ctx
+        grads = {"weight": dy.T @ x}
+        if "bias" in self.params:
+            grads["bias"] = dy.sum(axis=0)
+        return dy @ self.params["weight"].astype(dy.dtype, copy=False), grads
+
+
+class ReLU(Layer):
+    kind = "relu"
+
+    def forward(self, x, train=False, rng=None):
+        keep = x > 0
+        return np.where(keep, x, 0).astype(x.dtype, copy=False), keep
+
+    def backward(self, dy, ctx):
+        return np.where(ctx, dy, 0).astype(dy.dtype, copy=False), {}
+
+
+def _windows(x, k, name):
+    n, c, h, w = x.shape
+    if h % k or w % k:
+        raise ShapeError(f"{name}: a {k}x{k} pool needs H and W divisible by {k}, got {h}x{w}")
+    return x.reshape(n, c, h // k, k, w // k, k).transpose(0, 1, 2, 4, 3, 5).reshape(
+        n, c, h // k, w // k, k * k)
+
+
+class MaxPool2d(Layer):
+    """Non-overlapping k x k max pooling (stride k); the gradient goes to the first maximum."""
+
+    kind = "maxpool"
+
+    def __init__(self, kernel=2, name=None):
+        super().__init__(name)
+        self.k = kernel
+
+    def forward(self, x, train=False, rng=None):
+        win = _windows(x, self.k, self.name)
+        arg = win.argmax(axis=-1)
+        return np.take_along_axis(win, arg[..., None], -1)[..., 0], (arg, x.shape)
+
+    def backward(self, dy, ctx):
+        arg, shape = ctx
+        n, c, h, w = shape
+        k = self.k
+        win = np.zeros((n, c, h // k, w // k, k * k), dy.dtype)
+        np.put_along_axis(win, arg[..., None], dy[..., None], -1)
+        dx = win.reshape(n, c, h // k, w // k, k, k).transpose(0, 1, 2, 4, 3, 5)
+        return dx.reshape(shape), {}
+
+
+class AvgPool2d(Layer):
+    """Non-overlapping k x k average pooling (stride k)."""
+
+    kind = "avgpool"
+
+    def __init__(self, kernel=2, name=None):
+        super().__init__(name)
+        self.k = kernel
+
+    def forward(self, x, train=False, rng=None):
+        return _windows(x, self.k, self.name).mean(axis=-1), x.shape
+
+    def backward(self, dy, ctx):
+        k = self.k
+        dx = np.repeat(np.repeat(dy, k, axis=2), k, axis=3) / (k * k)
+        return dx.astype(dy.dtype, copy=False), {}
+
+
+class BatchNorm2d(Layer):
+    """Per-channel batch normalisation; batch statistics in training, running ones otherwise."""
+
+    kind = "batchnorm"
+
+    def __init__(self, channels, momentum=0.9, eps=1e-3, name=None):
+        super().__init__(name)
+        self.momentum, self.eps = momentum, eps
+        self.params["gamma"] = np.ones(channels, np.float32)
+        self.params["beta"] = np.zeros(channels, np.float32)
+        self.buffers["mean"] = np.zeros(channels, np.float32)
+        self.buffers["var"] = np.ones(channels, np.float32)
+
+    def forward(self, x, train=False, rng=None):
+        dt = x.dtype
+        gamma = self.params["gamma"].astype(dt)[None, :, None, None]
+        beta = self.params["beta"].astype(dt)[None, :, None, None]
+        if train:
+            mean = x.mean(axis=(0, 2, 3))
+            var = x.var(axis=(0, 2, 3))
+            m = self.momentum
+            self.buffers["mean"] = (m * self.buffers["mean"] + (1 - m) * mean).astype(np.float32)
+            self.buffers["var"] = (m * self.buffers["var"] + (1 - m) * var).astype(np.float32)
+        else:
+            mean, var = self.buffers["mean"].astype(dt), self.buffers["var"].astype(dt)
+        inv = 1.0 / np.sqrt(var + self.eps).astype(dt)
+        xhat = (x - mean[None, :, None, None]) * inv[None, :, None, None]
+        return xhat * gamma + beta, (xhat, inv, train)
+
+    def backward(self, dy, ctx):
+        xhat, inv, train = ctx
+        gamma = self.params["gamma"].astype(dy.dtype)
+        grads = {"gamma": (dy * xhat).sum(axis=(0, 2, 3)), "beta": dy.sum(axis=(0, 2, 3))}
+        g = (gamma * inv)[None, :, None, None]
+        if not train:  # running statistics are constants
+            return dy * g, grads
+        mean_dy = dy.mean(axis=(0, 2, 3), keepdims=True)
+        mean_dy_xhat = (dy * xhat).mean(axis=(0, 2, 3), keepdims=True)
+        return g * (dy - mean_dy - xhat * mean_dy_xhat), grads
+
+
+class Flatten(Layer):
+    kind = "flatten"
+
+    def forward(self, x, train=False, rng=None):
+        return x.reshape(x.shape[0], -1), x.shape
+
+    def backward(self, dy, ctx):
+        return dy.reshape(ctx), {}
+
+
+class Dropout(Layer):
+    """Inverted dropout: zeroes a fraction ``p`` in training and scales the rest by 1/(1-p)."""
+
+    kind = "dropout"
+
+    def __init__(self, p=0.5, name=None):
+        super().__init__(name)
+        self.p = p
+
+    def forward(self, x, train=False, rng=None):
+        if not train or self.p == 0:
+            return x, None
+        scale = np.zeros(x.shape, x.dtype)
+        scale[rng.random(x.shape) >= self.p] = 1.0 / (1.0 - self.p)
+        return x * scale, scale
+
+    def backward(self, dy, ctx):
+        return (dy if ctx is None else dy * ctx), {}
+
+
+class Affine(Layer):
+    """A fixed y = scale * x + shift (LeNet5 maps pixels in [0, 1] to [-1, 1])."""
+
+    kind = "affine"
+
+    def __init__(self, scale=2.0, shift=-1.0, name=None):
+        super().__init__(name)
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x, train=False, rng=None):
+        return (x * self.scale + self.shift).astype(x.dtype, copy=False), None
+
+    def backward(self, dy, ctx):
+        return (dy * self.scale).astype(dy.dtype, copy=False), {}
+
+
+class Standardize(Layer):
+    """Per-image standardisation (as TensorFlow's): (x - mean) / max(std, 1/sqrt(size))."""
+
+    kind = "standardize"
+
+    def forward(self, x, train=False, rng=None):
+        axes = tuple(range(1, x.ndim))
+        size = int(np.prod(x.shape[1:]))
+        mean = x.mean(axis=axes, keepdims=True)
+        std = x.std(axis=axes, keepdims=True)
+        floor = 1.0 / np.sqrt(size)
+        scale = np.maximum(std, floor).astype(x.dtype)
+        y = (x - mean) / scale
+        return y, (y, scale, std > floor)
+
+    def backward(self, dy, ctx):
+        y, scale, uses_std = ctx
+        axes = tuple(range(1, dy.ndim))
+        mean_dy = dy.mean(axis=axes, keepdims=True)
+        mean_dy_y = np.where(uses_std, (dy * y).mean(axis=axes, keepdims=True), 0)
+        return ((dy - mean_dy - y * mean_dy_y) / scale).astype(dy.dtype, copy=False), {}

@@ -1,0 +1,150 @@
+"""Sequential models and the paper's two networks, LeNet5 and CifarNet.
+
+Attacks work in pixel space: images in [0, 1] go in, and the input mapping (LeNet5's 2x - 1,
+CifarNet's per-image standardisation) is a layer of the model, so gradients reach the pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxsim import autograd
+from fxsim.errors import FxsimError, ShapeError
+from fxsim.layers import (
+    Affine,
+    AvgPool2d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Standardize,
+)
+
+
+class Model:
+    """A sequence of layers with a fixed input shape (C, H, W) and a number of classes."""
+
+    def __init__(self, layers, input_shape, num_classes, arch="custom"):
+        names = [layer.name for layer in layers]
+        if len(set(names)) != len(names):
+            raise FxsimError(f"layer names must be unique, got {names}")
+        self.layers = list(layers)
+        self.input_shape = tuple(input_shape)
+        self.num_classes = int(num_classes)
+        self.arch = arch
+
+    # ------------------------------------------------------------------ parameters
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """``"layer.param"`` -> array (the arrays themselves: updating them updates the model)."""
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.params.items()}
+
+    def num_parameters(self) -> int:
+        return int(sum(v.size for v in self.parameters().values()))
+
+    def layer(self, name: str):
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise FxsimError(f"model has no layer {name!r}")
+
+    # ------------------------------------------------------------------ running
+
+    def _check_input(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != self.input_shape:
+            raise ShapeError(
+                f"{self.arch} expects images of shape (N, {', '.join(map(str, self.input_shape))}),"
+                f" got {x.shape}"
+            )
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float32)
+        return x
+
+    def forward(self, x, train=False, rng=None):
+        """Logits (N, classes) for images x (N, C, H, W) in [0, 1]."""
+        return autograd.forward(self.layers, self._check_input(x), train, rng)[0]
+
+    def predict(self, x, batch_size=1000) -> np.ndarray:
+        """Predicted class per image, in batches."""
+        x = self._check_input(x)
+        return np.concatenate([self.forward(x[i : i + batch_size]).argmax(axis=1)
+                               for i in range(0, len(x), batch_size)] or [np.zeros(0, int)])
+
+    def loss_and_grads(self, x, labels, train=True, rng=None):
+        """Mean cross-entropy over the batch and its gradient for every parameter."""
+        x = self._check_input(x)
+        labels = self._check_labels(labels, len(x))
+        logits, tape = autograd.forward(self.layers, x, train, rng)
+        loss, dlogits = autograd.softmax_cross_entropy(logits, labels)
+        _, grads = autograd.backward(tape, dlogits / len(x))
+        return float(loss.mean()), grads
+
+    def input_gradient(self, x, labels=None, logit=None):
+        """Gradient w.r.t. the images of each sample's own cross-entropy (``labels``) or of one
+        chosen logit per sample (``logit``: (N,) class indices). Evaluation mode, so a sample's
+        gradient does not depend on the batch it is in. Returns (gradient, logits)."""
+        x = self._check_input(x)
+        logits, tape = autograd.forward(self.layers, x, False)
+        if (labels is None) == (logit is None):
+            raise FxsimError("input_gradient needs exactly one of labels or logit")
+        if labels is not None:
+            _, dlogits = autograd.softmax_cross_entropy(logits, self._check_labels(labels, len(x)))
+        else:
+            dlogits = np.zeros_like(logits)
+            dlogits[np.arange(len(x)), self._check_labels(logit, len(x))] = 1.0
+        dx, _ = autograd.backward(tape, dlogits.astype(logits.dtype))
+        return dx, logits
+
+    def _check_labels(self, labels, n) -> np.ndarray:
+        labels = np.asarray(labels)
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise ShapeError(f"labels must be {n} integers, got shape {labels.shape} "
+                             f"dtype {labels.dtype}")
+        if n and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0]
+            raise ShapeError(f"label {bad} is outside 0..{self.num_classes - 1}")
+        return labels
+
+
+def lenet5(num_classes=10, seed=0) -> Model:
+    """LeNet5 as the paper's tool defined it: 431,080 parameters for 28x28 grey images."""
+    rng = np.random.default_rng(seed)
+    layers = [
+        Affine(2.0, -1.0, name="input"),
+        Conv2d(1, 20, 5, name="conv1", rng=rng), ReLU(name="relu1"), MaxPool2d(2, name="pool1"),
+        Conv2d(20, 50, 5, name="conv2", rng=rng), ReLU(name="relu2"), MaxPool2d(2, name="pool2"),
+        Flatten(name="flatten"), Dropout(0.5, name="dropout"),
+        Linear(800, 500, name="fc1", rng=rng), ReLU(name="relu3"),
+        Linear(500, num_classes, name="fc2", rng=rng),
+    ]  # fmt: skip
+    return Model(layers, (1, 28, 28), num_classes, arch="lenet5")
+
+
+def cifarnet(num_classes=10, seed=0) -> Model:
+    """CifarNet: eight 3x3 convolutions with BatchNorm + ReLU, average pool, 1x1 logits."""
+    rng = np.random.default_rng(seed)
+    plan = [  # (out channels, stride, padding)
+        (64, 1, 0), (64, 1, 1), (128, 2, 1), (128, 1, 1), (128, 1, 1), (192, 2, 1), (192, 1, 1),
+        (192, 1, 1),
+    ]  # fmt: skip
+    layers = [Standardize(name="input")]
+    channels = 3
+    for i, (out, stride, pad) in enumerate(plan):
+        layers += [
+            Conv2d(channels, out, 3, stride, pad, bias=False, name=f"conv{i}", rng=rng),
+            BatchNorm2d(out, name=f"bn{i}"),
+            ReLU(name=f"relu{i}"),
+        ]
+        if i in (3, 6):
+            layers.append(Dropout(0.5, name=f"dropout{i}"))
+        channels = out
+    layers += [AvgPool2d(8, name="pool"), Conv2d(channels, num_classes, 1, name="logits", rng=rng),
+               Flatten(name="flatten")]
+    return Model(layers, (3, 32, 32), num_classes, arch="cifarnet")
+
+
+ARCHITECTURES = {"lenet5": lenet5, "cifarnet": cifarnet}
