@@ -105,7 +105,7 @@ def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
 
 def col2im(cols: np.ndarray, x_shape, kh: int, kw: int, stride=(1, 1), padding=(0, 0)):
     """The adjoint of :func:`im2col`: add (C*kh*kw, N*OH*OW) columns back into (N, C, H, W)."""
-    n, c, h, w = x_shape
+    h, w = x_shape[2:]
     oh = conv_output_size(h, kh, stride[0], padding[0])
     ow = conv_output_size(w, kw, stride[1], padding[1])
     out = np.zeros(x_shape, cols.dtype)
