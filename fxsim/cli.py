@@ -122,6 +122,149 @@ def bench_kernels(layers, densities, bits, repeats, seed, json_path, plot_path):
         click.echo(f"plot: {plot_path}", err=True)
 
 
+# ------------------------------------------------------------------------------ data
+
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False), default=None,
+    help="Where data sets live (default: $FXSIM_DATA, else the user cache folder).")
+
+
+@cli.group()
+def data():
+    """List and download data sets (MNIST, Fashion-MNIST, CIFAR-10, the embedded sample)."""
+
+
+@data.command("list")
+@data_dir_option
+def data_list(data_dir):
+    """Show which data sets are available and where."""
+    from fxsim import data as data_lib
+
+    for row in data_lib.available(data_dir):
+        click.echo(f"{row['name']:<14} {row['where']}")
+
+
+@data.command("fetch")
+@click.argument("name")
+@data_dir_option
+def data_fetch(name, data_dir):
+    """Download data set NAME from its canonical source, checking published checksums."""
+    from fxsim import data as data_lib
+
+    click.echo(str(data_lib.fetch(name, data_dir)))
+
+
+# ------------------------------------------------------------------------------ models
+
+
+class _EpochBars:
+    """A click progress bar per epoch on stderr, fed by the trainer's progress callback."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event: dict):
+        if "batch" in event:
+            if self.bar is None:
+                self.bar = click.progressbar(
+                    length=event["batches"], file=sys.stderr, label=f"epoch {event['epoch'] + 1}",
+                    item_show_func=lambda loss: None if loss is None else f"loss {loss:.3f}")
+                self.bar.__enter__()
+            self.bar.update(1, current_item=event["loss"])
+            return
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+        test = f" test acc {event['test_acc']:.4f}" if "test_acc" in event else ""
+        click.echo(f"epoch {event['epoch']}: loss {event['loss']:.4f} train acc "
+                   f"{event['train_acc']:.4f}{test} lr {event['lr']:g} "
+                   f"({event['seconds']:.1f} s)", err=True)
+
+
+@cli.command("train")
+@click.argument("arch", type=click.Choice(["lenet5", "cifarnet"]))
+@click.option("--dataset", default=None,
+              help="Data set name (default: fashion-mnist if present, else the embedded sample).")
+@data_dir_option
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="Initial learning rate; it drops 10x after 50%, 75% and 90% of the epochs.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Use only the first N training images.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="Model file to write (HDF5).")
+def train_command(arch, dataset, data_dir, epochs, batch_size, lr, momentum, weight_decay, seed,
+                  limit, output):
+    """Train ARCH (lenet5 or cifarnet) and save it as an HDF5 model file."""
+    from fxsim import data as data_lib
+    from fxsim import store
+    from fxsim.models import ARCHITECTURES
+    from fxsim.train import TrainConfig, train
+
+    dataset = dataset or data_lib.default_dataset(data_dir)
+    model = ARCHITECTURES[arch](seed=seed)
+    if data_lib.input_shape(dataset) != model.input_shape:
+        raise FxsimError(f"{arch} needs images of shape {model.input_shape}, {dataset} has "
+                         f"{data_lib.input_shape(dataset)}")
+    store.check_writable(output)
+    x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
+    test = data_lib.load(dataset, "test", data_dir)
+    config = TrainConfig(epochs, batch_size, lr, momentum, weight_decay, seed=seed)
+    click.echo(f"training {arch} on {len(x_train)} {dataset} images", err=True)
+    history = train(model, x_train, y_train, config, test=test, progress=_EpochBars())
+    metrics = {"test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"],
+               "history": history}
+    provenance = {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": None, "seed": seed,
+                  "train_config": config.to_dict()}
+    store.save_model(model, output, dataset, provenance, metrics)
+    click.echo(f"{output}: test accuracy {history[-1]['test_acc']:.4f}")
+
+
+@cli.command("info")
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info_command(model_file, as_json):
+    """Describe a model file: architecture, parameters, per-layer density and formats, metrics,
+    provenance."""
+    from fxsim import store
+
+    model, info = store.load_model(model_file)
+    layers = []
+    for layer in model.layers:
+        if "weight" not in layer.params:
+            continue
+        weight = layer.params["weight"]
+        mask = info["masks"].get(layer.name)
+        kept = int(mask.sum()) if mask is not None else int(np.count_nonzero(weight))
+        layers.append({"name": layer.name, "shape": list(weight.shape),
+                       "parameters": int(sum(p.size for p in layer.params.values())),
+                       "density": kept / weight.size, "quant": info["quant"].get(layer.name)})
+    summary = {"file": model_file, "arch": model.arch, "dataset": info["dataset"],
+               "parameters": model.num_parameters(), "layers": layers,
+               "metrics": {k: v for k, v in info["metrics"].items() if k != "history"},
+               "provenance": info["provenance"], "fxsim_version": info["fxsim_version"]}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{model_file}: {model.arch} on {info['dataset']}, "
+               f"{summary['parameters']:,} parameters (fxsim {info['fxsim_version']})")
+    for row in layers:
+        quant = row["quant"]
+        fmt = "float32" if not quant else (
+            f"w {quant['weight_fmt']['bits']}b/{quant['weight_fmt']['int_bits']}i, "
+            f"a {quant['act_fmt']['bits']}b/{quant['act_fmt']['int_bits']}i")
+        click.echo(f"  {row['name']:<8} {tuple(row['shape'])!s:<18} "
+                   f"{row['parameters']:>9,} params  density {row['density']:.3f}  {fmt}")
+    for key, value in summary["metrics"].items():
+        click.echo(f"  {key}: {value}")
+    click.echo(f"  provenance: {json.dumps(info['provenance'])}")
+
+
 def main(argv=None):
     """Entry point of the ``fxsim`` console script."""
     try:

@@ -76,12 +76,17 @@ class Model:
 
     def loss_and_grads(self, x, labels, train=True, rng=None):
         """Mean cross-entropy over the batch and its gradient for every parameter."""
+        loss, grads, _ = self.loss_grads_logits(x, labels, rng, train)
+        return loss, grads
+
+    def loss_grads_logits(self, x, labels, rng=None, train=True):
+        """:meth:`loss_and_grads` plus the logits, for a trainer that reports accuracy."""
         x = self._check_input(x)
         labels = self._check_labels(labels, len(x))
         logits, tape = autograd.forward(self.layers, x, train, rng)
         loss, dlogits = autograd.softmax_cross_entropy(logits, labels)
         _, grads = autograd.backward(tape, dlogits / len(x))
-        return float(loss.mean()), grads
+        return float(loss.mean()), grads, logits
 
     def input_gradient(self, x, labels=None, logit=None):
         """Gradient w.r.t. the images of each sample's own cross-entropy (``labels``) or of one

@@ -1,6 +1,8 @@
-"""Files fxsim writes. Every write goes to a temporary file in the target's folder that is
-renamed into place only when complete, so an interrupted run never leaves a half-written file.
-(The HDF5 model and results schemas join this module with the models issue.)"""
+"""Files fxsim writes and reads: JSON results and HDF5 model files (schema in docs/formats.md).
+
+Every write goes to a temporary file in the target's folder that is renamed into place only
+when complete, so an interrupted run never leaves a half-written file. Reading validates
+everything and names the file and what is wrong."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from fxsim.errors import FxsimError
 
@@ -31,7 +35,150 @@ def atomic_path(path):
         raise
 
 
+def check_writable(path) -> None:
+    """Fail early, before long work, if ``path`` cannot be written (missing folder)."""
+    folder = Path(path).parent if str(Path(path).parent) else Path(".")
+    if not folder.is_dir():
+        raise FxsimError(f"cannot write {path}: folder {folder} does not exist")
+
+
 def write_json(path, data) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Model files (HDF5, schema version 1; see docs/formats.md)
+# --------------------------------------------------------------------------------------------
+
+MODEL_FORMAT = "fxsim-model"
+MODEL_VERSION = 1
+
+
+def save_model(model, path, dataset: str, provenance: dict | None = None,
+               metrics: dict | None = None, masks: dict | None = None,
+               quant: dict | None = None) -> None:
+    """Write ``model`` to an HDF5 model file, atomically.
+
+    masks: layer name -> boolean array of that layer's weight shape (pruned models).
+    quant: layer name -> JSON-ready Datapath dict (quantised models).
+    """
+    import h5py
+
+    from fxsim import __version__
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = MODEL_FORMAT
+        f.attrs["version"] = MODEL_VERSION
+        f.attrs["arch"] = model.arch
+        f.attrs["dataset"] = dataset
+        f.attrs["input_shape"] = list(model.input_shape)
+        f.attrs["num_classes"] = model.num_classes
+        f.attrs["fxsim_version"] = __version__
+        f.attrs["provenance"] = json.dumps(provenance or {})
+        f.attrs["metrics"] = json.dumps(metrics or {})
+        layers = f.create_group("layers")
+        for layer in model.layers:
+            if not layer.params and not layer.buffers:
+                continue
+            group = layers.create_group(layer.name)
+            for name, value in {**layer.params, **layer.buffers}.items():
+                group.create_dataset(name, data=np.asarray(value, np.float32))
+            if masks and layer.name in masks:
+                group.create_dataset("mask", data=np.asarray(masks[layer.name], bool))
+        if quant:
+            group = f.create_group("quant")
+            for name, datapath in quant.items():
+                group.attrs[name] = json.dumps(datapath)
+
+
+def _bad(path, what: str):
+    return FxsimError(f"{path}: {what}")
+
+
+def load_model(path):
+    """Read a model file; return (model, info dict with dataset, provenance, metrics, masks,
+    quant). Every problem is an FxsimError naming the file and what is wrong."""
+    import h5py
+
+    from fxsim.models import ARCHITECTURES
+
+    path = Path(path)
+    if not path.is_file():
+        raise _bad(path, "no such file")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError:
+        is_hdf5 = False
+    if not is_hdf5:
+        raise _bad(path, "not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            return _read_model(f, path, ARCHITECTURES)
+    except FxsimError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise _bad(path, f"unreadable or truncated model file ({exc})") from exc
+
+
+def _read_model(f, path, architectures):
+    attrs = f.attrs
+    if attrs.get("format") != MODEL_FORMAT:
+        raise _bad(path, f"format is {attrs.get('format')!r}, expected {MODEL_FORMAT!r}")
+    version = attrs.get("version")
+    if version != MODEL_VERSION:
+        shown = version.item() if hasattr(version, "item") else version
+        raise _bad(path, f"schema version {shown!r} is not supported "
+                         f"(this fxsim reads version {MODEL_VERSION})")
+    arch = attrs.get("arch")
+    if arch not in architectures:
+        raise _bad(path, f"unknown architecture {arch!r}; known: {', '.join(architectures)}")
+    model = architectures[arch](num_classes=int(attrs["num_classes"]))
+    if tuple(int(v) for v in attrs["input_shape"]) != model.input_shape:
+        raise _bad(path, f"input_shape {tuple(attrs['input_shape'])} does not match {arch}")
+    if "layers" not in f:
+        raise _bad(path, "missing group 'layers'")
+    masks = {}
+    for layer in model.layers:
+        expected = {**layer.params, **layer.buffers}
+        if not expected:
+            continue
+        if layer.name not in f["layers"]:
+            raise _bad(path, f"missing layer '{layer.name}'")
+        group = f["layers"][layer.name]
+        for name, current in expected.items():
+            if name not in group:
+                raise _bad(path, f"layer '{layer.name}' has no '{name}'")
+            value = group[name][()]
+            if value.shape != current.shape:
+                raise _bad(path, f"layer '{layer.name}' {name} has shape {value.shape}, "
+                                 f"{arch} needs {current.shape}")
+            if not np.all(np.isfinite(value)):
+                raise _bad(path, f"layer '{layer.name}' {name} holds NaN or inf values")
+            target = layer.params if name in layer.params else layer.buffers
+            target[name] = value.astype(np.float32)
+        if "mask" in group:
+            mask = group["mask"][()]
+            weight = layer.params.get("weight")
+            if weight is None or mask.shape != weight.shape or mask.dtype != np.bool_:
+                raise _bad(path, f"layer '{layer.name}' mask has shape {mask.shape} dtype "
+                                 f"{mask.dtype}, needs a boolean {getattr(weight, 'shape', None)}")
+            masks[layer.name] = mask
+    quant = {}
+    if "quant" in f:
+        known = {layer.name for layer in model.layers}
+        for name, text in f["quant"].attrs.items():
+            if name not in known:
+                raise _bad(path, f"quant config names a missing layer '{name}'")
+            quant[name] = json.loads(text)
+    info = {
+        "arch": arch,
+        "dataset": str(attrs.get("dataset", "")),
+        "fxsim_version": str(attrs.get("fxsim_version", "")),
+        "provenance": json.loads(attrs.get("provenance", "{}")),
+        "metrics": json.loads(attrs.get("metrics", "{}")),
+        "masks": masks,
+        "quant": quant,
+    }
+    return model, info

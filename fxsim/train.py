@@ -1,0 +1,105 @@
+"""SGD with momentum and weight decay, step learning-rate decay, seeded and deterministic.
+
+The same seed gives the same bits: one generator drives both the shuffling and dropout, and
+every operation runs in a fixed order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fxsim.errors import FxsimError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """epochs; batch_size; lr: initial learning rate; momentum; weight_decay (L2 on weights,
+    not on biases or BatchNorm parameters); lr_decays: fractions of the run after which the
+    learning rate drops by 10x (the paper: three decays from 0.01); seed."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decays: tuple = (0.5, 0.75, 0.9)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise FxsimError(f"epochs and batch size must be >= 1, got {self.epochs}, "
+                             f"{self.batch_size}")
+        if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise FxsimError("need lr > 0, 0 <= momentum < 1 and weight_decay >= 0")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate during ``epoch`` (0-based)."""
+        drops = sum(epoch >= round(f * self.epochs) for f in self.lr_decays if f * self.epochs >= 1)
+        return self.lr * 0.1**drops
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _decays(name: str) -> bool:
+    return name.endswith(".weight")
+
+
+def evaluate(model, images, labels, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in evaluation mode."""
+    if len(images) == 0:
+        return float("nan")
+    return float((model.predict(images, batch_size) == labels).mean())
+
+
+def train(model, images, labels, config: TrainConfig, test=None,
+          progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``model`` in place; return one record per epoch (loss, accuracies, lr, seconds).
+
+    ``test`` is an optional (images, labels) pair evaluated after each epoch. ``progress`` is
+    called after every batch with {"epoch", "batch", "batches", "loss"} and after every epoch
+    with the epoch's record (which has "test_acc").
+    """
+    import time
+
+    if len(images) != len(labels) or len(images) == 0:
+        raise FxsimError(f"need as many labels as images, got {len(images)} and {len(labels)}")
+    rng = np.random.default_rng(config.seed)
+    params = model.parameters()
+    velocity = {name: np.zeros_like(p) for name, p in params.items()}
+    n = len(images)
+    batches = -(-n // config.batch_size)
+    history = []
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        lr = config.lr_at(epoch)
+        order = rng.permutation(n)
+        loss_sum = 0.0
+        correct = 0
+        for b in range(batches):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            x, y = images[idx], labels[idx]
+            loss, grads, logits = model.loss_grads_logits(x, y, rng)
+            loss_sum += loss * len(idx)
+            correct += int((logits.argmax(axis=1) == y).sum())
+            for name, p in params.items():
+                g = grads[name]
+                if config.weight_decay and _decays(name):
+                    g = g + config.weight_decay * p
+                v = velocity[name]
+                v *= config.momentum
+                v -= lr * g
+                p += v
+            if progress:
+                progress({"epoch": epoch, "batch": b + 1, "batches": batches, "loss": loss})
+        record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / n, "train_acc": correct / n,
+                  "seconds": time.perf_counter() - start}
+        if test is not None:
+            record["test_acc"] = evaluate(model, *test)
+        history.append(record)
+        if progress:
+            progress(record)
+    return history

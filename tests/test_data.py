@@ -1,0 +1,127 @@
+import gzip
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fxsim import data
+from fxsim.errors import FxsimError
+
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, compress=True):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def write_mnist_like(folder: Path, images, labels, test_images, test_labels):
+    folder.mkdir(parents=True)
+    write_idx(folder / "train-images-idx3-ubyte.gz", images)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", test_images)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", test_labels)
+
+
+def test_embedded_sample_is_real_fashion_mnist():
+    x, y = data.load("sample", "train")
+    assert x.shape == (6000, 1, 28, 28) and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x.mean() > 0.2  # real images, not noise
+    assert np.bincount(y).min() > 500  # all ten classes present
+    xt, yt = data.load("sample", "test", limit=10)
+    assert xt.shape == (10, 1, 28, 28) and yt.shape == (10,)
+
+
+def test_idx_loader_round_trips_files_in_the_real_format(tmp_path):
+    x, y = data.load("sample", "train", limit=50)
+    images = np.round(x[:, 0] * 255).astype(np.uint8)
+    write_mnist_like(tmp_path / "mnist", images, y, images[:20], y[:20])
+    got_x, got_y = data.load("mnist", "train", folder=tmp_path)
+    assert np.array_equal(got_x, x) and np.array_equal(got_y, y)
+    assert data.load("mnist", "test", folder=tmp_path)[0].shape == (20, 1, 28, 28)
+    assert data.locate("mnist", tmp_path) == tmp_path / "mnist"
+
+
+@pytest.mark.skipif(not DEBIAN.is_dir(), reason="Debian's dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_debian():
+    x, y = data.load("fashion-mnist", "test")
+    assert x.shape == (10000, 1, 28, 28) and np.bincount(y).tolist() == [1000] * 10
+    xs, ys = data.load("sample", "test")
+    assert np.array_equal(x[:1000], xs) and np.array_equal(y[:1000], ys)
+
+
+def test_bad_idx_files_are_named(tmp_path):
+    bad = tmp_path / "x.gz"
+    bad.write_bytes(gzip.compress(b"\x00\x00\x09\x01" + (3).to_bytes(4, "big") + b"abc"))
+    with pytest.raises(FxsimError, match="bad magic"):
+        data.read_idx(bad)
+    short = tmp_path / "y.gz"
+    short.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"ab"))
+    with pytest.raises(FxsimError, match=r"y.gz: header says \[5\].*truncated"):
+        data.read_idx(short)
+    garbage = tmp_path / "z.gz"
+    garbage.write_bytes(b"not gzip at all")
+    with pytest.raises(FxsimError, match=r"z\.gz: cannot read"):
+        data.read_idx(garbage)
+
+
+def write_cifar(folder: Path, rng, as_archive: bool):
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, 7).tolist()
+        batches[name] = {b"data": rng.integers(0, 256, (7, 3072), dtype=np.uint8),
+                         b"labels": labels}
+    inner = folder / "cifar-10-batches-py"
+    inner.mkdir(parents=True)
+    for name, batch in batches.items():
+        (inner / name).write_bytes(pickle.dumps(batch))
+    if as_archive:
+        with tarfile.open(folder / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(inner, arcname="cifar-10-batches-py")
+        for p in inner.iterdir():
+            p.unlink()
+        inner.rmdir()
+    return batches
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_cifar10_loader_on_files_the_test_writes(tmp_path, as_archive):
+    batches = write_cifar(tmp_path / "cifar10", np.random.default_rng(0), as_archive)
+    x, y = data.load("cifar10", "train", folder=tmp_path)
+    assert x.shape == (35, 3, 32, 32)
+    first = batches["data_batch_1"][b"data"][0].reshape(3, 32, 32) / 255.0
+    assert np.allclose(x[0], first)
+    assert y[:7].tolist() == batches["data_batch_1"][b"labels"]
+    xt, yt = data.load("cifar10", "test", folder=tmp_path)
+    assert xt.shape == (7, 3, 32, 32) and yt.tolist() == batches["test_batch"][b"labels"]
+
+
+def test_missing_and_unknown_datasets_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
+    with pytest.raises(FxsimError, match="run `fxsim data fetch mnist`"):
+        data.load("mnist", folder=tmp_path)
+    with pytest.raises(FxsimError, match="unknown dataset 'imagenet'"):
+        data.load("imagenet")
+    assert data.default_dataset(tmp_path) == "sample"
+    rows = {r["name"]: r["where"] for r in data.available(tmp_path)}
+    assert rows["cifar10"].startswith("not present")
+
+
+def test_fetch_verifies_checksums(tmp_path, monkeypatch):
+    import pooch
+
+    calls = []
+
+    def fake_retrieve(url, known_hash, fname, path, progressbar):
+        calls.append((url, known_hash))
+        raise ValueError("SHA256 hash of downloaded file does not match")
+
+    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+    with pytest.raises(FxsimError, match=r"could not download train-images-idx3-ubyte\.gz"):
+        data.fetch("mnist", tmp_path, progress=False)
+    assert [c[0].split("/")[2] for c in calls] == ["ossci-datasets.s3.amazonaws.com",
+                                                   "storage.googleapis.com"]
+    assert calls[0][1].startswith("sha256:440fcabf")

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from fxsim import data
+from fxsim.cli import main
+from fxsim.errors import FxsimError
+from fxsim.models import lenet5
+from fxsim.train import TrainConfig, evaluate, train
+
+
+def test_lenet5_learns_the_embedded_sample():
+    x, y = data.load("sample", "train")
+    test = data.load("sample", "test")
+    model = lenet5(seed=0)
+    history = train(model, x, y, TrainConfig(epochs=3, batch_size=64, lr_decays=()), test=test)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert evaluate(model, *test) >= 0.80
+
+
+def test_training_is_deterministic_for_a_seed():
+    x, y = data.load("sample", "train", limit=512)
+    runs = []
+    for _ in range(2):
+        model = lenet5(seed=1)
+        train(model, x, y, TrainConfig(epochs=1, batch_size=64, seed=5))
+        runs.append(model.parameters())
+    for name in runs[0]:
+        assert np.array_equal(runs[0][name], runs[1][name])
+
+
+def test_learning_rate_schedule_decays_three_times():
+    config = TrainConfig(epochs=20, lr=0.01)
+    assert [config.lr_at(e) for e in (0, 9, 10, 15, 18, 19)] == pytest.approx(
+        [0.01, 0.01, 0.001, 0.0001, 0.00001, 0.00001])
+
+
+def test_bad_training_settings(tmp_path, capsys):
+    with pytest.raises(FxsimError, match="epochs and batch size"):
+        TrainConfig(epochs=0)
+    with pytest.raises(SystemExit) as done:
+        main(["train", "cifarnet", "--dataset", "sample", "--epochs", "1",
+              "-o", str(tmp_path / "c.h5")])
+    assert done.value.code == 2 and "cifarnet needs images of shape (3, 32, 32)" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["train", "lenet5", "--epochs", "1", "-o", str(tmp_path / "no" / "m.h5")])
+    assert done.value.code == 2 and not (tmp_path / "no").exists()
+
+
+def test_train_command_writes_a_model(tmp_path, capsys):
+    out = tmp_path / "m.h5"
+    main(["train", "lenet5", "--dataset", "sample", "--epochs", "1", "--limit", "256",
+          "-o", str(out)])
+    assert "test accuracy" in capsys.readouterr().out
+    main(["info", str(out)])
+    assert "lenet5 on sample" in capsys.readouterr().out
