@@ -12,7 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from fxsim.errors import ShapeError
-from fxsim.kernels.dense import col2im, conv_output_size, im2col
+from fxsim.kernels.dense import (
+    col2im,
+    conv_output_size,
+    im2col,
+    maxpool_backward,
+    maxpool_forward,
+)
 
 
 class Layer:
@@ -28,7 +34,7 @@ class Layer:
     def forward(self, x, train=False, rng=None):
         raise NotImplementedError
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -71,7 +77,7 @@ class Conv2d(Layer):
         y = np.ascontiguousarray(y.reshape(j, n, oh, ow).transpose(1, 0, 2, 3))
         return y, (cols, x.shape)
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         cols, x_shape = ctx
         w = self.params["weight"].astype(dy.dtype, copy=False)
         j = w.shape[0]
@@ -79,6 +85,8 @@ class Conv2d(Layer):
         grads = {"weight": (dy2 @ cols.T).reshape(w.shape)}
         if "bias" in self.params:
             grads["bias"] = dy2.sum(axis=1)
+        if not need_dx:
+            return None, grads
         dcols = w.reshape(j, -1).T @ dy2
         s, p = (self.stride,) * 2, (self.padding,) * 2
         dx = col2im(dcols, x_shape, w.shape[2], w.shape[3], s, p)
@@ -106,7 +114,7 @@ class Linear(Layer):
             y += self.params["bias"].astype(x.dtype, copy=False)
         return y, x
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         x = ctx
         grads = {"weight": dy.T @ x}
         if "bias" in self.params:
@@ -118,17 +126,22 @@ class ReLU(Layer):
     kind = "relu"
 
     def forward(self, x, train=False, rng=None):
-        keep = x > 0
-        return np.where(keep, x, 0).astype(x.dtype, copy=False), keep
+        y = np.maximum(x, 0)
+        return y, y
 
-    def backward(self, dy, ctx):
-        return np.where(ctx, dy, 0).astype(dy.dtype, copy=False), {}
+    def backward(self, dy, ctx, need_dx=True):
+        return dy * (ctx > 0), {}
+
+
+def _check_divisible(x, k, name):
+    if x.ndim != 4 or x.shape[2] % k or x.shape[3] % k:
+        raise ShapeError(f"{name}: a {k}x{k} pool needs (N, C, H, W) with H and W divisible by "
+                         f"{k}, got {x.shape}")
 
 
 def _windows(x, k, name):
+    _check_divisible(x, k, name)
     n, c, h, w = x.shape
-    if h % k or w % k:
-        raise ShapeError(f"{name}: a {k}x{k} pool needs H and W divisible by {k}, got {h}x{w}")
     return x.reshape(n, c, h // k, k, w // k, k).transpose(0, 1, 2, 4, 3, 5).reshape(
         n, c, h // k, w // k, k * k)
 
@@ -143,18 +156,14 @@ class MaxPool2d(Layer):
         self.k = kernel
 
     def forward(self, x, train=False, rng=None):
-        win = _windows(x, self.k, self.name)
-        arg = win.argmax(axis=-1)
-        return np.take_along_axis(win, arg[..., None], -1)[..., 0], (arg, x.shape)
+        _check_divisible(x, self.k, self.name)
+        y, arg = maxpool_forward(np.ascontiguousarray(x), self.k)
+        return y, (arg, x.shape)
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         arg, shape = ctx
-        n, c, h, w = shape
-        k = self.k
-        win = np.zeros((n, c, h // k, w // k, k * k), dy.dtype)
-        np.put_along_axis(win, arg[..., None], dy[..., None], -1)
-        dx = win.reshape(n, c, h // k, w // k, k, k).transpose(0, 1, 2, 4, 3, 5)
-        return dx.reshape(shape), {}
+        dx = np.zeros(shape, dy.dtype)
+        return maxpool_backward(np.ascontiguousarray(dy), arg, self.k, dx), {}
 
 
 class AvgPool2d(Layer):
@@ -169,7 +178,7 @@ class AvgPool2d(Layer):
     def forward(self, x, train=False, rng=None):
         return _windows(x, self.k, self.name).mean(axis=-1), x.shape
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         k = self.k
         dx = np.repeat(np.repeat(dy, k, axis=2), k, axis=3) / (k * k)
         return dx.astype(dy.dtype, copy=False), {}
@@ -204,7 +213,7 @@ class BatchNorm2d(Layer):
         xhat = (x - mean[None, :, None, None]) * inv[None, :, None, None]
         return xhat * gamma + beta, (xhat, inv, train)
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         xhat, inv, train = ctx
         gamma = self.params["gamma"].astype(dy.dtype)
         grads = {"gamma": (dy * xhat).sum(axis=(0, 2, 3)), "beta": dy.sum(axis=(0, 2, 3))}
@@ -222,7 +231,7 @@ class Flatten(Layer):
     def forward(self, x, train=False, rng=None):
         return x.reshape(x.shape[0], -1), x.shape
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         return dy.reshape(ctx), {}
 
 
@@ -242,7 +251,7 @@ class Dropout(Layer):
         scale[rng.random(x.shape) >= self.p] = 1.0 / (1.0 - self.p)
         return x * scale, scale
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         return (dy if ctx is None else dy * ctx), {}
 
 
@@ -258,7 +267,7 @@ class Affine(Layer):
     def forward(self, x, train=False, rng=None):
         return (x * self.scale + self.shift).astype(x.dtype, copy=False), None
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         return (dy * self.scale).astype(dy.dtype, copy=False), {}
 
 
@@ -277,7 +286,7 @@ class Standardize(Layer):
         y = (x - mean) / scale
         return y, (y, scale, std > floor)
 
-    def backward(self, dy, ctx):
+    def backward(self, dy, ctx, need_dx=True):
         y, scale, uses_std = ctx
         axes = tuple(range(1, dy.ndim))
         mean_dy = dy.mean(axis=axes, keepdims=True)

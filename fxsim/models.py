@@ -85,7 +85,7 @@ class Model:
         labels = self._check_labels(labels, len(x))
         logits, tape = autograd.forward(self.layers, x, train, rng)
         loss, dlogits = autograd.softmax_cross_entropy(logits, labels)
-        _, grads = autograd.backward(tape, dlogits / len(x))
+        _, grads = autograd.backward(tape, dlogits / len(x), input_grad=False)
         return float(loss.mean()), grads, logits
 
     def input_gradient(self, x, labels=None, logit=None):

@@ -54,3 +54,15 @@ def test_train_command_writes_a_model(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
     main(["info", str(out)])
     assert "lenet5 on sample" in capsys.readouterr().out
+
+
+def test_cifarnet_trains_from_cifar_files(tmp_path, capsys):
+    from tests.test_data import write_cifar
+
+    write_cifar(tmp_path / "cifar10", np.random.default_rng(1), as_archive=False)
+    out = tmp_path / "c.h5"
+    main(["train", "cifarnet", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+          "--epochs", "1", "--batch-size", "16", "-o", str(out)])
+    assert "test accuracy" in capsys.readouterr().out
+    main(["info", str(out), "--json"])
+    assert '"arch": "cifarnet"' in capsys.readouterr().out

@@ -86,20 +86,29 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride=(1, 1), padding=(0, 0), dtype
 def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
     n_img, c_in, h, w = out.shape
     ohw = oh * ow
-    for n in prange(n_img):  # one image per task: no two tasks add into the same pixel
-        for row in range(c_in * kh * kw):
-            c = row // (kh * kw)
-            ki = (row // kw) % kh
-            kj = row % kw
-            for oy in range(oh):
-                iy = oy * sh + ki - ph
-                if iy < 0 or iy >= h:
-                    continue
-                src = n * ohw + oy * ow
-                for ox in range(ow):
-                    ix = ox * sw + kj - pw
-                    if 0 <= ix < w:
-                        out[n, c, iy, ix] += cols[row, src + ox]
+    n_blocks = (n_img + 15) // 16
+    # A task owns one input channel of 16 images, so no two tasks add into the same pixel; it
+    # walks each of its kh * kw rows of cols in order (contiguous reads).
+    for task in prange(c_in * n_blocks):
+        c = task // n_blocks
+        n0 = (task % n_blocks) * 16
+        for ki in range(kh):
+            for kj in range(kw):
+                row = (c * kh + ki) * kw + kj
+                ox_lo = 0
+                while ox_lo < ow and ox_lo * sw + kj - pw < 0:
+                    ox_lo += 1
+                ox_hi = ow
+                while ox_hi > ox_lo and (ox_hi - 1) * sw + kj - pw >= w:
+                    ox_hi -= 1
+                for n in range(n0, min(n0 + 16, n_img)):
+                    for oy in range(oh):
+                        iy = oy * sh + ki - ph
+                        if iy < 0 or iy >= h:
+                            continue
+                        src = n * ohw + oy * ow
+                        for ox in range(ox_lo, ox_hi):
+                            out[n, c, iy, ox * sw + kj - pw] += cols[row, src + ox]
     return out
 
 
@@ -381,6 +390,44 @@ def finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_ext
         highest[task] = top
         lowest[task] = bottom
     return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
+
+
+@njit(cache=True, parallel=True)
+def maxpool_forward(x, k):
+    """Non-overlapping k x k max pooling of floats: (values, index of the first maximum in each
+    window as int8 (row * k + column))."""
+    n_img, chans, h, w = x.shape
+    oh, ow = h // k, w // k
+    out = np.empty((n_img, chans, oh, ow), x.dtype)
+    arg = np.empty((n_img, chans, oh, ow), np.int8)
+    for nc in prange(n_img * chans):
+        n, c = nc // chans, nc % chans
+        for oy in range(oh):
+            for ox in range(ow):
+                best = x[n, c, oy * k, ox * k]
+                where = 0
+                for i in range(k):
+                    for j in range(k):
+                        v = x[n, c, oy * k + i, ox * k + j]
+                        if v > best:
+                            best, where = v, i * k + j
+                out[n, c, oy, ox] = best
+                arg[n, c, oy, ox] = where
+    return out, arg
+
+
+@njit(cache=True, parallel=True)
+def maxpool_backward(dy, arg, k, dx):
+    """Send each window's gradient to the position :func:`maxpool_forward` picked; ``dx`` must
+    be zeros of the input's shape."""
+    n_img, chans, oh, ow = dy.shape
+    for nc in prange(n_img * chans):
+        n, c = nc // chans, nc % chans
+        for oy in range(oh):
+            for ox in range(ow):
+                a = arg[n, c, oy, ox]
+                dx[n, c, oy * k + a // k, ox * k + a % k] = dy[n, c, oy, ox]
+    return dx
 
 
 @njit(cache=True, parallel=True)
