@@ -125,3 +125,15 @@ def test_fetch_verifies_checksums(tmp_path, monkeypatch):
     assert [c[0].split("/")[2] for c in calls] == ["ossci-datasets.s3.amazonaws.com",
                                                    "storage.googleapis.com"]
     assert calls[0][1].startswith("sha256:440fcabf")
+
+
+def test_data_commands(tmp_path, capsys):
+    from fxsim.cli import main
+
+    main(["data", "list", "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("sample") and "cifar10" in out
+    with pytest.raises(SystemExit) as done:
+        main(["data", "fetch", "imagenet", "--data-dir", str(tmp_path)])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.startswith("error: unknown dataset 'imagenet'")
