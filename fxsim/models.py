@@ -68,6 +68,25 @@ class Model:
         """Logits (N, classes) for images x (N, C, H, W) in [0, 1]."""
         return autograd.forward(self.layers, self._check_input(x), train, rng)[0]
 
+    def run(self, x, batch_size=1000):
+        """Logits of all images, batch by batch, with what the integer layers counted:
+        returns (logits, {layer name: Counters}, input saturations)."""
+        x = self._check_input(x)
+        logits, counters, input_saturations = [], {}, 0
+        for i in range(0, len(x), batch_size):
+            out, tape = autograd.forward(self.layers, x[i : i + batch_size], False)
+            logits.append(out)
+            for layer, ctx in tape:
+                if isinstance(ctx, dict) and "counters" in ctx:
+                    previous = counters.get(layer.name)
+                    counters[layer.name] = ctx["counters"] if previous is None else (
+                        previous + ctx["counters"])
+                elif isinstance(ctx, dict) and "saturations" in ctx:
+                    input_saturations += ctx["saturations"]
+        width = logits[0].shape[1] if logits else self.num_classes
+        return (np.concatenate(logits) if logits else np.zeros((0, width)), counters,
+                input_saturations)
+
     def predict(self, x, batch_size=1000) -> np.ndarray:
         """Predicted class per image, in batches."""
         x = self._check_input(x)

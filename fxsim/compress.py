@@ -1,0 +1,143 @@
+"""Compression: magnitude pruning, and fixed-point quantisation onto the integer datapath.
+
+A quantised model is the float model with every conv/linear layer replaced by its quantised
+twin (:mod:`fxsim.qlayers`) and the input quantised right after the input mapping; BatchNorm is
+folded into the preceding convolution first, as accelerators do. The paper's presets give
+weights and activations the same ``paper_format(bits)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxsim.datapath import Datapath
+from fxsim.errors import FxsimError
+from fxsim.fixedpoint import QFormat, paper_format
+from fxsim.layers import Affine, AvgPool2d, BatchNorm2d, Conv2d, Linear, Standardize
+from fxsim.models import Model
+from fxsim.qlayers import QuantConv2d, QuantizeInput, QuantLinear
+
+PRUNABLE = (Conv2d, Linear)
+
+
+# ------------------------------------------------------------------------------ pruning
+
+
+def prunable_layers(model: Model) -> list[str]:
+    return [layer.name for layer in model.layers if isinstance(layer, PRUNABLE)]
+
+
+def magnitude_masks(model: Model, density: float, layers=None) -> dict[str, np.ndarray]:
+    """Per-layer magnitude pruning (Han et al.): keep the ``round(density * size)`` largest |w|
+    of each layer (ties broken by position, so the count is exact)."""
+    if not 0.0 < density <= 1.0:
+        raise FxsimError(f"density must be in (0, 1], got {density}")
+    names = prunable_layers(model) if layers is None else list(layers)
+    if not names:
+        raise FxsimError(f"{model.arch} has no prunable (conv or linear) layers")
+    masks = {}
+    for name in names:
+        w = model.layer(name).params["weight"]
+        keep = round(density * w.size)
+        order = np.argsort(-np.abs(w), axis=None, kind="stable")
+        mask = np.zeros(w.size, bool)
+        mask[order[:keep]] = True
+        masks[name] = mask.reshape(w.shape)
+    return masks
+
+
+def apply_masks(model: Model, masks: dict[str, np.ndarray]) -> None:
+    """Zero the pruned weights in place."""
+    for name, mask in masks.items():
+        w = model.layer(name).params["weight"]
+        w *= mask
+
+
+def density_report(model: Model, masks: dict[str, np.ndarray]) -> dict:
+    """Achieved density per layer and overall (over the prunable layers' weights)."""
+    rows, kept, total = {}, 0, 0
+    for name in prunable_layers(model):
+        w = model.layer(name).params["weight"]
+        mask = masks.get(name)
+        k = int(mask.sum()) if mask is not None else w.size
+        rows[name] = k / w.size
+        kept, total = kept + k, total + w.size
+    return {"layers": rows, "overall": kept / total if total else 1.0}
+
+
+# ------------------------------------------------------------------------------ quantisation
+
+
+def quant_config(model: Model, bits: int, int_bits: int | None = None, acc_bits=None,
+                 acc_mode="final", acc_overflow="sat", rounding="rnd_conv", overflow="sat",
+                 kernel="auto") -> dict[str, dict]:
+    """Per-layer Datapath dicts: weights and activations in fix<bits, int_bits> (the paper's
+    preset when ``int_bits`` is None). A layer after an average pool of k = 2^s values gets s
+    more fraction bits on its input, so the pool's exact sum reaches it unrounded."""
+    fmt = paper_format(bits) if int_bits is None else QFormat(bits, int_bits)
+    config = {}
+    extra = 0
+    for layer in model.layers:
+        if isinstance(layer, AvgPool2d):
+            extra = (layer.k * layer.k).bit_length() - 1
+        if isinstance(layer, PRUNABLE):
+            act = fmt if not extra else QFormat(min(64, fmt.bits + extra), fmt.int_bits)
+            dp = Datapath(act, fmt, out_fmt=fmt, acc_bits=acc_bits, acc_mode=acc_mode,
+                          acc_overflow=acc_overflow, rounding=rounding, overflow=overflow,
+                          kernel=kernel)
+            config[layer.name] = dp.to_dict()
+            extra = 0
+    return config
+
+
+def fold_batchnorm(model: Model) -> Model:
+    """A model where each BatchNorm (running statistics) is folded into the conv before it."""
+    layers, i = [], 0
+    while i < len(model.layers):
+        layer = model.layers[i]
+        follower = model.layers[i + 1] if i + 1 < len(model.layers) else None
+        if isinstance(layer, Conv2d) and isinstance(follower, BatchNorm2d):
+            scale = follower.params["gamma"] / np.sqrt(follower.buffers["var"] + follower.eps)
+            fused = Conv2d(1, 1, 1, layer.stride, layer.padding, name=layer.name)
+            fused.kernel = layer.kernel
+            fused.params = {
+                "weight": (layer.params["weight"] * scale[:, None, None, None]).astype(np.float32),
+                "bias": (follower.params["beta"] - follower.buffers["mean"] * scale
+                         + scale * layer.params.get("bias", 0.0)).astype(np.float32),
+            }
+            layers.append(fused)
+            i += 2
+            continue
+        layers.append(layer)
+        i += 1
+    return Model(layers, model.input_shape, model.num_classes, model.arch)
+
+
+def quantize_model(model: Model, config: dict[str, dict], masks=None) -> Model:
+    """The quantised twin of ``model``: BatchNorm folded, the input quantised into the first
+    layer's activation format, every conv/linear layer running on the integer datapath."""
+    masks = masks or {}
+    folded = fold_batchnorm(model)
+    names = {layer.name for layer in folded.layers if isinstance(layer, PRUNABLE)}
+    missing = sorted(set(config) - names)
+    if missing:
+        raise FxsimError(f"quant config names layers the model lacks: {', '.join(missing)}")
+    uncovered = sorted(names - set(config))
+    if uncovered:
+        raise FxsimError(f"quant config has no Datapath for: {', '.join(uncovered)}")
+    first = next(layer.name for layer in folded.layers if isinstance(layer, PRUNABLE))
+    first_dp = Datapath.from_dict(config[first])
+    layers, inserted = [], False
+    for layer in folded.layers:
+        if not inserted and not isinstance(layer, Affine | Standardize):
+            layers.append(QuantizeInput(first_dp.act_fmt, name="quantize_input"))
+            inserted = True
+        if isinstance(layer, Conv2d):
+            layers.append(QuantConv2d(layer, Datapath.from_dict(config[layer.name]),
+                                      masks.get(layer.name)))
+        elif isinstance(layer, Linear):
+            layers.append(QuantLinear(layer, Datapath.from_dict(config[layer.name]),
+                                      masks.get(layer.name)))
+        else:
+            layers.append(layer)
+    return Model(layers, model.input_shape, model.num_classes, model.arch)

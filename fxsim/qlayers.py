@@ -1,0 +1,146 @@
+"""Quantised layers: the forward pass is the accelerator's integer datapath, the backward pass
+is the float gradient passed straight through the quantisers (clipped STE).
+
+A :class:`QuantConv2d` / :class:`QuantLinear` keeps float "shadow" weights (what training
+updates) and, per forward call, quantises them into the Datapath's weight format, runs the
+integer kernel on the input codes, and hands back the dequantised outputs: values exactly on
+the output grid, the numbers the hardware produces. Backward evaluates the float layer's
+gradient at the quantised weights, zeroes it where an output saturated and where a weight was
+clipped by its format, and passes it on. Counters of every call are in the ctx.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxsim.datapath import Datapath, PreparedWeights
+from fxsim.fixedpoint import QFormat, dequantize, quantize, quantize_with_count
+from fxsim.kernels.dense import col2im, im2col
+from fxsim.layers import Layer
+
+
+def _value_dtype(fmt: QFormat):
+    """float32 holds every value of a format of at most 24 bits exactly; wider ones need 64."""
+    return np.float32 if fmt.bits <= 24 else np.float64
+
+
+class QuantizeInput(Layer):
+    """Quantise activations into a format (the model input); the STE passes gradients through,
+    zeroed where a value saturated."""
+
+    kind = "quantize"
+
+    def __init__(self, fmt: QFormat, rounding="rnd_conv", overflow="sat", name=None):
+        super().__init__(name)
+        self.fmt, self.rounding, self.overflow = fmt, rounding, overflow
+
+    def forward(self, x, train=False, rng=None):
+        codes, _ = quantize_with_count(x, self.fmt, self.rounding, self.overflow)
+        clipped = (x > self.fmt.max_value) | (x < self.fmt.min_value)
+        y = dequantize(codes, self.fmt).astype(_value_dtype(self.fmt), copy=False)
+        return y, {"clipped": clipped, "saturations": int(clipped.sum())}
+
+    def backward(self, dy, ctx, need_dx=True):
+        return np.where(ctx["clipped"], 0, dy).astype(dy.dtype, copy=False), {}
+
+
+class _QuantMixin:
+    """Shared by QuantConv2d and QuantLinear: weights -> codes, the kernel, the STE masks."""
+
+    datapath: Datapath
+    mask: np.ndarray | None
+
+    def _prepare(self) -> tuple[PreparedWeights, np.ndarray]:
+        """Weight and bias codes, prepared for the kernel. Reused while the float weights are
+        unchanged (checked exactly: comparing is much cheaper than quantising again)."""
+        cached = getattr(self, "_cache", None)
+        if cached is not None and all(
+            np.array_equal(cached[0][k], v) for k, v in self.params.items()
+        ):
+            return cached[1], cached[2]
+        dp = self.datapath
+        w = self.params["weight"]
+        if self.mask is not None:
+            w = np.where(self.mask, w, 0)
+        w_codes = quantize(w, dp.weight_fmt, dp.rounding)
+        bias_codes = None
+        if "bias" in self.params:
+            bias_codes = quantize(self.params["bias"], dp.bias_format, dp.rounding)
+        clipped = (w > dp.weight_fmt.max_value) | (w < dp.weight_fmt.min_value)
+        prepared = PreparedWeights(w_codes, bias_codes, dp, self.mask)
+        self._cache = ({k: v.copy() for k, v in self.params.items()}, prepared, clipped)
+        return prepared, clipped
+
+    def _input_codes(self, x):
+        # exact when x is on the grid, as the previous quantised layer or QuantizeInput made it
+        return quantize(x, self.datapath.act_fmt)
+
+    def _output(self, y_codes):
+        fmt = self.datapath.output_fmt
+        y = dequantize(y_codes, fmt).astype(_value_dtype(fmt), copy=False)
+        saturated = (y_codes == fmt.max_code) | (y_codes == fmt.min_code)
+        return y, saturated
+
+    def _weights_used(self, dtype, prepared: PreparedWeights):
+        return dequantize(prepared.weights, self.datapath.weight_fmt).astype(dtype)
+
+
+class QuantConv2d(_QuantMixin, Layer):
+    kind = "qconv"
+
+    def __init__(self, conv, datapath: Datapath, mask=None, name=None):
+        super().__init__(name or conv.name)
+        self.params = {k: v.copy() for k, v in conv.params.items()}
+        self.stride, self.padding, self.kernel = conv.stride, conv.padding, conv.kernel
+        self.datapath, self.mask = datapath, mask
+
+    def forward(self, x, train=False, rng=None):
+        prepared, clipped = self._prepare()
+        y_codes, counters = prepared.conv2d(self._input_codes(x), self.stride, self.padding)
+        y, saturated = self._output(y_codes)
+        return y, {"x": x, "prepared": prepared, "clipped": clipped, "saturated": saturated,
+                   "counters": counters}
+
+    def backward(self, dy, ctx, need_dx=True):
+        x, prepared = ctx["x"], ctx["prepared"]
+        dy = np.where(ctx["saturated"], 0, dy).astype(dy.dtype, copy=False)
+        w = self._weights_used(dy.dtype, prepared)
+        j, _, kh, kw = w.shape
+        s, p = (self.stride,) * 2, (self.padding,) * 2
+        cols = im2col(x.astype(dy.dtype, copy=False), kh, kw, s, p)
+        dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
+        grads = {"weight": np.where(ctx["clipped"], 0, (dy2 @ cols.T).reshape(w.shape))}
+        if self.mask is not None:
+            grads["weight"] = np.where(self.mask, grads["weight"], 0)
+        if "bias" in self.params:
+            grads["bias"] = dy2.sum(axis=1)
+        if not need_dx:
+            return None, grads
+        return col2im(w.reshape(j, -1).T @ dy2, x.shape, kh, kw, s, p), grads
+
+
+class QuantLinear(_QuantMixin, Layer):
+    kind = "qlinear"
+
+    def __init__(self, linear, datapath: Datapath, mask=None, name=None):
+        super().__init__(name or linear.name)
+        self.params = {k: v.copy() for k, v in linear.params.items()}
+        self.datapath, self.mask = datapath, mask
+
+    def forward(self, x, train=False, rng=None):
+        prepared, clipped = self._prepare()
+        y_codes, counters = prepared.linear(self._input_codes(x))
+        y, saturated = self._output(y_codes)
+        return y, {"x": x, "prepared": prepared, "clipped": clipped, "saturated": saturated,
+                   "counters": counters}
+
+    def backward(self, dy, ctx, need_dx=True):
+        x, prepared = ctx["x"], ctx["prepared"]
+        dy = np.where(ctx["saturated"], 0, dy).astype(dy.dtype, copy=False)
+        w = self._weights_used(dy.dtype, prepared)
+        grads = {"weight": np.where(ctx["clipped"], 0, dy.T @ x.astype(dy.dtype, copy=False))}
+        if self.mask is not None:
+            grads["weight"] = np.where(self.mask, grads["weight"], 0)
+        if "bias" in self.params:
+            grads["bias"] = dy.sum(axis=0)
+        return (dy @ w if need_dx else None), grads

@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+
+from fxsim import data
+from fxsim.compress import (
+    apply_masks,
+    density_report,
+    fold_batchnorm,
+    magnitude_masks,
+    quant_config,
+    quantize_model,
+)
+from fxsim.datapath import Datapath
+from fxsim.errors import FxsimError
+from fxsim.fixedpoint import dequantize, quantize
+from fxsim.models import cifarnet, lenet5
+
+
+def fake_quant_lenet5(model, config, x):
+    """Independent float64 reference: quantize/dequantize around float64 layers."""
+    dps = {name: Datapath.from_dict(d) for name, d in config.items()}
+
+    def q(values, fmt):
+        return dequantize(quantize(values, fmt), fmt)
+
+    def conv(v, w, b):
+        n, _, h, wd = v.shape
+        j, _, k, _ = w.shape
+        oh, ow = h - k + 1, wd - k + 1
+        out = np.zeros((n, j, oh, ow))
+        for ki in range(k):
+            for kj in range(k):
+                patch = v[:, :, ki : ki + oh, kj : kj + ow]
+                out += np.einsum("nchw,jc->njhw", patch, w[:, :, ki, kj])
+        return out + b[None, :, None, None]
+
+    def pool(v):
+        n, c, h, w = v.shape
+        return v.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+    def params(name):
+        dp = dps[name]
+        layer = model.layer(name)
+        return (q(layer.params["weight"].astype(np.float64), dp.weight_fmt),
+                q(layer.params["bias"].astype(np.float64), dp.bias_format), dp.output_fmt)
+
+    v = q(2.0 * x.astype(np.float64) - 1.0, dps["conv1"].act_fmt)
+    for name in ("conv1", "conv2"):
+        w, b, out = params(name)
+        v = pool(np.maximum(q(conv(v, w, b), out), 0))
+    v = v.reshape(len(v), -1)
+    w, b, out = params("fc1")
+    v = np.maximum(q(v @ w.T + b, out), 0)
+    w, b, out = params("fc2")
+    return q(v @ w.T + b, out)
+
+
+@pytest.fixture(scope="module")
+def trained_lenet():
+    from fxsim.train import TrainConfig, train
+
+    x, y = data.load("sample", "train", limit=2000)
+    model = lenet5(seed=0)
+    train(model, x, y, TrainConfig(epochs=1, batch_size=64))
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+def test_wide_accumulator_logits_equal_fake_quant_reference(trained_lenet, bits):
+    config = quant_config(trained_lenet, bits)
+    qmodel = quantize_model(trained_lenet, config)
+    x, _ = data.load("sample", "test", limit=64)
+    logits, counters, _ = qmodel.run(x)
+    assert np.array_equal(logits, fake_quant_lenet5(trained_lenet, config, x))
+    assert set(counters) == {"conv1", "conv2", "fc1", "fc2"}
+    assert all(c.acc_overflows == 0 for c in counters.values())
+
+
+def test_narrow_per_mac_differs_only_where_counters_say_so(trained_lenet):
+    x, _ = data.load("sample", "test", limit=64)
+    wide_out = {"bits": 16, "int_bits": 10, "signed": True}  # wider than a 16-bit register
+
+    def config(**acc):
+        c = quant_config(trained_lenet, 8, **acc)
+        for d in c.values():
+            d["out_fmt"] = wide_out
+        return c
+
+    wide = quantize_model(trained_lenet, config())
+    narrow = quantize_model(trained_lenet, config(acc_bits=16, acc_mode="per_mac"))
+    value = x.astype(np.float32)
+    total_events = total_diff = 0
+    for i, layer in enumerate(wide.layers):
+        y_wide, ctx_wide = layer.forward(value)
+        if isinstance(ctx_wide, dict) and "counters" in ctx_wide:
+            y_narrow, ctx = narrow.layers[i].forward(value)
+            differing = int((y_narrow != y_wide).sum())
+            events = ctx["counters"].acc_overflows
+            assert differing <= events, layer.name  # every changed output needs an overflow
+            total_events += events
+            total_diff += differing
+        value = y_wide
+    assert total_events > 0 and total_diff > 0  # the case does exercise overflow
+    roomy = quantize_model(trained_lenet, quant_config(trained_lenet, 8, acc_bits=40,
+                                                       acc_mode="per_mac"))
+    l_roomy, c_roomy, _ = roomy.run(x)
+    assert sum(c.acc_overflows for c in c_roomy.values()) == 0
+    l_wide, _, _ = quantize_model(trained_lenet, quant_config(trained_lenet, 8)).run(x)
+    assert np.array_equal(l_roomy, l_wide)
+
+
+def test_batchnorm_folding_keeps_the_function():
+    model = cifarnet(seed=2)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if "gamma" in layer.params:
+            layer.params["gamma"][:] = rng.uniform(0.5, 1.5, layer.params["gamma"].shape)
+            layer.buffers["mean"][:] = rng.normal(0, 0.1, layer.buffers["mean"].shape)
+            layer.buffers["var"][:] = rng.uniform(0.5, 2, layer.buffers["var"].shape)
+    x = rng.random((3, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(fold_batchnorm(model).forward(x), model.forward(x),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_cifarnet_quantises_with_exact_average_pool():
+    model = cifarnet(seed=0)
+    config = quant_config(model, 8)
+    assert config["logits"]["act_fmt"]["bits"] == 14  # 8 + log2(64) fraction bits
+    logits, counters, _ = quantize_model(model, config).run(
+        np.random.default_rng(0).random((2, 3, 32, 32)))
+    assert logits.shape == (2, 10) and len(counters) == 9
+
+
+def test_magnitude_pruning_hits_the_density():
+    model = lenet5(seed=0)
+    masks = magnitude_masks(model, 0.1)
+    apply_masks(model, masks)
+    report = density_report(model, masks)
+    assert all(abs(d - 0.1) < 0.001 for d in report["layers"].values())
+    kept = model.layer("fc1").params["weight"][masks["fc1"]]
+    pruned = model.layer("fc1").params["weight"][~masks["fc1"]]
+    assert np.all(pruned == 0) and np.abs(kept).min() >= np.abs(pruned).max()
+
+
+def test_bad_compression_requests():
+    model = lenet5()
+    for bad in (0.0, -1, 1.5):
+        with pytest.raises(FxsimError, match=r"density must be in \(0, 1\]"):
+            magnitude_masks(model, bad)
+    config = quant_config(model, 8)
+    config["conv9"] = config["conv1"]
+    with pytest.raises(FxsimError, match="names layers the model lacks: conv9"):
+        quantize_model(model, config)
