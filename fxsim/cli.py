@@ -265,6 +265,182 @@ def info_command(model_file, as_json):
     click.echo(f"  provenance: {json.dumps(info['provenance'])}")
 
 
+# ------------------------------------------------------------------------------ compression
+
+
+def _load(model_file):
+    from fxsim import store
+
+    return store.load_model(model_file)
+
+
+def _finetune(model, dataset, data_dir, epochs, lr, seed, masks=None, limit=None):
+    """Fine-tune on the model's own data set (or --dataset); returns the epoch history."""
+    from fxsim import data as data_lib
+    from fxsim.train import TrainConfig, train
+
+    if epochs == 0:
+        return []
+    x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
+    config = TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
+    click.echo(f"fine-tuning on {len(x_train)} {dataset} images", err=True)
+    return train(model, x_train, y_train, config, progress=_EpochBars(), masks=masks)
+
+
+def _test_accuracy(model, dataset, data_dir, n=None):
+    from fxsim import data as data_lib
+    from fxsim.train import evaluate
+
+    return evaluate(model, *data_lib.load(dataset, "test", data_dir, n))
+
+
+finetune_options = [
+    click.option("--finetune-epochs", type=click.IntRange(0), default=0, show_default=True,
+                 help="Epochs of fine-tuning after compressing."),
+    click.option("--lr", type=float, default=0.001, show_default=True,
+                 help="Fine-tuning learning rate (constant)."),
+    click.option("--dataset", default=None, help="Data set (default: the model's own)."),
+    data_dir_option,
+    click.option("--limit", type=click.IntRange(1), default=None,
+                 help="Fine-tune on the first N training images only."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+                 help="Model file to write (HDF5)."),
+]
+
+
+def _with_options(options):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+@cli.command("prune")
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--density", type=float, required=True, help="Fraction of weights kept, (0, 1].")
+@click.option("--method", type=click.Choice(["magnitude"]), default="magnitude",
+              show_default=True, help="Magnitude pruning (Han et al.).")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer",
+              show_default=True,
+              help="The density per layer, or overall with one threshold for all layers.")
+@_with_options(finetune_options)
+def prune_command(model_file, density, method, scope, finetune_epochs, lr, dataset, data_dir,
+                  limit, seed, output):
+    """Prune MODEL_FILE to a weight density, fine-tune with the masks fixed, save."""
+    from fxsim import compress, store
+
+    model, info = _load(model_file)
+    if info["quant"]:
+        raise FxsimError(f"{model_file} is quantised: prune the float model, then quantize it")
+    store.check_writable(output)
+    masks = compress.magnitude_masks(model, density, scope=scope)
+    compress.apply_masks(model, masks)
+    dataset = dataset or info["dataset"]
+    history = _finetune(model, dataset, data_dir, finetune_epochs, lr, seed, masks, limit)
+    acc = _test_accuracy(model, dataset, data_dir)
+    report = compress.density_report(model, masks)
+    store.save_model(model, output, info["dataset"],
+                     {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": str(model_file),
+                      "seed": seed, "method": method, "scope": scope, "density": density},
+                     {"test_acc": acc, "density": report, "history": history}, masks=masks)
+    click.echo(f"{output}: density {report['overall']:.4f}, test accuracy {acc:.4f}")
+
+
+@cli.command("quantize")
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--bits", type=int, required=True,
+              help="Word width of weights and activations (the paper: 4, 8, 10 ... 32).")
+@click.option("--int-bits", type=int, default=None,
+              help="Integer bits incl. sign (default: the paper's preset for the width).")
+@click.option("--acc-bits", type=int, default=None, help="Accumulator width (default: exact).")
+@click.option("--acc-mode", type=click.Choice(["final", "per_mac"]), default="final",
+              show_default=True)
+@click.option("--acc-overflow", type=click.Choice(["sat", "wrap"]), default="sat",
+              show_default=True)
+@click.option("--rounding", type=click.Choice(ROUNDING_NAMES), default="rnd_conv",
+              show_default=True)
+@_with_options(finetune_options)
+def quantize_command(model_file, bits, int_bits, acc_bits, acc_mode, acc_overflow, rounding,
+                     finetune_epochs, lr, dataset, data_dir, limit, seed, output):
+    """Quantise MODEL_FILE to fixed point, fine-tune through the integer datapath (clipped STE),
+    save. A pruned model keeps its masks."""
+    from fxsim import compress, store
+
+    model, info = _load(model_file)
+    store.check_writable(output)
+    config = compress.quant_config(model, bits, int_bits, acc_bits, acc_mode, acc_overflow,
+                                   rounding)
+    qmodel = compress.quantize_model(model, config, info["masks"])
+    dataset = dataset or info["dataset"]
+    before = _test_accuracy(qmodel, dataset, data_dir)
+    click.echo(f"bit-accurate test accuracy before fine-tuning: {before:.4f}", err=True)
+    history = _finetune(qmodel, dataset, data_dir, finetune_epochs, lr, seed, info["masks"],
+                        limit)
+    acc = _test_accuracy(qmodel, dataset, data_dir) if history else before
+    store.save_model(compress.export_float(qmodel, model), output, info["dataset"],
+                     {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": str(model_file),
+                      "seed": seed, "bits": bits},
+                     {"test_acc": acc, "test_acc_before_finetune": before, "history": history},
+                     masks=info["masks"], quant=config)
+    click.echo(f"{output}: {bits}-bit, bit-accurate test accuracy {acc:.4f}")
+
+
+@cli.command("simulate")
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--dataset", default=None, help="Data set (default: the model's own).")
+@data_dir_option
+@click.option("--n", "count", type=click.IntRange(1), default=None,
+              help="Use the first N test images (default: all).")
+@click.option("--bits", type=int, default=None,
+              help="Quantise a float model on the fly to this width (paper preset).")
+@click.option("--acc-bits", type=int, default=None, help="What-if: accumulator width.")
+@click.option("--acc-mode", type=click.Choice(["final", "per_mac"]), default=None)
+@click.option("--acc-overflow", type=click.Choice(["sat", "wrap"]), default=None)
+@click.option("--rounding", type=click.Choice(ROUNDING_NAMES), default=None)
+@click.option("--kernel", type=click.Choice(["auto", "dense", "sparse"]), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def simulate_command(model_file, dataset, data_dir, count, bits, acc_bits, acc_mode,
+                     acc_overflow, rounding, kernel, batch_size, as_json):
+    """Run MODEL_FILE bit-accurately on the integer datapath: accuracy and, per layer, MACs
+    (dense / executed / skipped), accumulator overflows, output saturations, max |acc| and
+    weight storage per encoding."""
+    from fxsim import compress
+    from fxsim import data as data_lib
+
+    model, info = _load(model_file)
+    config = info["quant"] or None
+    if bits is not None:
+        config = compress.quant_config(model, bits)
+    if not config:
+        raise FxsimError(f"{model_file} is a float model: give --bits to quantise it on the fly")
+    config = compress.with_overrides(config, acc_bits=acc_bits, acc_mode=acc_mode,
+                                     acc_overflow=acc_overflow, rounding=rounding,
+                                     kernel=kernel)
+    qmodel = compress.quantize_model(model, config, info["masks"])
+    dataset = dataset or info["dataset"]
+    images, labels = data_lib.load(dataset, "test", data_dir, count)
+    result = compress.simulate(qmodel, images, labels, batch_size)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{model_file} on {result['images']} {dataset} test images: bit-accurate "
+               f"accuracy {result['accuracy']:.4f}; input saturations "
+               f"{result['input_saturations']}")
+    click.echo("layer     MACs dense  executed  skipped  acc overflows  out saturations"
+               "     max |acc|  kernel          weight bytes dense/bitmask/csr/eie")
+    for name, row in result["layers"].items():
+        wb = row["weight_bytes"]
+        click.echo(f"{name:<8} {row['macs']:>11,} {row['executed_macs']:>9.3g} "
+                   f"{row['skipped_macs']:>8.3g} {row['acc_overflows']:>14,} "
+                   f"{row['out_saturations']:>16,} {row['max_abs_acc']:>13,}  "
+                   f"{','.join(row['paths']):<15} {wb['dense']}/{wb['bitmask']}/{wb['csr']}/"
+                   f"{wb['eie']}")
+
+
 def main(argv=None):
     """Entry point of the ``fxsim`` console script."""
     try:

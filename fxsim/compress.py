@@ -27,23 +27,35 @@ def prunable_layers(model: Model) -> list[str]:
     return [layer.name for layer in model.layers if isinstance(layer, PRUNABLE)]
 
 
-def magnitude_masks(model: Model, density: float, layers=None) -> dict[str, np.ndarray]:
-    """Per-layer magnitude pruning (Han et al.): keep the ``round(density * size)`` largest |w|
-    of each layer (ties broken by position, so the count is exact)."""
+def magnitude_masks(model: Model, density: float, layers=None,
+                    scope: str = "layer") -> dict[str, np.ndarray]:
+    """Magnitude pruning (Han et al.): keep the largest |w|. ``scope="layer"`` keeps
+    ``round(density * size)`` weights in every layer; ``scope="global"`` ranks all prunable
+    weights together, so the overall density is exact and big layers give up the most. Ties
+    are broken by position, so counts are exact."""
     if not 0.0 < density <= 1.0:
         raise FxsimError(f"density must be in (0, 1], got {density}")
+    if scope not in ("layer", "global"):
+        raise FxsimError(f"scope must be 'layer' or 'global', got {scope!r}")
     names = prunable_layers(model) if layers is None else list(layers)
     if not names:
         raise FxsimError(f"{model.arch} has no prunable (conv or linear) layers")
-    masks = {}
-    for name in names:
-        w = model.layer(name).params["weight"]
-        keep = round(density * w.size)
-        order = np.argsort(-np.abs(w), axis=None, kind="stable")
-        mask = np.zeros(w.size, bool)
-        mask[order[:keep]] = True
-        masks[name] = mask.reshape(w.shape)
-    return masks
+    weights = [model.layer(name).params["weight"] for name in names]
+    if scope == "global":
+        flat = np.concatenate([np.abs(w).ravel() for w in weights])
+        keep = _top(flat, round(density * flat.size))
+        bounds = np.cumsum([0] + [w.size for w in weights])
+        return {name: keep[bounds[i] : bounds[i + 1]].reshape(w.shape)
+                for i, (name, w) in enumerate(zip(names, weights, strict=True))}
+    return {name: _top(np.abs(w).ravel(), round(density * w.size)).reshape(w.shape)
+            for name, w in zip(names, weights, strict=True)}
+
+
+def _top(magnitudes: np.ndarray, count: int) -> np.ndarray:
+    """Boolean mask of the ``count`` largest values (first positions win ties)."""
+    mask = np.zeros(magnitudes.size, bool)
+    mask[np.argsort(-magnitudes, kind="stable")[:count]] = True
+    return mask
 
 
 def apply_masks(model: Model, masks: dict[str, np.ndarray]) -> None:
@@ -97,7 +109,7 @@ def fold_batchnorm(model: Model) -> Model:
         layer = model.layers[i]
         follower = model.layers[i + 1] if i + 1 < len(model.layers) else None
         if isinstance(layer, Conv2d) and isinstance(follower, BatchNorm2d):
-            scale = follower.params["gamma"] / np.sqrt(follower.buffers["var"] + follower.eps)
+            scale = _bn_scale(follower)
             fused = Conv2d(1, 1, 1, layer.stride, layer.padding, name=layer.name)
             fused.kernel = layer.kernel
             fused.params = {
@@ -111,6 +123,20 @@ def fold_batchnorm(model: Model) -> Model:
         layers.append(layer)
         i += 1
     return Model(layers, model.input_shape, model.num_classes, model.arch)
+
+
+def _identity_var(bn: BatchNorm2d) -> np.ndarray:
+    return np.full_like(bn.buffers["var"], np.float32(1.0 - bn.eps))
+
+
+def _bn_scale(bn: BatchNorm2d) -> np.ndarray:
+    """gamma / sqrt(var + eps); exactly 1 for the identity BatchNorm :func:`export_float` writes,
+    so that saving and loading a fine-tuned quantised CifarNet changes no weight bit."""
+    gamma, var = bn.params["gamma"], bn.buffers["var"]
+    if np.all(gamma == 1) and np.all(bn.buffers["mean"] == 0) and np.array_equal(
+            var, _identity_var(bn)):
+        return np.ones_like(gamma)
+    return gamma / np.sqrt(var + bn.eps)
 
 
 def quantize_model(model: Model, config: dict[str, dict], masks=None) -> Model:
@@ -141,3 +167,56 @@ def quantize_model(model: Model, config: dict[str, dict], masks=None) -> Model:
         else:
             layers.append(layer)
     return Model(layers, model.input_shape, model.num_classes, model.arch)
+
+
+def export_float(qmodel: Model, template: Model) -> Model:
+    """The float model whose quantised twin is ``qmodel``: its (fine-tuned) shadow weights put
+    back into ``template``'s architecture. A folded BatchNorm is stored as its conv's weights
+    plus an identity BatchNorm carrying the folded bias (gamma 1, mean 0, var 1 - eps, beta)."""
+    from copy import deepcopy
+
+    out = deepcopy(template)
+    trained = {layer.name: layer for layer in qmodel.layers if layer.params}
+    for i, layer in enumerate(out.layers):
+        if layer.name not in trained or not isinstance(layer, PRUNABLE):
+            continue
+        source = trained[layer.name].params
+        layer.params["weight"] = source["weight"].astype(np.float32).copy()
+        follower = out.layers[i + 1] if i + 1 < len(out.layers) else None
+        if isinstance(follower, BatchNorm2d):
+            follower.params["gamma"] = np.ones_like(follower.params["gamma"])
+            follower.params["beta"] = source["bias"].astype(np.float32).copy()
+            follower.buffers["mean"] = np.zeros_like(follower.buffers["mean"])
+            follower.buffers["var"] = _identity_var(follower)
+        elif "bias" in layer.params:
+            layer.params["bias"] = source["bias"].astype(np.float32).copy()
+    return out
+
+
+OVERRIDABLE = ("acc_bits", "acc_mode", "acc_overflow", "rounding", "overflow", "kernel")
+
+
+def with_overrides(config: dict[str, dict], **overrides) -> dict[str, dict]:
+    """A copy of a quant config with some Datapath fields replaced in every layer (what-if runs:
+    another accumulator width or mode, rounding, kernel). None leaves a field as it is."""
+    unknown = set(overrides) - set(OVERRIDABLE)
+    if unknown:
+        raise FxsimError(f"cannot override {', '.join(sorted(unknown))}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    out = {name: {**dp, **changes} for name, dp in config.items()}
+    for dp in out.values():
+        Datapath.from_dict(dp)  # validate now, naming the problem (e.g. acc_bits too small)
+    return out
+
+
+def simulate(model: Model, images, labels, batch_size: int = 500) -> dict:
+    """Bit-accurate accuracy of a (quantised) model and what every integer layer counted."""
+    logits, counters, input_saturations = model.run(images, batch_size)
+    accuracy = float((logits.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
+    layers = {}
+    for name, c in counters.items():
+        row = c.to_dict()
+        row["paths"] = dict(c.paths)
+        layers[name] = row
+    return {"images": len(images), "accuracy": accuracy,
+            "input_saturations": int(input_saturations), "layers": layers}

@@ -56,8 +56,11 @@ def evaluate(model, images, labels, batch_size: int = 1000) -> float:
 
 
 def train(model, images, labels, config: TrainConfig, test=None,
-          progress: Callable[[dict], None] | None = None) -> list[dict]:
+          progress: Callable[[dict], None] | None = None, masks=None) -> list[dict]:
     """Train ``model`` in place; return one record per epoch (loss, accuracies, lr, seconds).
+
+    ``masks`` (layer name -> boolean array of its weight's shape) keeps pruned weights at
+    exactly zero: their gradient and momentum are dropped after every step.
 
     ``test`` is an optional (images, labels) pair evaluated after each epoch. ``progress`` is
     called after every batch with {"epoch", "batch", "batches", "loss"} and after every epoch
@@ -70,6 +73,9 @@ def train(model, images, labels, config: TrainConfig, test=None,
     rng = np.random.default_rng(config.seed)
     params = model.parameters()
     velocity = {name: np.zeros_like(p) for name, p in params.items()}
+    keep = {f"{layer}.weight": mask for layer, mask in (masks or {}).items()}
+    for name, mask in keep.items():
+        params[name] *= mask
     n = len(images)
     batches = -(-n // config.batch_size)
     history = []
@@ -92,6 +98,8 @@ def train(model, images, labels, config: TrainConfig, test=None,
                 v = velocity[name]
                 v *= config.momentum
                 v -= lr * g
+                if name in keep:
+                    v *= keep[name]
                 p += v
             if progress:
                 progress({"epoch": epoch, "batch": b + 1, "batches": batches, "loss": loss})

@@ -151,3 +151,82 @@ def test_bad_compression_requests():
     config["conv9"] = config["conv1"]
     with pytest.raises(FxsimError, match="names layers the model lacks: conv9"):
         quantize_model(model, config)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def baseline_file(tmp_path_factory):
+    from fxsim import store
+
+    x, y = data.load("sample", "train", limit=1500)
+    from fxsim.train import TrainConfig, train
+
+    model = lenet5(seed=0)
+    train(model, x, y, TrainConfig(epochs=1, batch_size=64))
+    path = tmp_path_factory.mktemp("models") / "base.h5"
+    store.save_model(model, path, "sample")
+    return path
+
+
+def run_cli(args, capsys):
+    from fxsim.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_quantize_simulate_pipeline(baseline_file, tmp_path, capsys):
+    from fxsim import store
+
+    pruned = tmp_path / "p.h5"
+    code, out, _ = run_cli(["prune", baseline_file, "--density", "0.2", "--scope", "global",
+                            "--finetune-epochs", "1", "--limit", "300", "-o", pruned], capsys)
+    assert code == 0 and "density 0.2000" in out
+    model, info = store.load_model(pruned)
+    for name, mask in info["masks"].items():
+        assert np.all(model.layer(name).params["weight"][~mask] == 0)
+    assert info["provenance"]["parent"] == str(baseline_file)
+    quantised = tmp_path / "q.h5"
+    code, out, _ = run_cli(["quantize", pruned, "--bits", "8", "--finetune-epochs", "1",
+                            "--limit", "300", "-o", quantised], capsys)
+    assert code == 0 and "8-bit, bit-accurate test accuracy" in out
+    model, info = store.load_model(quantised)
+    assert set(info["quant"]) == {"conv1", "conv2", "fc1", "fc2"} and info["masks"]
+    for name, mask in info["masks"].items():  # still pruned after quantisation-aware tuning
+        assert np.all(model.layer(name).params["weight"][~mask] == 0)
+    code, out, _ = run_cli(["simulate", quantised, "--n", "200", "--json"], capsys)
+    result = __import__("json").loads(out)
+    assert code == 0 and result["images"] == 200 and 0 <= result["accuracy"] <= 1
+    assert abs(result["accuracy"] - info["metrics"]["test_acc"]) < 0.1
+    conv2 = result["layers"]["conv2"]
+    assert conv2["executed_macs"] + conv2["skipped_macs"] == conv2["macs"]
+    code, out, _ = run_cli(["simulate", quantised, "--n", "50", "--acc-bits", "16",
+                            "--acc-mode", "per_mac"], capsys)
+    assert code == 0 and "acc overflows" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["prune", "{base}", "--density", "0", "-o", "{out}"], r"density must be in \(0, 1\]"),
+    (["prune", "{base}", "--density", "1.5", "-o", "{out}"], r"density must be in \(0, 1\]"),
+    (["quantize", "{base}", "--bits", "1", "-o", "{out}"], "bitwidth must be an integer"),
+    (["quantize", "{base}", "--bits", "8", "--acc-bits", "10", "-o", "{out}"],
+     "acc_bits 10 cannot hold one product"),
+    (["simulate", "{base}"], "float model: give --bits"),
+    (["simulate", "{missing}", "--bits", "8"], "no such file"),
+])
+def test_compression_bad_input_exits_2_and_writes_nothing(baseline_file, tmp_path, capsys,
+                                                          args, message):
+    import re
+
+    out = tmp_path / "out.h5"
+    filled = [a.format(base=baseline_file, out=out, missing=tmp_path / "nope.h5") for a in args]
+    code, _, err = run_cli(filled, capsys)
+    assert code == 2 and re.search(message, err) and err.count("\n") == 1
+    assert not out.exists()
