@@ -81,6 +81,15 @@ class _QuantMixin:
         saturated = (y_codes == fmt.max_code) | (y_codes == fmt.min_code)
         return y, saturated
 
+    def _forward(self, x, run):
+        """Quantise weights (cached) and input, ``run(prepared, codes)`` the integer kernel,
+        dequantise; the ctx keeps what the STE backward and the counters need."""
+        prepared, clipped = self._prepare()
+        y_codes, counters = run(prepared, self._input_codes(x))
+        y, saturated = self._output(y_codes)
+        return y, {"x": x, "prepared": prepared, "clipped": clipped, "saturated": saturated,
+                   "counters": counters}
+
     def _weights_used(self, dtype, prepared: PreparedWeights):
         return dequantize(prepared.weights, self.datapath.weight_fmt).astype(dtype)
 
@@ -95,11 +104,7 @@ class QuantConv2d(_QuantMixin, Layer):
         self.datapath, self.mask = datapath, mask
 
     def forward(self, x, train=False, rng=None):
-        prepared, clipped = self._prepare()
-        y_codes, counters = prepared.conv2d(self._input_codes(x), self.stride, self.padding)
-        y, saturated = self._output(y_codes)
-        return y, {"x": x, "prepared": prepared, "clipped": clipped, "saturated": saturated,
-                   "counters": counters}
+        return self._forward(x, lambda p, codes: p.conv2d(codes, self.stride, self.padding))
 
     def backward(self, dy, ctx, need_dx=True):
         x, prepared = ctx["x"], ctx["prepared"]
@@ -128,11 +133,7 @@ class QuantLinear(_QuantMixin, Layer):
         self.datapath, self.mask = datapath, mask
 
     def forward(self, x, train=False, rng=None):
-        prepared, clipped = self._prepare()
-        y_codes, counters = prepared.linear(self._input_codes(x))
-        y, saturated = self._output(y_codes)
-        return y, {"x": x, "prepared": prepared, "clipped": clipped, "saturated": saturated,
-                   "counters": counters}
+        return self._forward(x, lambda p, codes: p.linear(codes))
 
     def backward(self, dy, ctx, need_dx=True):
         x, prepared = ctx["x"], ctx["prepared"]

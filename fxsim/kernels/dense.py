@@ -36,6 +36,19 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+@njit(cache=True, inline="always")
+def _inside_columns(kj, sw, pw, w, ow):
+    """Output columns [lo, hi) whose input column ox * sw + kj - pw lies inside the image;
+    the others read zero padding."""
+    lo = 0
+    while lo < ow and lo * sw + kj - pw < 0:
+        lo += 1
+    hi = ow
+    while hi > lo and (hi - 1) * sw + kj - pw >= w:
+        hi -= 1
+    return lo, hi
+
+
 @njit(cache=True, parallel=True)
 def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
     n_img, c_in, h, w = x.shape
@@ -44,13 +57,7 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
         c = row // (kh * kw)
         ki = (row // kw) % kh
         kj = row % kw
-        # output columns whose input column lies inside the image (the rest read padding)
-        ox_lo = 0
-        while ox_lo < ow and ox_lo * sw + kj - pw < 0:
-            ox_lo += 1
-        ox_hi = ow
-        while ox_hi > ox_lo and (ox_hi - 1) * sw + kj - pw >= w:
-            ox_hi -= 1
+        ox_lo, ox_hi = _inside_columns(kj, sw, pw, w, ow)
         for n in range(n_img):
             for oy in range(oh):
                 iy = oy * sh + ki - ph
@@ -95,12 +102,7 @@ def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
         for ki in range(kh):
             for kj in range(kw):
                 row = (c * kh + ki) * kw + kj
-                ox_lo = 0
-                while ox_lo < ow and ox_lo * sw + kj - pw < 0:
-                    ox_lo += 1
-                ox_hi = ow
-                while ox_hi > ox_lo and (ox_hi - 1) * sw + kj - pw >= w:
-                    ox_hi -= 1
+                ox_lo, ox_hi = _inside_columns(kj, sw, pw, w, ow)
                 for n in range(n0, min(n0 + 16, n_img)):
                     for oy in range(oh):
                         iy = oy * sh + ki - ph
