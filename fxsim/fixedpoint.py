@@ -435,6 +435,46 @@ def min_max(codes: np.ndarray) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+@njit(cache=True, parallel=True)
+def _grid_codes(x, scale, lo, hi, out):
+    off_grid = 0
+    for i in prange(x.size):
+        v = x[i] * scale  # exact: a power of two
+        c = np.int64(v) if -9.2e18 < v < 9.2e18 else np.int64(0)
+        ok = c == v and lo <= c <= hi
+        off_grid += 0 if ok else 1
+        out[i] = c
+    return off_grid
+
+
+def codes_on_grid(x: np.ndarray, fmt: QFormat) -> np.ndarray | None:
+    """The codes of values already on ``fmt``'s grid and in its range, in one pass; None if
+    any value is not (then :func:`quantize` must round). Exact: scaling by 2^frac_bits is."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype.kind != "f" or fmt.bits > 53:
+        return None
+    out = np.empty(flat.size, np.int64)
+    scale = float(2.0**fmt.frac_bits)
+    if _grid_codes(flat, scale, fmt.min_code, fmt.max_code, out):
+        return None
+    return out.reshape(np.shape(x))
+
+
+@njit(cache=True, parallel=True)
+def _scaled(codes, step, out):
+    for i in prange(codes.size):
+        out[i] = codes[i] * step
+    return out
+
+
+def values(codes: np.ndarray, fmt: QFormat, dtype=np.float64) -> np.ndarray:
+    """:func:`dequantize` without the range check, straight into ``dtype``: exact when every
+    code fits the dtype's mantissa (at most 24 bits for float32, 53 for float64)."""
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    out = np.empty(flat.size, dtype)
+    return _scaled(flat, out.dtype.type(fmt.step), out).reshape(np.shape(codes))
+
+
 def check_codes(codes: np.ndarray, fmt: QFormat, name: str) -> tuple[int, int]:
     """Raise :class:`RangeError` naming the first code of ``codes`` outside ``fmt``'s range.
 

@@ -14,7 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from fxsim.datapath import Datapath, PreparedWeights
-from fxsim.fixedpoint import QFormat, dequantize, quantize, quantize_with_count
+from fxsim.fixedpoint import (
+    QFormat,
+    codes_on_grid,
+    dequantize,
+    quantize,
+    quantize_with_count,
+    values,
+)
 from fxsim.kernels.dense import col2im, im2col
 from fxsim.layers import Layer
 
@@ -37,7 +44,7 @@ class QuantizeInput(Layer):
     def forward(self, x, train=False, rng=None):
         codes, _ = quantize_with_count(x, self.fmt, self.rounding, self.overflow)
         clipped = (x > self.fmt.max_value) | (x < self.fmt.min_value)
-        y = dequantize(codes, self.fmt).astype(_value_dtype(self.fmt), copy=False)
+        y = values(codes, self.fmt, _value_dtype(self.fmt))
         return y, {"clipped": clipped, "saturations": int(clipped.sum())}
 
     def backward(self, dy, ctx, need_dx=True):
@@ -72,22 +79,28 @@ class _QuantMixin:
         return prepared, clipped
 
     def _input_codes(self, x):
-        # exact when x is on the grid, as the previous quantised layer or QuantizeInput made it
-        return quantize(x, self.datapath.act_fmt)
+        # Inputs come from a quantised layer or QuantizeInput, so they are normally on the grid
+        # and need no rounding; anything else (an average pool) takes the general path.
+        fmt = self.datapath.act_fmt
+        codes = codes_on_grid(x, fmt)
+        return quantize(x, fmt) if codes is None else codes
 
     def _output(self, y_codes):
         fmt = self.datapath.output_fmt
-        y = dequantize(y_codes, fmt).astype(_value_dtype(fmt), copy=False)
-        saturated = (y_codes == fmt.max_code) | (y_codes == fmt.min_code)
-        return y, saturated
+        return values(y_codes, fmt, _value_dtype(fmt))
+
+    def _saturated(self, y):
+        """Where the output sat at either end of its format (no gradient there)."""
+        fmt = self.datapath.output_fmt
+        return (y == fmt.max_value) | (y == fmt.min_value)
 
     def _forward(self, x, run):
         """Quantise weights (cached) and input, ``run(prepared, codes)`` the integer kernel,
         dequantise; the ctx keeps what the STE backward and the counters need."""
         prepared, clipped = self._prepare()
         y_codes, counters = run(prepared, self._input_codes(x))
-        y, saturated = self._output(y_codes)
-        return y, {"x": x, "prepared": prepared, "clipped": clipped, "saturated": saturated,
+        y = self._output(y_codes)
+        return y, {"x": x, "y": y, "prepared": prepared, "clipped": clipped,
                    "counters": counters}
 
     def _weights_used(self, dtype, prepared: PreparedWeights):
@@ -108,7 +121,7 @@ class QuantConv2d(_QuantMixin, Layer):
 
     def backward(self, dy, ctx, need_dx=True):
         x, prepared = ctx["x"], ctx["prepared"]
-        dy = np.where(ctx["saturated"], 0, dy).astype(dy.dtype, copy=False)
+        dy = np.where(self._saturated(ctx["y"]), 0, dy).astype(dy.dtype, copy=False)
         w = self._weights_used(dy.dtype, prepared)
         j, _, kh, kw = w.shape
         s, p = (self.stride,) * 2, (self.padding,) * 2
@@ -137,7 +150,7 @@ class QuantLinear(_QuantMixin, Layer):
 
     def backward(self, dy, ctx, need_dx=True):
         x, prepared = ctx["x"], ctx["prepared"]
-        dy = np.where(ctx["saturated"], 0, dy).astype(dy.dtype, copy=False)
+        dy = np.where(self._saturated(ctx["y"]), 0, dy).astype(dy.dtype, copy=False)
         w = self._weights_used(dy.dtype, prepared)
         grads = {"weight": np.where(ctx["clipped"], 0, dy.T @ x.astype(dy.dtype, copy=False))}
         if self.mask is not None:

@@ -284,3 +284,19 @@ def test_min_max_matches_numpy_on_large_arrays(size):
                                                      int(codes.astype(np.int32).max()))
     with pytest.raises(RangeError, match="code 2199023255552"):
         check_codes(codes, QFormat(41, 41), "big")
+
+
+@settings(max_examples=100, deadline=None)
+@given(fmt=formats(max_bits=24), data=st.data())
+def test_codes_on_grid_and_values_are_exact(fmt, data):
+    from fxsim.fixedpoint import codes_on_grid, values
+
+    codes = np.array(data.draw(st.lists(st.integers(fmt.min_code, fmt.max_code), min_size=1)))
+    grid = values(codes, fmt, np.float32)
+    assert np.array_equal(grid.astype(np.float64), dequantize(codes, fmt))
+    assert np.array_equal(codes_on_grid(grid, fmt), codes)
+    assert codes_on_grid(grid.astype(np.float64), fmt).tolist() == codes.tolist()
+    off = grid.astype(np.float64) + fmt.step / 4
+    assert codes_on_grid(off, fmt) is None  # off the grid: rounding is needed
+    assert codes_on_grid(np.array([fmt.max_value + fmt.step]), fmt) is None  # out of range
+    assert codes_on_grid(np.array([np.nan, 1e300]), fmt) is None
