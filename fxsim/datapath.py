@@ -30,6 +30,7 @@ from fxsim.fixedpoint import (
     Rounding,
     check_codes,
     format_args,
+    min_max,
     requantize,
     requantize_with_count,
     uniform_draws,
@@ -256,7 +257,8 @@ class _Plan:
 def _max_abs(codes: np.ndarray) -> int:
     if codes.size == 0:
         return 0
-    return max(abs(int(codes.min())), abs(int(codes.max())))
+    lo, hi = min_max(codes)
+    return max(abs(lo), abs(hi))
 
 
 def _max_row_abs_sum(w2d: np.ndarray) -> int:
@@ -442,8 +444,9 @@ class PreparedWeights:
             events = 0
             bias = self.bias
             acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
-        if x_rows:  # (N, J): the bias runs along the last axis
-            sums3, out3, bias_last = sums[:, None, :], out.reshape(n_img, 1, n_out), True
+        if per_img == 1:  # a linear layer: one (1, J) row per image, the bias along it
+            rows = sums if x_rows else sums.T  # (N, J), transposed as a view if need be
+            sums3, out3, bias_last = rows[:, None, :], out.reshape(n_img, 1, n_out), True
         else:  # (J, N * P) seen as (N, J, P)
             sums3 = sums.reshape(n_out, n_img, per_img).transpose(1, 0, 2)
             out3, bias_last = out, False
