@@ -80,17 +80,22 @@ class Conv2d(Layer):
     def backward(self, dy, ctx, need_dx=True):
         cols, x_shape = ctx
         w = self.params["weight"].astype(dy.dtype, copy=False)
-        j = w.shape[0]
-        dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
-        grads = {"weight": (dy2 @ cols.T).reshape(w.shape)}
-        if "bias" in self.params:
-            grads["bias"] = dy2.sum(axis=1)
-        if not need_dx:
-            return None, grads
-        dcols = w.reshape(j, -1).T @ dy2
-        s, p = (self.stride,) * 2, (self.padding,) * 2
-        dx = col2im(dcols, x_shape, w.shape[2], w.shape[3], s, p)
-        return dx, grads
+        return conv2d_gradients(dy, cols, x_shape, w, self.stride, self.padding,
+                                "bias" in self.params, need_dx)
+
+
+def conv2d_gradients(dy, cols, x_shape, w, stride, padding, has_bias, need_dx):
+    """(dx or None, {"weight", "bias"}) of a convolution with weights ``w`` whose forward
+    read the im2col matrix ``cols`` of an input of ``x_shape``."""
+    j = w.shape[0]
+    dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
+    grads = {"weight": (dy2 @ cols.T).reshape(w.shape)}
+    if has_bias:
+        grads["bias"] = dy2.sum(axis=1)
+    if not need_dx:
+        return None, grads
+    s, p = (stride,) * 2, (padding,) * 2
+    return col2im(w.reshape(j, -1).T @ dy2, x_shape, w.shape[2], w.shape[3], s, p), grads
 
 
 class Linear(Layer):
@@ -115,11 +120,16 @@ class Linear(Layer):
         return y, x
 
     def backward(self, dy, ctx, need_dx=True):
-        x = ctx
-        grads = {"weight": dy.T @ x}
-        if "bias" in self.params:
-            grads["bias"] = dy.sum(axis=0)
-        return dy @ self.params["weight"].astype(dy.dtype, copy=False), grads
+        w = self.params["weight"].astype(dy.dtype, copy=False)
+        return linear_gradients(dy, ctx, w, "bias" in self.params, need_dx)
+
+
+def linear_gradients(dy, x, w, has_bias, need_dx):
+    """(dx or None, {"weight", "bias"}) of y = x @ w.T (+ bias)."""
+    grads = {"weight": dy.T @ x}
+    if has_bias:
+        grads["bias"] = dy.sum(axis=0)
+    return (dy @ w if need_dx else None), grads
 
 
 class ReLU(Layer):

@@ -22,8 +22,8 @@ from fxsim.fixedpoint import (
     quantize_with_count,
     values,
 )
-from fxsim.kernels.dense import col2im, im2col
-from fxsim.layers import Layer
+from fxsim.kernels.dense import im2col
+from fxsim.layers import Layer, conv2d_gradients, linear_gradients
 
 
 def _value_dtype(fmt: QFormat):
@@ -103,8 +103,18 @@ class _QuantMixin:
         return y, {"x": x, "y": y, "prepared": prepared, "clipped": clipped,
                    "counters": counters}
 
-    def _weights_used(self, dtype, prepared: PreparedWeights):
-        return dequantize(prepared.weights, self.datapath.weight_fmt).astype(dtype)
+    def _ste_inputs(self, dy, ctx):
+        """The clipped STE: no gradient through a saturated output; the float gradient is
+        taken at the quantised weights. Returns (dy, weights used, input) in dy's dtype."""
+        dy = np.where(self._saturated(ctx["y"]), 0, dy).astype(dy.dtype, copy=False)
+        w = dequantize(ctx["prepared"].weights, self.datapath.weight_fmt).astype(dy.dtype)
+        return dy, w, ctx["x"].astype(dy.dtype, copy=False)
+
+    def _ste_grads(self, grads, ctx):
+        """No weight gradient where the format clipped the weight or the mask pruned it."""
+        keep = ~ctx["clipped"] if self.mask is None else (~ctx["clipped"] & self.mask)
+        grads["weight"] = np.where(keep, grads["weight"], 0)
+        return grads
 
 
 class QuantConv2d(_QuantMixin, Layer):
@@ -120,21 +130,11 @@ class QuantConv2d(_QuantMixin, Layer):
         return self._forward(x, lambda p, codes: p.conv2d(codes, self.stride, self.padding))
 
     def backward(self, dy, ctx, need_dx=True):
-        x, prepared = ctx["x"], ctx["prepared"]
-        dy = np.where(self._saturated(ctx["y"]), 0, dy).astype(dy.dtype, copy=False)
-        w = self._weights_used(dy.dtype, prepared)
-        j, _, kh, kw = w.shape
-        s, p = (self.stride,) * 2, (self.padding,) * 2
-        cols = im2col(x.astype(dy.dtype, copy=False), kh, kw, s, p)
-        dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
-        grads = {"weight": np.where(ctx["clipped"], 0, (dy2 @ cols.T).reshape(w.shape))}
-        if self.mask is not None:
-            grads["weight"] = np.where(self.mask, grads["weight"], 0)
-        if "bias" in self.params:
-            grads["bias"] = dy2.sum(axis=1)
-        if not need_dx:
-            return None, grads
-        return col2im(w.reshape(j, -1).T @ dy2, x.shape, kh, kw, s, p), grads
+        dy, w, x = self._ste_inputs(dy, ctx)
+        cols = im2col(x, w.shape[2], w.shape[3], (self.stride,) * 2, (self.padding,) * 2)
+        dx, grads = conv2d_gradients(dy, cols, x.shape, w, self.stride, self.padding,
+                                     "bias" in self.params, need_dx)
+        return dx, self._ste_grads(grads, ctx)
 
 
 class QuantLinear(_QuantMixin, Layer):
@@ -149,12 +149,6 @@ class QuantLinear(_QuantMixin, Layer):
         return self._forward(x, lambda p, codes: p.linear(codes))
 
     def backward(self, dy, ctx, need_dx=True):
-        x, prepared = ctx["x"], ctx["prepared"]
-        dy = np.where(self._saturated(ctx["y"]), 0, dy).astype(dy.dtype, copy=False)
-        w = self._weights_used(dy.dtype, prepared)
-        grads = {"weight": np.where(ctx["clipped"], 0, dy.T @ x.astype(dy.dtype, copy=False))}
-        if self.mask is not None:
-            grads["weight"] = np.where(self.mask, grads["weight"], 0)
-        if "bias" in self.params:
-            grads["bias"] = dy.sum(axis=0)
-        return (dy @ w if need_dx else None), grads
+        dy, w, x = self._ste_inputs(dy, ctx)
+        dx, grads = linear_gradients(dy, x, w, "bias" in self.params, need_dx)
+        return dx, self._ste_grads(grads, ctx)

@@ -230,3 +230,28 @@ def test_compression_bad_input_exits_2_and_writes_nothing(baseline_file, tmp_pat
     code, _, err = run_cli(filled, capsys)
     assert code == 2 and re.search(message, err) and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_clipped_ste_gradients():
+    from fxsim.fixedpoint import QFormat
+    from fxsim.layers import Linear
+    from fxsim.qlayers import QuantLinear
+
+    fmt = QFormat(8, 2)
+    rng = np.random.default_rng(0)
+    float_layer = Linear(6, 4)
+    float_layer.params["weight"] = rng.uniform(-0.5, 0.5, (4, 6)).astype(np.float32)
+    float_layer.params["weight"][0, 0] = 3.0  # outside fix<8,2>: clipped to 1.984375
+    q = QuantLinear(float_layer, Datapath(fmt, fmt))
+    x = dequantize(quantize(rng.uniform(-1, 1, (5, 6)), fmt), fmt).astype(np.float32)
+    y, ctx = q.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, grads = q.backward(dy, ctx)
+    w_q = dequantize(quantize(float_layer.params["weight"], fmt), fmt)
+    live = (np.abs(y) < 1.984375) & (y > -2)  # outputs that did not saturate
+    dy_live = np.where(live, dy, 0)
+    np.testing.assert_allclose(dx, dy_live @ w_q, rtol=1e-6, atol=1e-6)
+    expected_w = dy_live.T @ x
+    expected_w[0, 0] = 0.0  # the clipped weight gets no gradient
+    np.testing.assert_allclose(grads["weight"], expected_w, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grads["bias"], dy_live.sum(axis=0), rtol=1e-6, atol=1e-6)
