@@ -321,8 +321,10 @@ def _with_options(options):
 @cli.command("prune")
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--density", type=float, required=True, help="Fraction of weights kept, (0, 1].")
-@click.option("--method", type=click.Choice(["magnitude"]), default="magnitude",
-              show_default=True, help="Magnitude pruning (Han et al.).")
+@click.option("--method", type=click.Choice(["magnitude", "dns"]), default="magnitude",
+              show_default=True,
+              help="magnitude: prune once, then fine-tune with the masks fixed (Han et al.); "
+                   "dns: dynamic network surgery during the fine-tuning epochs (Guo et al.).")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer",
               show_default=True,
               help="The density per layer, or overall with one threshold for all layers.")
@@ -336,10 +338,22 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
     if info["quant"]:
         raise FxsimError(f"{model_file} is quantised: prune the float model, then quantize it")
     store.check_writable(output)
-    masks = compress.magnitude_masks(model, density, scope=scope)
-    compress.apply_masks(model, masks)
     dataset = dataset or info["dataset"]
-    history = _finetune(model, dataset, data_dir, finetune_epochs, lr, seed, masks, limit)
+    if method == "dns":
+        if finetune_epochs < 1:
+            raise FxsimError("dns prunes while training: give --finetune-epochs >= 1")
+        from fxsim import data as data_lib
+        from fxsim.train import TrainConfig
+
+        x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
+        config = TrainConfig(finetune_epochs, 64, lr, seed=seed, lr_decays=())
+        click.echo(f"dynamic network surgery on {len(x_train)} {dataset} images", err=True)
+        masks, history = compress.dns_prune(model, x_train, y_train, density, config, scope,
+                                            progress=_EpochBars())
+    else:
+        masks = compress.magnitude_masks(model, density, scope=scope)
+        compress.apply_masks(model, masks)
+        history = _finetune(model, dataset, data_dir, finetune_epochs, lr, seed, masks, limit)
     acc = _test_accuracy(model, dataset, data_dir)
     report = compress.density_report(model, masks)
     store.save_model(model, output, info["dataset"],

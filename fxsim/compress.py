@@ -220,3 +220,102 @@ def simulate(model: Model, images, labels, batch_size: int = 500) -> dict:
         layers[name] = row
     return {"images": len(images), "accuracy": accuracy,
             "input_saturations": int(input_saturations), "layers": layers}
+
+
+# ------------------------------------------------------------------------------ dynamic surgery
+
+
+def dns_update(weights: np.ndarray, previous: np.ndarray | None, alpha: float) -> np.ndarray:
+    """Guo et al.'s rule for one layer: with t = mean|W| + alpha * std|W|, keep a weight above
+    1.1 t, drop one below 0.9 t, and leave one in between as it was (hysteresis). Without a
+    previous mask the threshold is t itself."""
+    magnitude = np.abs(weights)
+    t = magnitude.mean() + alpha * magnitude.std()
+    if previous is None:
+        return magnitude > t
+    return (previous | (magnitude > 1.1 * t)) & (magnitude > 0.9 * t)
+
+
+def _search_alpha(weights: list, previous: list, target: int) -> list[np.ndarray]:
+    """Bisect one alpha so that the masks ``dns_update`` gives keep ``target`` weights in all
+    of ``weights`` together (the kept count falls as alpha grows)."""
+    stats = [(np.abs(w).mean(), np.abs(w).std() or 1.0) for w in weights]
+    lo = min(-m / s for m, s in stats) - 1.0  # every threshold below 0: all kept
+    # every 0.9 t above the largest |w|: nothing kept
+    hi = max((np.abs(w).max() / 0.9 - m) / s for w, (m, s) in zip(weights, stats, strict=True))
+    hi += 1.0
+    best = None
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        masks = [dns_update(w, p, mid) for w, p in zip(weights, previous, strict=True)]
+        kept = sum(int(m.sum()) for m in masks)
+        if best is None or abs(kept - target) < abs(best[0] - target):
+            best = (kept, masks)
+        if kept == target:
+            break
+        lo, hi = (mid, hi) if kept > target else (lo, mid)
+    return best[1]
+
+
+def dns_masks(weights: dict, density: float, scope: str, previous=None) -> dict:
+    """Masks from the DNS rule with alpha searched to land on ``density`` (per layer, or one
+    alpha over all prunable layers)."""
+    names = list(weights)
+    prev = [None if previous is None else previous[n] for n in names]
+    if scope == "global":
+        total = sum(weights[n].size for n in names)
+        masks = _search_alpha([weights[n] for n in names], prev, round(density * total))
+        return dict(zip(names, masks, strict=True))
+    return {n: _search_alpha([weights[n]], [p], round(density * weights[n].size))[0]
+            for n, p in zip(names, prev, strict=True)}
+
+
+def dns_prune(model: Model, images, labels, density: float, config, scope: str = "layer",
+              interval: int = 50, progress=None) -> tuple[dict, list]:
+    """Dynamic network surgery (Guo et al. 2016): train with the forward pass using W * mask
+    while every weight keeps learning, so pruned weights can come back; every ``interval``
+    batches the masks are updated by the hysteresis rule, alpha searched to hold ``density``.
+    The last epoch keeps the masks fixed (plain fine-tuning). The model ends up with the pruned
+    weights zeroed. Returns (masks, epoch history)."""
+    import time
+
+    from fxsim.train import sgd_step
+
+    if not 0.0 < density <= 1.0:
+        raise FxsimError(f"density must be in (0, 1], got {density}")
+    names = prunable_layers(model)
+    if not names:
+        raise FxsimError(f"{model.arch} has no prunable (conv or linear) layers")
+    dense = {n: model.layer(n).params["weight"] for n in names}  # updated in place by SGD
+    masks = dns_masks(dense, density, scope)
+    rng = np.random.default_rng(config.seed)
+    params = model.parameters()
+    velocity = {name: np.zeros_like(p) for name, p in params.items()}
+    n, step, history = len(images), 0, []
+    batches = -(-n // config.batch_size)
+    for epoch in range(config.epochs):
+        lr, order, loss_sum, correct = config.lr_at(epoch), rng.permutation(n), 0.0, 0
+        start = time.perf_counter()
+        surgery = epoch < config.epochs - 1 or config.epochs == 1
+        for b in range(batches):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            for name in names:  # forward and backward see the pruned weights
+                model.layer(name).params["weight"] = dense[name] * masks[name]
+            loss, grads, logits = model.loss_grads_logits(images[idx], labels[idx], rng)
+            correct += int((logits.argmax(axis=1) == labels[idx]).sum())
+            for name in names:  # ... but every weight is updated
+                model.layer(name).params["weight"] = dense[name]
+            sgd_step(params, grads, velocity, lr, config)
+            loss_sum += loss * len(idx)
+            step += 1
+            if surgery and step % interval == 0:
+                masks = dns_masks(dense, density, scope, masks)
+            if progress:
+                progress({"epoch": epoch, "batch": b + 1, "batches": batches, "loss": loss})
+        record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / n, "train_acc": correct / n,
+                  "seconds": time.perf_counter() - start}
+        history.append(record)
+        if progress:
+            progress(record)
+    apply_masks(model, masks)
+    return masks, history

@@ -48,6 +48,21 @@ def _decays(name: str) -> bool:
     return name.endswith(".weight")
 
 
+def sgd_step(params, grads, velocity, lr: float, config: TrainConfig, keep=None) -> None:
+    """One SGD-with-momentum update in place; weight decay on weights only; ``keep`` (name ->
+    mask) holds pruned weights at zero."""
+    for name, p in params.items():
+        g = grads[name]
+        if config.weight_decay and _decays(name):
+            g = g + config.weight_decay * p
+        v = velocity[name]
+        v *= config.momentum
+        v -= lr * g
+        if keep and name in keep:
+            v *= keep[name]
+        p += v
+
+
 def evaluate(model, images, labels, batch_size: int = 1000) -> float:
     """Top-1 accuracy in evaluation mode."""
     if len(images) == 0:
@@ -91,16 +106,7 @@ def train(model, images, labels, config: TrainConfig, test=None,
             loss, grads, logits = model.loss_grads_logits(x, y, rng)
             loss_sum += loss * len(idx)
             correct += int((logits.argmax(axis=1) == y).sum())
-            for name, p in params.items():
-                g = grads[name]
-                if config.weight_decay and _decays(name):
-                    g = g + config.weight_decay * p
-                v = velocity[name]
-                v *= config.momentum
-                v -= lr * g
-                if name in keep:
-                    v *= keep[name]
-                p += v
+            sgd_step(params, grads, velocity, lr, config, keep)
             if progress:
                 progress({"epoch": epoch, "batch": b + 1, "batches": batches, "loss": loss})
         record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / n, "train_acc": correct / n,

@@ -255,3 +255,32 @@ def test_clipped_ste_gradients():
     expected_w[0, 0] = 0.0  # the clipped weight gets no gradient
     np.testing.assert_allclose(grads["weight"], expected_w, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(grads["bias"], dy_live.sum(axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_dns_rule_has_hysteresis():
+    from fxsim.compress import dns_update
+
+    w = np.array([0.0, 0.5, 0.95, 1.0, 1.05, 1.2, 3.0])  # mean|w| + alpha std|w| = t
+    alpha = (1.0 - np.abs(w).mean()) / np.abs(w).std()  # t = 1
+    assert dns_update(w, None, alpha).tolist() == [0, 0, 0, 0, 1, 1, 1]
+    previous = np.array([1, 1, 1, 1, 0, 0, 0], bool)
+    # kept if above 1.1 or (kept before and above 0.9)
+    assert dns_update(w, previous, alpha).tolist() == [0, 0, 1, 1, 0, 1, 1]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_dns_lands_on_the_density_and_zeroes_pruned_weights(scope):
+    from fxsim.compress import dns_prune
+    from fxsim.train import TrainConfig
+
+    x, y = data.load("sample", "train", limit=600)
+    model = lenet5(seed=0)
+    masks, history = dns_prune(model, x, y, 0.2, TrainConfig(epochs=2, batch_size=64), scope,
+                               interval=3)
+    report = density_report(model, masks)
+    assert abs(report["overall"] - 0.2) <= 0.01 * 0.2
+    if scope == "layer":
+        assert all(abs(d - 0.2) <= 0.002 for d in report["layers"].values())
+    for name, mask in masks.items():
+        assert np.all(model.layer(name).params["weight"][~mask] == 0)
+    assert len(history) == 2 and history[-1]["loss"] < history[0]["loss"] * 1.5
