@@ -369,6 +369,10 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
               help="Word width of weights and activations (the paper: 4, 8, 10 ... 32).")
 @click.option("--int-bits", type=int, default=None,
               help="Integer bits incl. sign (default: the paper's preset for the width).")
+@click.option("--weight-bits", type=int, default=None,
+              help="Weights in another width than the activations (default: --bits).")
+@click.option("--weight-int-bits", type=int, default=None,
+              help="Integer bits of the weights (default: the preset for their width).")
 @click.option("--acc-bits", type=int, default=None, help="Accumulator width (default: exact).")
 @click.option("--acc-mode", type=click.Choice(["final", "per_mac"]), default="final",
               show_default=True)
@@ -377,8 +381,9 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
 @click.option("--rounding", type=click.Choice(ROUNDING_NAMES), default="rnd_conv",
               show_default=True)
 @_with_options(finetune_options)
-def quantize_command(model_file, bits, int_bits, acc_bits, acc_mode, acc_overflow, rounding,
-                     finetune_epochs, lr, dataset, data_dir, limit, seed, output):
+def quantize_command(model_file, bits, int_bits, weight_bits, weight_int_bits, acc_bits,
+                     acc_mode, acc_overflow, rounding, finetune_epochs, lr, dataset, data_dir,
+                     limit, seed, output):
     """Quantise MODEL_FILE to fixed point, fine-tune through the integer datapath (clipped STE),
     save. A pruned model keeps its masks."""
     from fxsim import compress, store
@@ -386,7 +391,8 @@ def quantize_command(model_file, bits, int_bits, acc_bits, acc_mode, acc_overflo
     model, info = _load(model_file)
     store.check_writable(output)
     config = compress.quant_config(model, bits, int_bits, acc_bits, acc_mode, acc_overflow,
-                                   rounding)
+                                   rounding, weight_bits=weight_bits,
+                                   weight_int_bits=weight_int_bits)
     qmodel = compress.quantize_model(model, config, info["masks"])
     dataset = dataset or info["dataset"]
     before = _test_accuracy(qmodel, dataset, data_dir)

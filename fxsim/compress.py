@@ -82,11 +82,22 @@ def density_report(model: Model, masks: dict[str, np.ndarray]) -> dict:
 
 def quant_config(model: Model, bits: int, int_bits: int | None = None, acc_bits=None,
                  acc_mode="final", acc_overflow="sat", rounding="rnd_conv", overflow="sat",
-                 kernel="auto") -> dict[str, dict]:
-    """Per-layer Datapath dicts: weights and activations in fix<bits, int_bits> (the paper's
-    preset when ``int_bits`` is None). A layer after an average pool of k = 2^s values gets s
-    more fraction bits on its input, so the pool's exact sum reaches it unrounded."""
+                 kernel="auto", weight_bits: int | None = None,
+                 weight_int_bits: int | None = None) -> dict[str, dict]:
+    """Per-layer Datapath dicts: activations in fix<bits, int_bits> (the paper's preset when
+    ``int_bits`` is None), weights in the same format unless ``weight_bits`` (and
+    ``weight_int_bits``, else the preset) say otherwise. A layer after an average pool of
+    k = 2^s values gets s more fraction bits on its input, so the pool's exact sum reaches it
+    unrounded."""
     fmt = paper_format(bits) if int_bits is None else QFormat(bits, int_bits)
+    if weight_bits is None and weight_int_bits is not None:
+        weight_bits = bits
+    if weight_bits is None:
+        weight_fmt = fmt
+    elif weight_int_bits is None:
+        weight_fmt = paper_format(weight_bits)
+    else:
+        weight_fmt = QFormat(weight_bits, weight_int_bits)
     config = {}
     extra = 0
     for layer in model.layers:
@@ -94,7 +105,7 @@ def quant_config(model: Model, bits: int, int_bits: int | None = None, acc_bits=
             extra = (layer.k * layer.k).bit_length() - 1
         if isinstance(layer, PRUNABLE):
             act = fmt if not extra else QFormat(min(64, fmt.bits + extra), fmt.int_bits)
-            dp = Datapath(act, fmt, out_fmt=fmt, acc_bits=acc_bits, acc_mode=acc_mode,
+            dp = Datapath(act, weight_fmt, out_fmt=fmt, acc_bits=acc_bits, acc_mode=acc_mode,
                           acc_overflow=acc_overflow, rounding=rounding, overflow=overflow,
                           kernel=kernel)
             config[layer.name] = dp.to_dict()

@@ -284,3 +284,15 @@ def test_dns_lands_on_the_density_and_zeroes_pruned_weights(scope):
     for name, mask in masks.items():
         assert np.all(model.layer(name).params["weight"][~mask] == 0)
     assert len(history) == 2 and history[-1]["loss"] < history[0]["loss"] * 1.5
+
+
+def test_separate_weight_and_activation_formats(trained_lenet):
+    config = quant_config(trained_lenet, 8, weight_bits=4)
+    assert config["fc1"]["act_fmt"] == {"bits": 8, "int_bits": 2, "signed": True}
+    assert config["fc1"]["weight_fmt"] == {"bits": 4, "int_bits": 1, "signed": True}
+    config = quant_config(trained_lenet, 12, int_bits=5, weight_bits=6, weight_int_bits=0)
+    assert config["conv1"]["act_fmt"]["int_bits"] == 5
+    assert config["conv1"]["weight_fmt"] == {"bits": 6, "int_bits": 0, "signed": True}
+    x, _ = data.load("sample", "test", limit=32)
+    logits, _, _ = quantize_model(trained_lenet, config).run(x)
+    assert logits.shape == (32, 10)
