@@ -363,12 +363,27 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
     click.echo(f"{output}: density {report['overall']:.4f}, test accuracy {acc:.4f}")
 
 
+def _int_or_none(text, option: str):
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise FxsimError(f"{option} must be an integer or 'auto', got {text!r}") from exc
+
+
 @cli.command("quantize")
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--bits", type=int, required=True,
               help="Word width of weights and activations (the paper: 4, 8, 10 ... 32).")
-@click.option("--int-bits", type=int, default=None,
-              help="Integer bits incl. sign (default: the paper's preset for the width).")
+@click.option("--int-bits", default=None,
+              help="Integer bits incl. sign (default: the paper's preset for the width), or "
+                   "'auto': per layer, the fewest whose overflow rate on calibration images "
+                   "stays under --max-overflow (dynamic fixed point).")
+@click.option("--max-overflow", type=click.FloatRange(0, 1), default=1e-3, show_default=True,
+              help="With --int-bits auto: the overflow rate allowed on calibration data.")
+@click.option("--calibration", type=click.IntRange(1), default=1000, show_default=True,
+              help="With --int-bits auto: training images used for calibration.")
 @click.option("--weight-bits", type=int, default=None,
               help="Weights in another width than the activations (default: --bits).")
 @click.option("--weight-int-bits", type=int, default=None,
@@ -381,20 +396,30 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
 @click.option("--rounding", type=click.Choice(ROUNDING_NAMES), default="rnd_conv",
               show_default=True)
 @_with_options(finetune_options)
-def quantize_command(model_file, bits, int_bits, weight_bits, weight_int_bits, acc_bits,
-                     acc_mode, acc_overflow, rounding, finetune_epochs, lr, dataset, data_dir,
-                     limit, seed, output):
+def quantize_command(model_file, bits, int_bits, max_overflow, calibration, weight_bits,
+                     weight_int_bits, acc_bits, acc_mode, acc_overflow, rounding,
+                     finetune_epochs, lr, dataset, data_dir, limit, seed, output):
     """Quantise MODEL_FILE to fixed point, fine-tune through the integer datapath (clipped STE),
     save. A pruned model keeps its masks."""
     from fxsim import compress, store
+    from fxsim import data as data_lib
 
     model, info = _load(model_file)
     store.check_writable(output)
-    config = compress.quant_config(model, bits, int_bits, acc_bits, acc_mode, acc_overflow,
-                                   rounding, weight_bits=weight_bits,
-                                   weight_int_bits=weight_int_bits)
-    qmodel = compress.quantize_model(model, config, info["masks"])
     dataset = dataset or info["dataset"]
+    if int_bits == "auto":
+        if weight_bits is not None or weight_int_bits is not None:
+            raise FxsimError("--int-bits auto picks weight formats too: drop --weight-bits")
+        calibration_images, _ = data_lib.load(dataset, "train", data_dir, calibration)
+        config = compress.auto_quant_config(
+            model, bits, calibration_images, max_overflow, acc_bits=acc_bits,
+            acc_mode=acc_mode, acc_overflow=acc_overflow, rounding=rounding)
+    else:
+        config = compress.quant_config(model, bits, _int_or_none(int_bits, "--int-bits"),
+                                       acc_bits, acc_mode, acc_overflow, rounding,
+                                       weight_bits=weight_bits,
+                                       weight_int_bits=weight_int_bits)
+    qmodel = compress.quantize_model(model, config, info["masks"])
     before = _test_accuracy(qmodel, dataset, data_dir)
     click.echo(f"bit-accurate test accuracy before fine-tuning: {before:.4f}", err=True)
     history = _finetune(qmodel, dataset, data_dir, finetune_epochs, lr, seed, info["masks"],
@@ -402,7 +427,7 @@ def quantize_command(model_file, bits, int_bits, weight_bits, weight_int_bits, a
     acc = _test_accuracy(qmodel, dataset, data_dir) if history else before
     store.save_model(compress.export_float(qmodel, model), output, info["dataset"],
                      {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": str(model_file),
-                      "seed": seed, "bits": bits},
+                      "seed": seed, "bits": bits, "int_bits": int_bits},
                      {"test_acc": acc, "test_acc_before_finetune": before, "history": history},
                      masks=info["masks"], quant=config)
     click.echo(f"{output}: {bits}-bit, bit-accurate test accuracy {acc:.4f}")

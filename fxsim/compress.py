@@ -330,3 +330,57 @@ def dns_prune(model: Model, images, labels, density: float, config, scope: str =
             progress(record)
     apply_masks(model, masks)
     return masks, history
+
+
+# ------------------------------------------------------------------------------ dynamic fixed point
+
+
+def fewest_int_bits(values: np.ndarray, bits: int, max_overflow: float) -> int:
+    """The fewest integer bits (sign included) for which at most a fraction ``max_overflow``
+    of ``values`` falls outside fix<bits, int_bits>'s range. More integer bits never overflow
+    more, so the first one that passes is the answer."""
+    flat = np.abs(np.asarray(values, np.float64).ravel())
+    if flat.size == 0:
+        return 1
+    for int_bits in range(-bits + 1, 65):
+        fmt = QFormat(bits, int_bits)
+        over = np.count_nonzero((flat > fmt.max_value) | (-flat < fmt.min_value))
+        if over <= max_overflow * flat.size:
+            return int_bits
+    raise FxsimError(f"no fix<{bits}, I> format holds these values")
+
+
+def auto_quant_config(model: Model, bits: int, calibration: np.ndarray,
+                      max_overflow: float = 1e-3, **datapath_options) -> dict[str, dict]:
+    """Dynamic fixed point: per layer, weights get the fewest integer bits whose overflow rate
+    stays under ``max_overflow``, and so does each conv/linear output on the calibration
+    images (float model, evaluation mode). A layer's input format is the previous layer's
+    output format (the model input's for the first), so activations pass between layers on
+    the grid they were produced on."""
+    folded = fold_batchnorm(model)
+    outputs, weights = {}, {}
+    value = np.asarray(calibration, np.float32)
+    input_values = None
+    for layer in folded.layers:
+        if isinstance(layer, PRUNABLE) and input_values is None:
+            input_values = value
+        value, _ = layer.forward(value)
+        if isinstance(layer, PRUNABLE):
+            outputs[layer.name] = value
+            weights[layer.name] = layer.params["weight"]
+    if input_values is None:
+        raise FxsimError(f"{model.arch} has no conv or linear layers to quantise")
+    act = QFormat(bits, fewest_int_bits(input_values, bits, max_overflow))
+    config, extra = {}, 0
+    for layer in folded.layers:
+        if isinstance(layer, AvgPool2d):
+            extra = (layer.k * layer.k).bit_length() - 1
+        if not isinstance(layer, PRUNABLE):
+            continue
+        name = layer.name
+        weight_fmt = QFormat(bits, fewest_int_bits(weights[name], bits, max_overflow))
+        out = QFormat(bits, fewest_int_bits(outputs[name], bits, max_overflow))
+        act_in = act if not extra else QFormat(min(64, act.bits + extra), act.int_bits)
+        config[name] = Datapath(act_in, weight_fmt, out_fmt=out, **datapath_options).to_dict()
+        act, extra = out, 0
+    return config

@@ -296,3 +296,42 @@ def test_separate_weight_and_activation_formats(trained_lenet):
     x, _ = data.load("sample", "test", limit=32)
     logits, _, _ = quantize_model(trained_lenet, config).run(x)
     assert logits.shape == (32, 10)
+
+
+def test_fewest_int_bits_is_exact():
+    from fxsim.compress import fewest_int_bits
+
+    values = np.array([0.1, -0.5, 0.9, 1.5, -3.9])
+    assert fewest_int_bits(values, 8, 0.0) == 3  # fix<8,3> holds [-4, 3.96875]
+    assert fewest_int_bits(values, 8, 0.2) == 2  # one of five (-3.9) may overflow
+    assert fewest_int_bits(np.array([0.01, -0.02]), 8, 0.0) == -4  # fix<8,-4>: |x| < 1/32
+
+
+def test_dynamic_fixed_point_chains_formats_and_beats_the_preset(trained_lenet):
+    from fxsim.compress import auto_quant_config
+
+    calibration, _ = data.load("sample", "train", limit=500)
+    config = auto_quant_config(trained_lenet, 8, calibration)
+    names = ["conv1", "conv2", "fc1", "fc2"]
+    for before, after in zip(names, names[1:], strict=False):
+        assert config[after]["act_fmt"] == config[before]["out_fmt"]
+    x, y = data.load("sample", "test")
+    auto = (quantize_model(trained_lenet, config).run(x)[0].argmax(1) == y).mean()
+    preset_config = quant_config(trained_lenet, 8)
+    preset = (quantize_model(trained_lenet, preset_config).run(x)[0].argmax(1) == y).mean()
+    float_acc = (trained_lenet.predict(x) == y).mean()
+    assert auto >= preset and auto >= float_acc - 0.02
+
+
+def test_quantize_command_with_auto_int_bits(baseline_file, tmp_path, capsys):
+    from fxsim import store
+
+    out = tmp_path / "auto.h5"
+    code, text, _ = run_cli(["quantize", baseline_file, "--bits", "8", "--int-bits", "auto",
+                             "--calibration", "200", "-o", out], capsys)
+    assert code == 0 and "8-bit" in text
+    _, info = store.load_model(out)
+    assert info["provenance"]["int_bits"] == "auto"
+    code, _, err = run_cli(["quantize", baseline_file, "--bits", "8", "--int-bits", "two",
+                            "-o", out.with_name("x.h5")], capsys)
+    assert code == 2 and "--int-bits must be an integer or 'auto'" in err
