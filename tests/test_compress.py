@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -313,7 +315,7 @@ def test_dynamic_fixed_point_chains_formats_and_beats_the_preset(trained_lenet):
     calibration, _ = data.load("sample", "train", limit=500)
     config = auto_quant_config(trained_lenet, 8, calibration)
     names = ["conv1", "conv2", "fc1", "fc2"]
-    for before, after in zip(names, names[1:], strict=False):
+    for before, after in itertools.pairwise(names):
         assert config[after]["act_fmt"] == config[before]["out_fmt"]
     x, y = data.load("sample", "test")
     auto = (quantize_model(trained_lenet, config).run(x)[0].argmax(1) == y).mean()
