@@ -1,0 +1,205 @@
+"""Adversarial attacks: FGM/FGSM, their iterative forms (the paper's Algorithm 1, optionally with
+the BIM projection) and L2 DeepFool.
+
+Every attack takes a model, images in [0, 1] (N, C, H, W) and labels, and returns an
+:class:`AttackResult`. Attacks are pure (inputs are never modified), per sample (a sample's
+result does not depend on the batch it is in: gradients come from the model in evaluation mode)
+and deterministic. The gradient comes from the model the attack runs on: a quantised model
+computes its forward pass on the integer datapath and its backward pass through the STE, so the
+examples are made against what the accelerator computes. A sample whose gradient is zero or not
+finite is flagged (``gradient_masked``) rather than silently left unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fxsim.errors import FxsimError
+
+
+@dataclass
+class AttackResult:
+    """adversarial: (N, C, H, W) images; success: (N,) whether the attack achieved its goal
+    (untargeted: the prediction differs from the label; targeted: it equals the target;
+    DeepFool: it differs from the original prediction); iterations: (N,) steps used;
+    gradient_masked: (N,) a zero or non-finite gradient was met; l0, l1, l2, linf: (N,)
+    norms of the perturbation; mean_abs: (N,) mean |perturbation| per pixel."""
+
+    adversarial: np.ndarray
+    success: np.ndarray
+    iterations: np.ndarray
+    gradient_masked: np.ndarray
+    l0: np.ndarray
+    l1: np.ndarray
+    l2: np.ndarray
+    linf: np.ndarray
+    mean_abs: np.ndarray
+
+    @classmethod
+    def build(cls, original, adversarial, success, iterations, masked) -> AttackResult:
+        delta = (adversarial.astype(np.float64) - original).reshape(len(original), -1)
+        return cls(adversarial, success, iterations, masked,
+                   l0=(delta != 0).sum(axis=1), l1=np.abs(delta).sum(axis=1),
+                   l2=np.sqrt((delta**2).sum(axis=1)), linf=np.abs(delta).max(axis=1, initial=0),
+                   mean_abs=np.abs(delta).mean(axis=1) if delta.shape[1] else delta.sum(axis=1))
+
+
+def _check(model, images, labels, eps=None, steps=None, clip=(0.0, 1.0), target=None):
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != model.input_shape:
+        raise FxsimError(f"{model.arch} attacks need images of shape "
+                         f"(N, {', '.join(map(str, model.input_shape))}), got {images.shape}")
+    if images.dtype.kind != "f" or not np.all(np.isfinite(images)):
+        raise FxsimError("images must be finite floats")
+    if clip is not None:
+        lo, hi = clip
+        if not lo < hi:
+            raise FxsimError(f"clip must be (low, high) with low < high, got {clip}")
+        if images.min(initial=lo) < lo or images.max(initial=hi) > hi:
+            raise FxsimError(f"images must lie in the clip box [{lo}, {hi}], found values in "
+                             f"[{images.min():g}, {images.max():g}]")
+    if eps is not None and not eps >= 0:
+        raise FxsimError(f"eps must be >= 0, got {eps}")
+    if steps is not None and (int(steps) != steps or steps < 1):
+        raise FxsimError(f"steps must be an integer >= 1, got {steps}")
+    for name, values in (("labels", labels), ("target", target)):
+        if values is None:
+            continue
+        values = np.asarray(values)
+        if values.shape != (len(images),) or values.dtype.kind not in "iu":
+            raise FxsimError(f"{name} must be {len(images)} integers, got shape {values.shape}")
+        if len(values) and (values.min() < 0 or values.max() >= model.num_classes):
+            raise FxsimError(f"{name} must lie in 0..{model.num_classes - 1}")
+    return images.astype(np.float32, copy=False)
+
+
+def _direction(grad, norm):
+    flat = grad.reshape(len(grad), -1)
+    if norm == "sign":
+        return np.sign(grad)
+    if norm == "none":
+        return grad
+    lengths = np.sqrt((flat.astype(np.float64) ** 2).sum(axis=1))
+    lengths[lengths == 0] = 1.0
+    return (flat / lengths[:, None]).reshape(grad.shape).astype(grad.dtype)
+
+
+def _masked(grad):
+    flat = grad.reshape(len(grad), -1)
+    return ~np.all(np.isfinite(flat), axis=1) | ~np.any(flat != 0, axis=1)
+
+
+def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size):
+    """The paper's Algorithm 1: ``steps`` steps of size ``eps`` along the loss gradient's sign
+    (or the gradient itself), each iterate clipped to ``clip``; with ``radius`` projected onto
+    the L-inf ball around the original (BIM). Targeted: down the target's loss."""
+    x = _check(model, images, labels, eps, steps, clip, target)
+    out = np.empty_like(x)
+    masked = np.zeros(len(x), bool)
+    for start in range(0, len(x), batch_size):
+        sl = slice(start, start + batch_size)
+        x0 = x[sl]
+        adv = x0.copy()
+        goal = labels[sl] if target is None else np.asarray(target)[sl]
+        sign = 1.0 if target is None else -1.0
+        for _ in range(int(steps)):
+            grad, _ = model.input_gradient(adv, goal)
+            masked[sl] |= _masked(grad)
+            grad = np.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            adv = adv + np.float32(sign * eps) * _direction(grad, norm).astype(np.float32)
+            if radius is not None:
+                adv = np.clip(adv, x0 - radius, x0 + radius)
+            if clip is not None:
+                adv = np.clip(adv, clip[0], clip[1])
+        out[sl] = adv
+    predictions = model.predict(out)
+    success = predictions != labels if target is None else predictions == np.asarray(target)
+    return AttackResult.build(x, out, success, np.full(len(x), int(steps)), masked)
+
+
+def fgsm(model, images, labels, eps, clip=(0.0, 1.0), target=None, batch_size=500):
+    """Fast gradient sign method: ``x + eps * sign(grad)``, clipped."""
+    return _iterate(model, images, labels, eps, 1, "sign", clip, None, target, batch_size)
+
+
+def fgm(model, images, labels, eps, norm="none", clip=(0.0, 1.0), target=None, batch_size=500):
+    """Fast gradient method: ``x + eps * grad`` (the paper) or ``eps * grad / ||grad||_2``
+    (``norm="l2"``), clipped."""
+    if norm not in ("none", "l2"):
+        raise FxsimError(f"norm must be 'none' or 'l2', got {norm!r}")
+    return _iterate(model, images, labels, eps, 1, norm, clip, None, target, batch_size)
+
+
+def ifgsm(model, images, labels, eps=0.02, steps=12, clip=(0.0, 1.0), radius=None,
+          target=None, batch_size=500):
+    """Iterative FGSM (the paper's Algorithm 1; with ``radius``, BIM's projection)."""
+    return _iterate(model, images, labels, eps, steps, "sign", clip, radius, target, batch_size)
+
+
+def ifgm(model, images, labels, eps=0.02, steps=12, norm="none", clip=(0.0, 1.0), radius=None,
+         target=None, batch_size=500):
+    """Iterative FGM: ``steps`` steps of ``eps * grad`` (or its L2-normalised direction)."""
+    if norm not in ("none", "l2"):
+        raise FxsimError(f"norm must be 'none' or 'l2', got {norm!r}")
+    return _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size)
+
+
+def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter=50,
+             clip=None, batch_size=500):
+    """L2 DeepFool (Moosavi-Dezfooli et al.): linearise the classifier around the current point
+    and step to the nearest of the ``candidates`` top classes' boundaries; the reference class
+    is the model's own prediction; ``overshoot`` scales the total perturbation; each sample
+    stops as soon as its prediction changes. No clipping unless ``clip`` is given."""
+    x = _check(model, images, labels, clip=clip)
+    if not overshoot >= 0 or max_iter < 1 or candidates < 2:
+        raise FxsimError("need overshoot >= 0, max_iter >= 1 and candidates >= 2")
+    k = min(int(candidates), model.num_classes)
+    out = np.empty_like(x)
+    iterations = np.zeros(len(x), int)
+    masked = np.zeros(len(x), bool)
+    for start in range(0, len(x), batch_size):
+        sl = slice(start, start + batch_size)
+        x0 = x[sl].astype(np.float64)
+        logits0 = model.forward(x[sl])
+        reference = logits0.argmax(axis=1)
+        order = np.argsort(-logits0, axis=1, kind="stable")[:, :k]  # top-k, reference first
+        total = np.zeros_like(x0)
+        active = np.ones(len(x0), bool)
+        for it in range(max_iter):
+            current = x0 + (1 + overshoot) * total
+            if clip is not None:
+                current = np.clip(current, *clip)
+            logits = model.forward(current.astype(np.float32))
+            active &= logits.argmax(axis=1) == reference
+            if not active.any():
+                break
+            iterations[sl][active] = it + 1
+            idx = np.flatnonzero(active)
+            cur = current[idx].astype(np.float32)
+            grad_ref, _ = model.input_gradient(cur, logit=reference[idx])
+            best_dist = np.full(len(idx), np.inf)
+            best_step = np.zeros((len(idx), *x0.shape[1:]))
+            for c in range(1, k):
+                cls = order[idx, c]
+                grad_c, logits_c = model.input_gradient(cur, logit=cls)
+                w = (grad_c - grad_ref).reshape(len(idx), -1).astype(np.float64)
+                f = (logits_c[np.arange(len(idx)), cls]
+                     - logits_c[np.arange(len(idx)), reference[idx]]).astype(np.float64)
+                norm = np.sqrt((w**2).sum(axis=1))
+                dist = np.where(norm > 0, np.abs(f) / np.where(norm > 0, norm, 1), np.inf)
+                better = dist < best_dist
+                step = ((np.abs(f) + 1e-4) / np.where(norm > 0, norm, 1) ** 2)[:, None] * w
+                best_dist = np.where(better, dist, best_dist)
+                best_step[better] = step[better].reshape(-1, *x0.shape[1:])
+            stuck = ~np.isfinite(best_dist)
+            masked[sl][idx[stuck]] = True
+            total[idx[~stuck]] += best_step[~stuck]
+            active[idx[stuck]] = False
+        adv = x0 + (1 + overshoot) * total
+        if clip is not None:
+            adv = np.clip(adv, *clip)
+        out[sl] = adv.astype(np.float32)
+    success = model.predict(out) != model.predict(x)
+    return AttackResult.build(x, out, success, iterations, masked)

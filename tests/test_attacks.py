@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+
+from fxsim import attacks, data
+from fxsim.errors import FxsimError
+from fxsim.layers import Flatten, Linear
+from fxsim.models import Model, lenet5
+
+
+def linear_model(weight, bias):
+    """A 1x2x2-pixel, affine classifier whose gradients are known in closed form."""
+    layer = Linear(4, len(weight), name="fc")
+    layer.params = {"weight": np.asarray(weight, np.float64),
+                    "bias": np.asarray(bias, np.float64)}
+    return Model([Flatten(name="flat"), layer], (1, 2, 2), len(weight), arch="affine")
+
+
+W2 = [[1.0, -2.0, 0.5, 0.0], [-1.0, 1.0, 0.0, 2.0]]
+
+
+def test_fgsm_is_one_signed_step_then_clipped():
+    model = linear_model(W2, [0.0, 0.0])
+    x = np.array([[[[0.5, 0.99], [0.01, 0.5]]]])
+    # d CE(label 0)/dx = (p1)(w1 - w0): its sign is sign(w1 - w0) = (-, +, -, +)
+    result = attacks.fgsm(model, x, np.array([0]), eps=0.1)
+    expected = np.clip(x + 0.1 * np.sign(np.array(W2[1]) - np.array(W2[0])).reshape(x.shape),
+                       0, 1)
+    np.testing.assert_allclose(result.adversarial, expected, rtol=1e-6)
+    assert result.linf[0] == pytest.approx(0.1, rel=1e-5)
+
+
+def test_ifgsm_iterates_stay_in_the_box_and_the_ball():
+    model = linear_model(W2, [0.0, 0.0])
+    x = np.full((3, 1, 2, 2), 0.5)
+    free = attacks.ifgsm(model, x, np.zeros(3, int), eps=0.1, steps=12)
+    # 12 steps of 0.1 from 0.5 along fixed signs end at the box edges
+    np.testing.assert_allclose(free.adversarial[0].ravel(), [0, 1, 0, 1], atol=1e-6)
+    ball = attacks.ifgsm(model, x, np.zeros(3, int), eps=0.1, steps=12, radius=0.25)
+    assert np.all(np.abs(ball.adversarial - x) <= 0.25 + 1e-6)
+    assert ball.linf.max() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_deepfool_on_an_affine_classifier_lands_past_the_boundary():
+    model = linear_model(W2, [0.3, 0.0])
+    x = np.array([[[[0.2, 0.1], [0.4, 0.3]]]])
+    f = model.forward(x)[0]
+    assert f.argmax() == 0
+    w = np.array(W2[1]) - np.array(W2[0])
+    gap = f[1] - f[0]
+    step = (abs(gap) + 1e-4) / (w @ w) * w  # the closed-form step to the boundary
+    result = attacks.deepfool(model, x, overshoot=0.02)
+    np.testing.assert_allclose(result.adversarial.ravel(), x.ravel() + 1.02 * step, rtol=1e-5)
+    assert result.success[0] and result.iterations[0] == 1
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from fxsim.train import TrainConfig, train
+
+    x, y = data.load("sample", "train")
+    model = lenet5(seed=0)
+    train(model, x, y, TrainConfig(epochs=3, batch_size=64, lr_decays=()))
+    xt, yt = data.load("sample", "test", limit=300)
+    return model, xt, yt
+
+
+def test_invariants_batch_independence_no_mutation_determinism(trained):
+    model, x, y = trained
+    x, y = x[:20].copy(), y[:20]
+    before = x.copy()
+    whole = attacks.ifgsm(model, x, y, eps=0.02, steps=3)
+    alone = attacks.ifgsm(model, x[7:8], y[7:8], eps=0.02, steps=3)
+    again = attacks.ifgsm(model, x, y, eps=0.02, steps=3, batch_size=6)
+    assert np.array_equal(x, before)  # inputs untouched
+    assert np.array_equal(whole.adversarial[7:8], alone.adversarial)
+    assert np.array_equal(whole.adversarial, again.adversarial)
+    assert whole.adversarial.min() >= 0 and whole.adversarial.max() <= 1
+    # DeepFool uses gradient magnitudes, and float32 BLAS rounds differently for different
+    # batch sizes (~1e-6 relative): equal to float32 rounding, not to the bit (a known gap).
+    df = attacks.deepfool(model, x[:8])
+    np.testing.assert_allclose(df.adversarial[3:4], attacks.deepfool(model, x[3:4]).adversarial,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_paper_settings_break_a_trained_lenet5(trained):
+    model, x, y = trained
+    clean = (model.predict(x) == y).mean()
+    assert clean > 0.75
+    adv = attacks.ifgsm(model, x, y, eps=0.02, steps=12)
+    assert (model.predict(adv.adversarial) == y).mean() < 0.10
+    correct = model.predict(x) == y
+    df = attacks.deepfool(model, x[correct][:100])
+    assert df.success.mean() >= 0.95
+    assert 0 < np.median(df.l2) < 5  # small L2 perturbations
+
+
+def test_targeted_attack_reaches_its_target(trained):
+    model, x, y = trained
+    target = (y[:50] + 1) % 10
+    result = attacks.ifgsm(model, x[:50], y[:50], eps=0.02, steps=20, target=target)
+    assert result.success.mean() > 0.8
+    assert np.array_equal(model.predict(result.adversarial) == target, result.success)
+
+
+def test_gradient_masking_is_reported():
+    model = linear_model([[0.0] * 4, [0.0] * 4], [1.0, 0.0])  # constant logits: zero gradient
+    result = attacks.fgsm(model, np.full((2, 1, 2, 2), 0.5), np.array([0, 0]), eps=0.1)
+    assert result.gradient_masked.all() and not result.success.any()
+    assert np.array_equal(result.adversarial, np.full((2, 1, 2, 2), 0.5, np.float32))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"eps": -0.1}, "eps must be >= 0"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+])
+def test_bad_attack_arguments(kwargs, message):
+    model = linear_model(W2, [0, 0])
+    x = np.full((1, 1, 2, 2), 0.5)
+    with pytest.raises(FxsimError, match=message):
+        attacks.ifgsm(model, x, np.array([0]), **{"eps": 0.1, "steps": 2, **kwargs})
+
+
+def test_bad_images_and_labels():
+    model = linear_model(W2, [0, 0])
+    with pytest.raises(FxsimError, match=r"clip box \[0.0, 1.0\]"):
+        attacks.fgsm(model, np.full((1, 1, 2, 2), 1.5), np.array([0]), eps=0.1)
+    with pytest.raises(FxsimError, match="attacks need images of shape"):
+        attacks.fgsm(model, np.zeros((1, 3, 2, 2)), np.array([0]), eps=0.1)
+    with pytest.raises(FxsimError, match=r"labels must lie in 0\.\.1"):
+        attacks.fgsm(model, np.zeros((1, 1, 2, 2)), np.array([5]), eps=0.1)
