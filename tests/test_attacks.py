@@ -42,9 +42,9 @@ def test_ifgsm_iterates_stay_in_the_box_and_the_ball():
 
 def test_deepfool_on_an_affine_classifier_lands_past_the_boundary():
     model = linear_model(W2, [0.3, 0.0])
-    x = np.array([[[[0.2, 0.1], [0.4, 0.3]]]])
+    x = np.array([[[[0.6, 0.1], [0.4, 0.3]]]])
     f = model.forward(x)[0]
-    assert f.argmax() == 0
+    assert f[0] - f[1] == pytest.approx(0.8)  # class 0 by a clear margin
     w = np.array(W2[1]) - np.array(W2[0])
     gap = f[1] - f[0]
     step = (abs(gap) + 1e-4) / (w @ w) * w  # the closed-form step to the boundary
