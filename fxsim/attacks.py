@@ -46,6 +46,14 @@ class AttackResult:
                    mean_abs=np.abs(delta).mean(axis=1) if delta.shape[1] else delta.sum(axis=1))
 
 
+def check_settings(eps=None, steps=None) -> None:
+    """Reject a negative step size or a step count below 1, naming the value."""
+    if eps is not None and not eps >= 0:
+        raise FxsimError(f"eps must be >= 0, got {eps}")
+    if steps is not None and (int(steps) != steps or steps < 1):
+        raise FxsimError(f"steps must be an integer >= 1, got {steps}")
+
+
 def _check(model, images, labels, eps=None, steps=None, clip=(0.0, 1.0), target=None):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != model.input_shape:
@@ -60,10 +68,7 @@ def _check(model, images, labels, eps=None, steps=None, clip=(0.0, 1.0), target=
         if images.min(initial=lo) < lo or images.max(initial=hi) > hi:
             raise FxsimError(f"images must lie in the clip box [{lo}, {hi}], found values in "
                              f"[{images.min():g}, {images.max():g}]")
-    if eps is not None and not eps >= 0:
-        raise FxsimError(f"eps must be >= 0, got {eps}")
-    if steps is not None and (int(steps) != steps or steps < 1):
-        raise FxsimError(f"steps must be an integer >= 1, got {steps}")
+    check_settings(eps, steps)
     for name, values in (("labels", labels), ("target", target)):
         if values is None:
             continue

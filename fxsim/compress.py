@@ -384,3 +384,13 @@ def auto_quant_config(model: Model, bits: int, calibration: np.ndarray,
         config[name] = Datapath(act_in, weight_fmt, out_fmt=out, **datapath_options).to_dict()
         act, extra = out, 0
     return config
+
+
+def runnable(model: Model, info: dict) -> Model:
+    """The model a file describes, ready to run: its quantised twin (integer datapath, masks
+    applied) when it has a quant config, the float model otherwise."""
+    if info.get("quant"):
+        return quantize_model(model, info["quant"], info.get("masks"))
+    if info.get("masks"):
+        apply_masks(model, info["masks"])
+    return model

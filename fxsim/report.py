@@ -56,3 +56,36 @@ def plot_sparse_benchmark(rows: list[dict], path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def plot_adversarial_grid(original, adversarial, labels, before, after, path, count=8,
+                          class_names=None) -> None:
+    """Originals, adversarial images and their perturbations (amplified to the full grey range)
+    for the first ``count`` images, with true / predicted classes; PNG."""
+    import numpy as np
+
+    plt = _pyplot()
+    count = min(count, len(original))
+    fig, axes = plt.subplots(3, count, figsize=(1.5 * count, 4.8), squeeze=False)
+    name = (lambda c: class_names[c]) if class_names else str
+    for i in range(count):
+        delta = adversarial[i] - original[i]
+        scale = np.abs(delta).max() or 1.0
+        for row, (image, title) in enumerate((
+            (original[i], f"{name(labels[i])}\n-> {name(before[i])}"),
+            (adversarial[i], f"-> {name(after[i])}"),
+            (0.5 + 0.5 * delta / scale, f"|d|max {scale:.3f}"),
+        )):
+            ax = axes[row, i]
+            picture = image.transpose(1, 2, 0)
+            ax.imshow(picture[..., 0] if picture.shape[2] == 1 else np.clip(picture, 0, 1),
+                      cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    for row, label in enumerate(("original", "adversarial", "perturbation")):
+        axes[row, 0].text(-0.3, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
+                          va="center", ha="right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -182,3 +182,23 @@ def _read_model(f, path, architectures):
         "quant": quant,
     }
     return model, info
+
+
+ADVERSARIAL_FORMAT = "fxsim-adversarial"
+
+
+def save_adversarial(path, original, adversarial, labels, meta: dict) -> None:
+    """Adversarial images (HDF5, atomic): datasets ``original``, ``adversarial`` (float32,
+    (N, C, H, W) in [0, 1] unless the attack did not clip) and ``labels``; root attributes
+    ``format="fxsim-adversarial"``, ``version=1`` and ``meta`` (JSON: attack, settings, source
+    model, dataset)."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = ADVERSARIAL_FORMAT
+        f.attrs["version"] = 1
+        f.attrs["meta"] = json.dumps(meta)
+        f.create_dataset("original", data=np.asarray(original, np.float32), compression="gzip")
+        f.create_dataset("adversarial", data=np.asarray(adversarial, np.float32),
+                         compression="gzip")
+        f.create_dataset("labels", data=np.asarray(labels, np.int64))

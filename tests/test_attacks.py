@@ -128,3 +128,68 @@ def test_bad_images_and_labels():
         attacks.fgsm(model, np.zeros((1, 3, 2, 2)), np.array([0]), eps=0.1)
     with pytest.raises(FxsimError, match=r"labels must lie in 0\.\.1"):
         attacks.fgsm(model, np.zeros((1, 1, 2, 2)), np.array([5]), eps=0.1)
+
+
+@pytest.fixture(scope="module")
+def model_file(trained, tmp_path_factory):
+    from fxsim import store
+
+    path = tmp_path_factory.mktemp("attack") / "m.h5"
+    store.save_model(trained[0], path, "sample")
+    return path
+
+
+def cli(args, capsys):
+    from fxsim.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_attack_command_reports_saves_and_plots(model_file, tmp_path, capsys):
+    import json
+    import struct
+
+    import h5py
+
+    from fxsim import compress, store
+
+    model, _ = store.load_model(model_file)
+    quantised = tmp_path / "q.h5"
+    store.save_model(model, quantised, "sample", quant=compress.quant_config(model, 8))
+    adv, png = tmp_path / "adv.h5", tmp_path / "adv.png"
+    code, out, _ = cli(["attack", model_file, "--n", "60", "--eval-on", quantised, "-o", adv,
+                        "--plot", png, "--json"], capsys)
+    summary = json.loads(out)
+    assert code == 0 and summary["images"] == 60 and set(summary["models"]) == {
+        str(model_file), str(quantised)}
+    row = summary["models"][str(model_file)]
+    assert row["accuracy_after"] < row["accuracy_before"]
+    with h5py.File(adv) as f:
+        assert f.attrs["format"] == "fxsim-adversarial"
+        assert f["adversarial"].shape == (60, 1, 28, 28) and f["labels"].shape == (60,)
+        assert json.loads(f.attrs["meta"])["method"] == "ifgsm"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png.read_bytes()[16:24])
+    assert width > 600 and height > 300
+    code, out, _ = cli(["attack", quantised, "--method", "deepfool", "--n", "20"], capsys)
+    assert code == 0 and "success" in out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--eps", "-1"], "eps must be >= 0"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--eval-on", "{missing}"], "no such file"),
+])
+def test_attack_command_bad_input(model_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "adv.h5"
+    args = ["attack", model_file, "--n", "5", "-o", out,
+            *[e.format(missing=tmp_path / "nope.h5") for e in extra]]
+    code, _, err = cli(args, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()
