@@ -20,21 +20,22 @@ def forward(layers, x, train=False, rng=None):
     return x, tape
 
 
-def backward(tape, dy, input_grad=True):
+def backward(tape, dy, input_grad=True, param_grads=True):
     """Replay ``tape`` backwards from ``dy`` = dLoss/dOutput; return (dLoss/dInput, grads).
 
     With ``input_grad=False`` (training) a layer is not asked for the gradient of its input
     when no earlier layer has parameters (it would only reach the images), and the first
-    return value is None.
+    return value is None. With ``param_grads=False`` (attacks) no parameter gradient is
+    computed and the dict is empty.
     """
     grads = {}
     # needed[i]: does anything before layer i want a gradient?
     needed, wanted = [], input_grad
     for layer, _ in tape:
         needed.append(wanted)
-        wanted = wanted or bool(layer.params)
+        wanted = wanted or (param_grads and bool(layer.params))
     for (layer, ctx), need_dx in zip(reversed(tape), reversed(needed), strict=True):
-        dy, layer_grads = layer.backward(dy, ctx, need_dx)
+        dy, layer_grads = layer.backward(dy, ctx, need_dx, param_grads)
         for name, g in layer_grads.items():
             grads[f"{layer.name}.{name}"] = g
         if not need_dx:

@@ -34,7 +34,7 @@ class Layer:
     def forward(self, x, train=False, rng=None):
         raise NotImplementedError
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -77,21 +77,25 @@ class Conv2d(Layer):
         y = np.ascontiguousarray(y.reshape(j, n, oh, ow).transpose(1, 0, 2, 3))
         return y, (cols, x.shape)
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         cols, x_shape = ctx
         w = self.params["weight"].astype(dy.dtype, copy=False)
         return conv2d_gradients(dy, cols, x_shape, w, self.stride, self.padding,
-                                "bias" in self.params, need_dx)
+                                "bias" in self.params, need_dx, need_params)
 
 
-def conv2d_gradients(dy, cols, x_shape, w, stride, padding, has_bias, need_dx):
-    """(dx or None, {"weight", "bias"}) of a convolution with weights ``w`` whose forward
-    read the im2col matrix ``cols`` of an input of ``x_shape``."""
+def conv2d_gradients(dy, cols, x_shape, w, stride, padding, has_bias, need_dx,
+                     need_params=True):
+    """(dx or None, {"weight", "bias"} or {}) of a convolution with weights ``w`` whose forward
+    read the im2col matrix ``cols`` (only needed for the weight gradient) of an input of
+    ``x_shape``."""
     j = w.shape[0]
     dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
-    grads = {"weight": (dy2 @ cols.T).reshape(w.shape)}
-    if has_bias:
-        grads["bias"] = dy2.sum(axis=1)
+    grads = {}
+    if need_params:
+        grads["weight"] = (dy2 @ cols.T).reshape(w.shape)
+        if has_bias:
+            grads["bias"] = dy2.sum(axis=1)
     if not need_dx:
         return None, grads
     s, p = (stride,) * 2, (padding,) * 2
@@ -119,16 +123,18 @@ class Linear(Layer):
             y += self.params["bias"].astype(x.dtype, copy=False)
         return y, x
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         w = self.params["weight"].astype(dy.dtype, copy=False)
-        return linear_gradients(dy, ctx, w, "bias" in self.params, need_dx)
+        return linear_gradients(dy, ctx, w, "bias" in self.params, need_dx, need_params)
 
 
-def linear_gradients(dy, x, w, has_bias, need_dx):
-    """(dx or None, {"weight", "bias"}) of y = x @ w.T (+ bias)."""
-    grads = {"weight": dy.T @ x}
-    if has_bias:
-        grads["bias"] = dy.sum(axis=0)
+def linear_gradients(dy, x, w, has_bias, need_dx, need_params=True):
+    """(dx or None, {"weight", "bias"} or {}) of y = x @ w.T (+ bias)."""
+    grads = {}
+    if need_params:
+        grads["weight"] = dy.T @ x
+        if has_bias:
+            grads["bias"] = dy.sum(axis=0)
     return (dy @ w if need_dx else None), grads
 
 
@@ -139,7 +145,7 @@ class ReLU(Layer):
         y = np.maximum(x, 0)
         return y, y
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         return dy * (ctx > 0), {}
 
 
@@ -170,7 +176,7 @@ class MaxPool2d(Layer):
         y, arg = maxpool_forward(np.ascontiguousarray(x), self.k)
         return y, (arg, x.shape)
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         arg, shape = ctx
         dx = np.zeros(shape, dy.dtype)
         return maxpool_backward(np.ascontiguousarray(dy), arg, self.k, dx), {}
@@ -188,7 +194,7 @@ class AvgPool2d(Layer):
     def forward(self, x, train=False, rng=None):
         return _windows(x, self.k, self.name).mean(axis=-1), x.shape
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         k = self.k
         dx = np.repeat(np.repeat(dy, k, axis=2), k, axis=3) / (k * k)
         return dx.astype(dy.dtype, copy=False), {}
@@ -223,10 +229,12 @@ class BatchNorm2d(Layer):
         xhat = (x - mean[None, :, None, None]) * inv[None, :, None, None]
         return xhat * gamma + beta, (xhat, inv, train)
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         xhat, inv, train = ctx
         gamma = self.params["gamma"].astype(dy.dtype)
-        grads = {"gamma": (dy * xhat).sum(axis=(0, 2, 3)), "beta": dy.sum(axis=(0, 2, 3))}
+        grads = {}
+        if need_params:
+            grads = {"gamma": (dy * xhat).sum(axis=(0, 2, 3)), "beta": dy.sum(axis=(0, 2, 3))}
         g = (gamma * inv)[None, :, None, None]
         if not train:  # running statistics are constants
             return dy * g, grads
@@ -241,7 +249,7 @@ class Flatten(Layer):
     def forward(self, x, train=False, rng=None):
         return x.reshape(x.shape[0], -1), x.shape
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         return dy.reshape(ctx), {}
 
 
@@ -261,7 +269,7 @@ class Dropout(Layer):
         scale[rng.random(x.shape) >= self.p] = 1.0 / (1.0 - self.p)
         return x * scale, scale
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         return (dy if ctx is None else dy * ctx), {}
 
 
@@ -277,7 +285,7 @@ class Affine(Layer):
     def forward(self, x, train=False, rng=None):
         return (x * self.scale + self.shift).astype(x.dtype, copy=False), None
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         return (dy * self.scale).astype(dy.dtype, copy=False), {}
 
 
@@ -296,7 +304,7 @@ class Standardize(Layer):
         y = (x - mean) / scale
         return y, (y, scale, std > floor)
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         y, scale, uses_std = ctx
         axes = tuple(range(1, dy.ndim))
         mean_dy = dy.mean(axis=axes, keepdims=True)

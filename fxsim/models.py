@@ -120,7 +120,7 @@ class Model:
         else:
             dlogits = np.zeros_like(logits)
             dlogits[np.arange(len(x)), self._check_labels(logit, len(x))] = 1.0
-        dx, _ = autograd.backward(tape, dlogits.astype(logits.dtype))
+        dx, _ = autograd.backward(tape, dlogits.astype(logits.dtype), param_grads=False)
         return dx, logits
 
     def _check_labels(self, labels, n) -> np.ndarray:

@@ -47,7 +47,7 @@ class QuantizeInput(Layer):
         y = values(codes, self.fmt, _value_dtype(self.fmt))
         return y, {"clipped": clipped, "saturations": int(clipped.sum())}
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         return np.where(ctx["clipped"], 0, dy).astype(dy.dtype, copy=False), {}
 
 
@@ -112,6 +112,8 @@ class _QuantMixin:
 
     def _ste_grads(self, grads, ctx):
         """No weight gradient where the format clipped the weight or the mask pruned it."""
+        if "weight" not in grads:
+            return grads
         keep = ~ctx["clipped"] if self.mask is None else (~ctx["clipped"] & self.mask)
         grads["weight"] = np.where(keep, grads["weight"], 0)
         return grads
@@ -129,11 +131,13 @@ class QuantConv2d(_QuantMixin, Layer):
     def forward(self, x, train=False, rng=None):
         return self._forward(x, lambda p, codes: p.conv2d(codes, self.stride, self.padding))
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         dy, w, x = self._ste_inputs(dy, ctx)
-        cols = im2col(x, w.shape[2], w.shape[3], (self.stride,) * 2, (self.padding,) * 2)
+        cols = None  # the im2col matrix is only needed for the weight gradient
+        if need_params:
+            cols = im2col(x, w.shape[2], w.shape[3], (self.stride,) * 2, (self.padding,) * 2)
         dx, grads = conv2d_gradients(dy, cols, x.shape, w, self.stride, self.padding,
-                                     "bias" in self.params, need_dx)
+                                     "bias" in self.params, need_dx, need_params)
         return dx, self._ste_grads(grads, ctx)
 
 
@@ -148,7 +152,7 @@ class QuantLinear(_QuantMixin, Layer):
     def forward(self, x, train=False, rng=None):
         return self._forward(x, lambda p, codes: p.linear(codes))
 
-    def backward(self, dy, ctx, need_dx=True):
+    def backward(self, dy, ctx, need_dx=True, need_params=True):
         dy, w, x = self._ste_inputs(dy, ctx)
-        dx, grads = linear_gradients(dy, x, w, "bias" in self.params, need_dx)
+        dx, grads = linear_gradients(dy, x, w, "bias" in self.params, need_dx, need_params)
         return dx, self._ste_grads(grads, ctx)
