@@ -96,7 +96,8 @@ def _masked(grad):
     return ~np.all(np.isfinite(flat), axis=1) | ~np.any(flat != 0, axis=1)
 
 
-def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size):
+def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size,
+             progress=None):
     """The paper's Algorithm 1: ``steps`` steps of size ``eps`` along the loss gradient's sign
     (or the gradient itself), each iterate clipped to ``clip``; with ``radius`` projected onto
     the L-inf ball around the original (BIM). Targeted: down the target's loss."""
@@ -119,40 +120,49 @@ def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batc
             if clip is not None:
                 adv = np.clip(adv, clip[0], clip[1])
         out[sl] = adv
+        if progress:
+            progress(len(x0))
     predictions = model.predict(out)
     success = predictions != labels if target is None else predictions == np.asarray(target)
     return AttackResult.build(x, out, success, np.full(len(x), int(steps)), masked)
 
 
-def fgsm(model, images, labels, eps, clip=(0.0, 1.0), target=None, batch_size=500):
-    """Fast gradient sign method: ``x + eps * sign(grad)``, clipped."""
-    return _iterate(model, images, labels, eps, 1, "sign", clip, None, target, batch_size)
+def fgsm(model, images, labels, eps, clip=(0.0, 1.0), target=None, batch_size=500,
+         progress=None):
+    """Fast gradient sign method: ``x + eps * sign(grad)``, clipped. ``progress(n)`` is called
+    after every batch of n images (all attacks take it)."""
+    return _iterate(model, images, labels, eps, 1, "sign", clip, None, target, batch_size,
+                    progress)
 
 
-def fgm(model, images, labels, eps, norm="none", clip=(0.0, 1.0), target=None, batch_size=500):
+def fgm(model, images, labels, eps, norm="none", clip=(0.0, 1.0), target=None, batch_size=500,
+        progress=None):
     """Fast gradient method: ``x + eps * grad`` (the paper) or ``eps * grad / ||grad||_2``
     (``norm="l2"``), clipped."""
     if norm not in ("none", "l2"):
         raise FxsimError(f"norm must be 'none' or 'l2', got {norm!r}")
-    return _iterate(model, images, labels, eps, 1, norm, clip, None, target, batch_size)
+    return _iterate(model, images, labels, eps, 1, norm, clip, None, target, batch_size,
+                    progress)
 
 
 def ifgsm(model, images, labels, eps=0.02, steps=12, clip=(0.0, 1.0), radius=None,
-          target=None, batch_size=500):
+          target=None, batch_size=500, progress=None):
     """Iterative FGSM (the paper's Algorithm 1; with ``radius``, BIM's projection)."""
-    return _iterate(model, images, labels, eps, steps, "sign", clip, radius, target, batch_size)
+    return _iterate(model, images, labels, eps, steps, "sign", clip, radius, target, batch_size,
+                    progress)
 
 
 def ifgm(model, images, labels, eps=0.02, steps=12, norm="none", clip=(0.0, 1.0), radius=None,
-         target=None, batch_size=500):
+         target=None, batch_size=500, progress=None):
     """Iterative FGM: ``steps`` steps of ``eps * grad`` (or its L2-normalised direction)."""
     if norm not in ("none", "l2"):
         raise FxsimError(f"norm must be 'none' or 'l2', got {norm!r}")
-    return _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size)
+    return _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size,
+                    progress)
 
 
 def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter=50,
-             clip=None, batch_size=500):
+             clip=None, batch_size=500, progress=None):
     """L2 DeepFool (Moosavi-Dezfooli et al.): linearise the classifier around the current point
     and step to the nearest of the ``candidates`` top classes' boundaries; the reference class
     is the model's own prediction; ``overshoot`` scales the total perturbation; each sample
@@ -206,5 +216,7 @@ def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter
         if clip is not None:
             adv = np.clip(adv, *clip)
         out[sl] = adv.astype(np.float32)
+        if progress:
+            progress(len(x0))
     success = model.predict(out) != model.predict(x)
     return AttackResult.build(x, out, success, iterations, masked)

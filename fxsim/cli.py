@@ -512,9 +512,11 @@ def simulate_command(model_file, dataset, data_dir, count, bits, acc_bits, acc_m
               help="Save originals, adversarial images and labels here (HDF5).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Save a PNG grid of originals / adversarials / perturbations.")
+@click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True,
+              help="Images attacked at once (bounds memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overshoot, dataset,
-                   data_dir, count, eval_on, output, plot_path, as_json):
+                   data_dir, count, eval_on, output, plot_path, batch_size, as_json):
     """Attack MODEL_FILE (float, pruned or quantised: the gradient comes from the model itself,
     through the integer datapath and the STE for a quantised one) and report accuracy before
     and after on it and on every --eval-on model, with perturbation statistics."""
@@ -536,16 +538,21 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
         targets[other] = compress.runnable(other_model, other_info)
     dataset = dataset or info["dataset"]
     images, labels = data_lib.load(dataset, "test", data_dir, count)
+    common = {"batch_size": batch_size}
     run = {
-        "fgsm": lambda: attacks.fgsm(source, images, labels, eps),
-        "fgm": lambda: attacks.fgm(source, images, labels, eps, norm),
-        "ifgsm": lambda: attacks.ifgsm(source, images, labels, eps, steps, radius=radius),
-        "ifgm": lambda: attacks.ifgm(source, images, labels, eps, steps, norm, radius=radius),
+        "fgsm": lambda: attacks.fgsm(source, images, labels, eps, **common),
+        "fgm": lambda: attacks.fgm(source, images, labels, eps, norm, **common),
+        "ifgsm": lambda: attacks.ifgsm(source, images, labels, eps, steps, radius=radius,
+                                       **common),
+        "ifgm": lambda: attacks.ifgm(source, images, labels, eps, steps, norm, radius=radius,
+                                     **common),
         "deepfool": lambda: attacks.deepfool(source, images, labels, overshoot=overshoot,
-                                             max_iter=max_iter),
+                                             max_iter=max_iter, **common),
     }[method]
-    click.echo(f"{method} on {len(images)} {dataset} test images of {model_file}", err=True)
-    result = run()
+    with click.progressbar(length=len(images), file=sys.stderr,
+                           label=f"{method} on {len(images)} {dataset} images") as bar:
+        common["progress"] = bar.update
+        result = run()
     rows = {}
     for name, target in targets.items():
         before = target.predict(images)
