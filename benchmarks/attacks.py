@@ -16,11 +16,8 @@ import json
 import os
 import time
 
-import numpy as np
-
-from fxsim import attacks, compress, data, store
-from fxsim.models import lenet5
-from fxsim.train import TrainConfig, train
+from fxsim import attacks, compress
+from fxsim.bench import benchmark_model, sample_images
 
 
 def main(argv=None):
@@ -30,14 +27,8 @@ def main(argv=None):
     parser.add_argument("--deepfool", type=int, default=1_000)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if args.model:
-        model, _ = store.load_model(args.model)
-    else:
-        model = lenet5()
-        train(model, *data.load("sample", "train"), TrainConfig(epochs=1))
-    x, y = data.load("sample", "test")
-    reps = -(-args.images // len(x))
-    x, y = np.concatenate([x] * reps)[: args.images], np.concatenate([y] * reps)[: args.images]
+    model = benchmark_model(args.model)
+    x, y = sample_images(args.images)
     q8 = compress.quantize_model(model, compress.quant_config(model, 8))
     attacks.ifgsm(model, x[:64], y[:64], steps=1)  # warm-up: JIT compilation
     attacks.ifgsm(q8, x[:64], y[:64], steps=1)

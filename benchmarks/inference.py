@@ -16,12 +16,9 @@ import argparse
 import json
 import os
 
-import numpy as np
-
-from fxsim import compress, data, store
-from fxsim.bench import median_time
+from fxsim import compress
+from fxsim.bench import benchmark_model, median_time, sample_images
 from fxsim.models import lenet5
-from fxsim.train import TrainConfig, train
 
 
 def main(argv=None):
@@ -31,13 +28,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if args.model:
-        model, _ = store.load_model(args.model)
-    else:
-        model = lenet5()
-        train(model, *data.load("sample", "train"), TrainConfig(epochs=1))
-    x, _ = data.load("sample", "test")
-    x = np.concatenate([x] * (-(-args.images // len(x))))[: args.images]
+    model = benchmark_model(args.model)
+    x, _ = sample_images(args.images)
 
     pruned = lenet5()
     for layer, source in zip(pruned.layers, model.layers, strict=True):

@@ -145,3 +145,26 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['sparse_speedup_vs_f32']:.2f}x | {ratio:.2f} |"
         )
     return "\n".join(lines)
+
+
+def benchmark_model(path=None):
+    """The model in ``path`` (float weights), or a LeNet5 trained for one epoch on the
+    embedded sample: a benchmark needs realistic weights, since they decide the kernel path."""
+    from fxsim import data, store
+    from fxsim.models import lenet5
+    from fxsim.train import TrainConfig, train
+
+    if path:
+        return store.load_model(path)[0]
+    model = lenet5()
+    train(model, *data.load("sample", "train"), TrainConfig(epochs=1))
+    return model
+
+
+def sample_images(count: int):
+    """The embedded sample's test images and labels, repeated to ``count``."""
+    from fxsim import data
+
+    x, y = data.load("sample", "test")
+    reps = -(-count // len(x))
+    return np.concatenate([x] * reps)[:count], np.concatenate([y] * reps)[:count]

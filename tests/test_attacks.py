@@ -5,6 +5,7 @@ from fxsim import attacks, data
 from fxsim.errors import FxsimError
 from fxsim.layers import Flatten, Linear
 from fxsim.models import Model, lenet5
+from tests.helpers import run_cli
 
 
 def linear_model(weight, bias):
@@ -139,18 +140,6 @@ def model_file(trained, tmp_path_factory):
     return path
 
 
-def cli(args, capsys):
-    from fxsim.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_attack_command_reports_saves_and_plots(model_file, tmp_path, capsys):
     import json
     import struct
@@ -163,7 +152,7 @@ def test_attack_command_reports_saves_and_plots(model_file, tmp_path, capsys):
     quantised = tmp_path / "q.h5"
     store.save_model(model, quantised, "sample", quant=compress.quant_config(model, 8))
     adv, png = tmp_path / "adv.h5", tmp_path / "adv.png"
-    code, out, _ = cli(["attack", model_file, "--n", "60", "--eval-on", quantised, "-o", adv,
+    code, out, _ = run_cli(["attack", model_file, "--n", "60", "--eval-on", quantised, "-o", adv,
                         "--plot", png, "--json"], capsys)
     summary = json.loads(out)
     assert code == 0 and summary["images"] == 60 and set(summary["models"]) == {
@@ -177,7 +166,7 @@ def test_attack_command_reports_saves_and_plots(model_file, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png.read_bytes()[16:24])
     assert width > 600 and height > 300
-    code, out, _ = cli(["attack", quantised, "--method", "deepfool", "--n", "20"], capsys)
+    code, out, _ = run_cli(["attack", quantised, "--method", "deepfool", "--n", "20"], capsys)
     assert code == 0 and "success" in out
 
 
@@ -190,6 +179,6 @@ def test_attack_command_bad_input(model_file, tmp_path, capsys, extra, message):
     out = tmp_path / "adv.h5"
     args = ["attack", model_file, "--n", "5", "-o", out,
             *[e.format(missing=tmp_path / "nope.h5") for e in extra]]
-    code, _, err = cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists()

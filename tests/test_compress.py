@@ -16,6 +16,7 @@ from fxsim.datapath import Datapath
 from fxsim.errors import FxsimError
 from fxsim.fixedpoint import dequantize, quantize
 from fxsim.models import cifarnet, lenet5
+from tests.helpers import run_cli
 
 
 def fake_quant_lenet5(model, config, x):
@@ -170,18 +171,6 @@ def baseline_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "base.h5"
     store.save_model(model, path, "sample")
     return path
-
-
-def run_cli(args, capsys):
-    from fxsim.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_prune_quantize_simulate_pipeline(baseline_file, tmp_path, capsys):
