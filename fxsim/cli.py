@@ -274,16 +274,24 @@ def _load(model_file):
     return store.load_model(model_file)
 
 
+def _finetuning_setup(dataset, data_dir, epochs, lr, seed, limit, what):
+    """Training images, labels and the constant-lr config that fine-tuning (or DNS) uses."""
+    from fxsim import data as data_lib
+    from fxsim.train import TrainConfig
+
+    x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
+    click.echo(f"{what} on {len(x_train)} {dataset} images", err=True)
+    return x_train, y_train, TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
+
+
 def _finetune(model, dataset, data_dir, epochs, lr, seed, masks=None, limit=None):
     """Fine-tune on the model's own data set (or --dataset); returns the epoch history."""
-    from fxsim import data as data_lib
-    from fxsim.train import TrainConfig, train
+    from fxsim.train import train
 
     if epochs == 0:
         return []
-    x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
-    config = TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
-    click.echo(f"fine-tuning on {len(x_train)} {dataset} images", err=True)
+    x_train, y_train, config = _finetuning_setup(dataset, data_dir, epochs, lr, seed, limit,
+                                                 "fine-tuning")
     return train(model, x_train, y_train, config, progress=_EpochBars(), masks=masks)
 
 
@@ -342,12 +350,8 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
     if method == "dns":
         if finetune_epochs < 1:
             raise FxsimError("dns prunes while training: give --finetune-epochs >= 1")
-        from fxsim import data as data_lib
-        from fxsim.train import TrainConfig
-
-        x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
-        config = TrainConfig(finetune_epochs, 64, lr, seed=seed, lr_decays=())
-        click.echo(f"dynamic network surgery on {len(x_train)} {dataset} images", err=True)
+        x_train, y_train, config = _finetuning_setup(dataset, data_dir, finetune_epochs, lr,
+                                                     seed, limit, "dynamic network surgery")
         masks, history = compress.dns_prune(model, x_train, y_train, density, config, scope,
                                             progress=_EpochBars())
     else:
