@@ -99,18 +99,29 @@ def quant_config(model: Model, bits: int, int_bits: int | None = None, acc_bits=
     else:
         weight_fmt = QFormat(weight_bits, weight_int_bits)
     config = {}
-    extra = 0
-    for layer in model.layers:
+    for name, extra in _pool_bits(model.layers).items():
+        dp = Datapath(_widened(fmt, extra), weight_fmt, out_fmt=fmt, acc_bits=acc_bits,
+                      acc_mode=acc_mode, acc_overflow=acc_overflow, rounding=rounding,
+                      overflow=overflow, kernel=kernel)
+        config[name] = dp.to_dict()
+    return config
+
+
+def _pool_bits(layers) -> dict[str, int]:
+    """Conv/linear layer name -> the fraction bits s an average pool of 2^s values right
+    before it adds (0 if none), in layer order."""
+    bits, extra = {}, 0
+    for layer in layers:
         if isinstance(layer, AvgPool2d):
             extra = (layer.k * layer.k).bit_length() - 1
-        if isinstance(layer, PRUNABLE):
-            act = fmt if not extra else QFormat(min(64, fmt.bits + extra), fmt.int_bits)
-            dp = Datapath(act, weight_fmt, out_fmt=fmt, acc_bits=acc_bits, acc_mode=acc_mode,
-                          acc_overflow=acc_overflow, rounding=rounding, overflow=overflow,
-                          kernel=kernel)
-            config[layer.name] = dp.to_dict()
-            extra = 0
-    return config
+        elif isinstance(layer, PRUNABLE):
+            bits[layer.name], extra = extra, 0
+    return bits
+
+
+def _widened(fmt: QFormat, extra: int) -> QFormat:
+    """``fmt`` with ``extra`` more fraction bits, so a pool's exact sum passes unrounded."""
+    return fmt if not extra else QFormat(min(64, fmt.bits + extra), fmt.int_bits)
 
 
 def fold_batchnorm(model: Model) -> Model:
@@ -371,18 +382,13 @@ def auto_quant_config(model: Model, bits: int, calibration: np.ndarray,
     if input_values is None:
         raise FxsimError(f"{model.arch} has no conv or linear layers to quantise")
     act = QFormat(bits, fewest_int_bits(input_values, bits, max_overflow))
-    config, extra = {}, 0
-    for layer in folded.layers:
-        if isinstance(layer, AvgPool2d):
-            extra = (layer.k * layer.k).bit_length() - 1
-        if not isinstance(layer, PRUNABLE):
-            continue
-        name = layer.name
+    config = {}
+    for name, extra in _pool_bits(folded.layers).items():
         weight_fmt = QFormat(bits, fewest_int_bits(weights[name], bits, max_overflow))
         out = QFormat(bits, fewest_int_bits(outputs[name], bits, max_overflow))
-        act_in = act if not extra else QFormat(min(64, act.bits + extra), act.int_bits)
-        config[name] = Datapath(act_in, weight_fmt, out_fmt=out, **datapath_options).to_dict()
-        act, extra = out, 0
+        config[name] = Datapath(_widened(act, extra), weight_fmt, out_fmt=out,
+                                **datapath_options).to_dict()
+        act = out
     return config
 
 
