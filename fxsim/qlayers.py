@@ -42,10 +42,10 @@ class QuantizeInput(Layer):
         self.fmt, self.rounding, self.overflow = fmt, rounding, overflow
 
     def forward(self, x, train=False, rng=None):
-        codes, _ = quantize_with_count(x, self.fmt, self.rounding, self.overflow)
-        clipped = (x > self.fmt.max_value) | (x < self.fmt.min_value)
+        codes, overflowed = quantize_with_count(x, self.fmt, self.rounding, self.overflow)
+        clipped = (x > self.fmt.max_value) | (x < self.fmt.min_value)  # no gradient there
         y = values(codes, self.fmt, _value_dtype(self.fmt))
-        return y, {"clipped": clipped, "saturations": int(clipped.sum())}
+        return y, {"clipped": clipped, "saturations": overflowed}
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
         return np.where(ctx["clipped"], 0, dy).astype(dy.dtype, copy=False), {}

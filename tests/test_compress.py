@@ -326,3 +326,17 @@ def test_quantize_command_with_auto_int_bits(baseline_file, tmp_path, capsys):
     code, _, err = run_cli(["quantize", baseline_file, "--bits", "8", "--int-bits", "two",
                             "-o", out.with_name("x.h5")], capsys)
     assert code == 2 and "--int-bits must be an integer or 'auto'" in err
+
+
+def test_input_quantizer_counts_overflows_and_clips_gradients():
+    from fxsim.fixedpoint import QFormat
+    from fxsim.qlayers import QuantizeInput
+
+    fmt = QFormat(8, 2)  # max value 1.984375, step 1/64
+    layer = QuantizeInput(fmt)
+    x = np.array([[fmt.max_value + fmt.step / 4, 5.0, 0.5]])
+    y, ctx = layer.forward(x)
+    assert y.tolist() == [[fmt.max_value, fmt.max_value, 0.5]]
+    assert ctx["saturations"] == 1  # 5.0 overflows; the first value rounds onto the grid
+    dx, _ = layer.backward(np.ones_like(x), ctx)
+    assert dx.tolist() == [[0.0, 0.0, 1.0]]  # no gradient beyond the format's range
