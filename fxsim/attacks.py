@@ -220,3 +220,55 @@ def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter
             progress(len(x0))
     success = model.predict(out) != model.predict(x)
     return AttackResult.build(x, out, success, iterations, masked)
+
+
+# The attacks by name with their settings and defaults (the paper's: eps 0.02, 12 steps; DeepFool
+# overshoot 0.02, 50 iterations, top-10 candidates). Config files and the CLI go through these.
+DEFAULTS = {
+    "fgsm": {"eps": 0.02},
+    "fgm": {"eps": 0.02, "norm": "none"},
+    "ifgsm": {"eps": 0.02, "steps": 12, "radius": None},
+    "ifgm": {"eps": 0.02, "steps": 12, "norm": "none", "radius": None},
+    "deepfool": {"overshoot": 0.02, "max_iter": 50, "candidates": 10},
+}
+
+
+def settings_for(method: str, given: dict | None = None) -> dict:
+    """``given`` completed with ``method``'s defaults; an unknown method or setting is an
+    error naming it, and so is a bad value."""
+    if method not in DEFAULTS:
+        raise FxsimError(f"unknown attack {method!r}; choose from {', '.join(DEFAULTS)}")
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(DEFAULTS[method]))
+    if unknown:
+        raise FxsimError(f"{method} has no setting {', '.join(map(repr, unknown))}; it takes "
+                         f"{', '.join(DEFAULTS[method])}")
+    settings = {**DEFAULTS[method], **given}
+    check_settings(settings.get("eps"), settings.get("steps"))
+    if settings.get("norm", "none") not in ("none", "l2"):
+        raise FxsimError(f"norm must be 'none' or 'l2', got {settings['norm']!r}")
+    radius = settings.get("radius")
+    if radius is not None and not radius > 0:
+        raise FxsimError(f"radius must be > 0, got {radius}")
+    if method == "deepfool" and not (settings["overshoot"] >= 0 and settings["max_iter"] >= 1
+                                     and settings["candidates"] >= 2):
+        raise FxsimError("deepfool needs overshoot >= 0, max_iter >= 1 and candidates >= 2")
+    return settings
+
+
+def run(method: str, model, images, labels, settings: dict | None = None, batch_size=500,
+        progress=None) -> AttackResult:
+    """Run attack ``method`` with ``settings`` (see DEFAULTS) on ``model``."""
+    s = settings_for(method, settings)
+    common = {"batch_size": batch_size, "progress": progress}
+    if method == "fgsm":
+        return fgsm(model, images, labels, s["eps"], **common)
+    if method == "fgm":
+        return fgm(model, images, labels, s["eps"], s["norm"], **common)
+    if method == "ifgsm":
+        return ifgsm(model, images, labels, s["eps"], s["steps"], radius=s["radius"], **common)
+    if method == "ifgm":
+        return ifgm(model, images, labels, s["eps"], s["steps"], s["norm"], radius=s["radius"],
+                    **common)
+    return deepfool(model, images, labels, s["candidates"], s["overshoot"], s["max_iter"],
+                    **common)

@@ -275,24 +275,16 @@ def _load(model_file):
 
 
 def _finetuning_setup(dataset, data_dir, epochs, lr, seed, limit, what):
-    """Training images, labels and the constant-lr config that fine-tuning (or DNS) uses."""
+    """((training images, labels), constant-lr TrainConfig) for fine-tuning or DNS; (None,
+    None) for 0 epochs."""
     from fxsim import data as data_lib
     from fxsim.train import TrainConfig
 
+    if epochs == 0:
+        return None, None
     x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
     click.echo(f"{what} on {len(x_train)} {dataset} images", err=True)
-    return x_train, y_train, TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
-
-
-def _finetune(model, dataset, data_dir, epochs, lr, seed, masks=None, limit=None):
-    """Fine-tune on the model's own data set (or --dataset); returns the epoch history."""
-    from fxsim.train import train
-
-    if epochs == 0:
-        return []
-    x_train, y_train, config = _finetuning_setup(dataset, data_dir, epochs, lr, seed, limit,
-                                                 "fine-tuning")
-    return train(model, x_train, y_train, config, progress=_EpochBars(), masks=masks)
+    return (x_train, y_train), TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
 
 
 def _test_accuracy(model, dataset, data_dir, n=None):
@@ -347,17 +339,13 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
         raise FxsimError(f"{model_file} is quantised: prune the float model, then quantize it")
     store.check_writable(output)
     dataset = dataset or info["dataset"]
-    if method == "dns":
-        if finetune_epochs < 1:
-            raise FxsimError("dns prunes while training: give --finetune-epochs >= 1")
-        x_train, y_train, config = _finetuning_setup(dataset, data_dir, finetune_epochs, lr,
-                                                     seed, limit, "dynamic network surgery")
-        masks, history = compress.dns_prune(model, x_train, y_train, density, config, scope,
-                                            progress=_EpochBars())
-    else:
-        masks = compress.magnitude_masks(model, density, scope=scope)
-        compress.apply_masks(model, masks)
-        history = _finetune(model, dataset, data_dir, finetune_epochs, lr, seed, masks, limit)
+    if method == "dns" and finetune_epochs < 1:
+        raise FxsimError("dns prunes while training: give --finetune-epochs >= 1")
+    train_data, config = _finetuning_setup(dataset, data_dir, finetune_epochs, lr, seed, limit,
+                                           "dynamic network surgery" if method == "dns"
+                                           else "fine-tuning")
+    masks, history = compress.prune_model(model, density, method, scope, train_data, config,
+                                          progress=_EpochBars())
     acc = _test_accuracy(model, dataset, data_dir)
     report = compress.density_report(model, masks)
     store.save_model(model, output, info["dataset"],
@@ -407,27 +395,32 @@ def quantize_command(model_file, bits, int_bits, max_overflow, calibration, weig
     save. A pruned model keeps its masks."""
     from fxsim import compress, store
     from fxsim import data as data_lib
+    from fxsim.train import train
 
     model, info = _load(model_file)
     store.check_writable(output)
     dataset = dataset or info["dataset"]
+    if int_bits == "auto" and (weight_bits is not None or weight_int_bits is not None):
+        raise FxsimError("--int-bits auto picks weight formats too: drop --weight-bits")
+    int_bits = int_bits if int_bits == "auto" else _int_or_none(int_bits, "--int-bits")
+    calibration_images = None
     if int_bits == "auto":
-        if weight_bits is not None or weight_int_bits is not None:
-            raise FxsimError("--int-bits auto picks weight formats too: drop --weight-bits")
         calibration_images, _ = data_lib.load(dataset, "train", data_dir, calibration)
-        config = compress.auto_quant_config(
-            model, bits, calibration_images, max_overflow, acc_bits=acc_bits,
-            acc_mode=acc_mode, acc_overflow=acc_overflow, rounding=rounding)
-    else:
-        config = compress.quant_config(model, bits, _int_or_none(int_bits, "--int-bits"),
-                                       acc_bits, acc_mode, acc_overflow, rounding,
-                                       weight_bits=weight_bits,
-                                       weight_int_bits=weight_int_bits)
-    qmodel = compress.quantize_model(model, config, info["masks"])
+    datapath_options = {"acc_bits": acc_bits, "acc_mode": acc_mode, "acc_overflow": acc_overflow,
+                        "rounding": rounding}
+    if int_bits != "auto":
+        datapath_options.update(weight_bits=weight_bits, weight_int_bits=weight_int_bits)
+    qmodel, config, _ = compress.quantize_finetune(model, bits, int_bits, info["masks"],
+                                                   calibration=calibration_images,
+                                                   max_overflow=max_overflow, **datapath_options)
     before = _test_accuracy(qmodel, dataset, data_dir)
     click.echo(f"bit-accurate test accuracy before fine-tuning: {before:.4f}", err=True)
-    history = _finetune(qmodel, dataset, data_dir, finetune_epochs, lr, seed, info["masks"],
-                        limit)
+    history = []
+    train_data, train_config = _finetuning_setup(dataset, data_dir, finetune_epochs, lr, seed,
+                                                 limit, "fine-tuning")
+    if train_config:
+        history = train(qmodel, *train_data, train_config, progress=_EpochBars(),
+                        masks=info["masks"])
     acc = _test_accuracy(qmodel, dataset, data_dir) if history else before
     store.save_model(compress.export_float(qmodel, model), output, info["dataset"],
                      {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": str(model_file),
@@ -527,7 +520,10 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
     from fxsim import attacks, compress, report, store
     from fxsim import data as data_lib
 
-    attacks.check_settings(eps, steps)
+    given = {"eps": eps, "steps": steps, "radius": radius, "norm": norm, "max_iter": max_iter,
+             "overshoot": overshoot}
+    settings = attacks.settings_for(
+        method, {k: v for k, v in given.items() if k in attacks.DEFAULTS[method]})
     for path in (output, plot_path):
         if path:
             store.check_writable(path)
@@ -542,21 +538,9 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
         targets[other] = compress.runnable(other_model, other_info)
     dataset = dataset or info["dataset"]
     images, labels = data_lib.load(dataset, "test", data_dir, count)
-    common = {"batch_size": batch_size}
-    run = {
-        "fgsm": lambda: attacks.fgsm(source, images, labels, eps, **common),
-        "fgm": lambda: attacks.fgm(source, images, labels, eps, norm, **common),
-        "ifgsm": lambda: attacks.ifgsm(source, images, labels, eps, steps, radius=radius,
-                                       **common),
-        "ifgm": lambda: attacks.ifgm(source, images, labels, eps, steps, norm, radius=radius,
-                                     **common),
-        "deepfool": lambda: attacks.deepfool(source, images, labels, overshoot=overshoot,
-                                             max_iter=max_iter, **common),
-    }[method]
     with click.progressbar(length=len(images), file=sys.stderr,
                            label=f"{method} on {len(images)} {dataset} images") as bar:
-        common["progress"] = bar.update
-        result = run()
+        result = attacks.run(method, source, images, labels, settings, batch_size, bar.update)
     rows = {}
     for name, target in targets.items():
         before = target.predict(images)
@@ -565,8 +549,7 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
                       "accuracy_after": float((after == labels).mean())}
     summary = {
         "method": method, "source": model_file, "dataset": dataset, "images": len(images),
-        "settings": {"eps": eps, "steps": steps, "radius": radius, "norm": norm,
-                     "max_iter": max_iter, "overshoot": overshoot},
+        "settings": settings,
         "success_rate": float(result.success.mean()),
         "gradient_masked": int(result.gradient_masked.sum()),
         "mean_abs_per_pixel": float(result.mean_abs.mean()), "mean_l2": float(result.l2.mean()),

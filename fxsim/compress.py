@@ -400,3 +400,49 @@ def runnable(model: Model, info: dict) -> Model:
     if info.get("masks"):
         apply_masks(model, info["masks"])
     return model
+
+
+# ------------------------------------------------------------------------------ pipelines
+
+
+def prune_model(model: Model, density: float, method: str = "magnitude", scope: str = "layer",
+                train_data=None, config=None, progress=None) -> tuple[dict, list]:
+    """Prune ``model`` in place to ``density`` and fine-tune it on ``train_data`` (images,
+    labels) with ``config`` (a TrainConfig; None or no data: no fine-tuning). ``method``:
+    "magnitude" (prune once, then train with the masks fixed) or "dns" (dynamic network
+    surgery while training; needs data). Returns (masks, epoch history)."""
+    from fxsim.train import train
+
+    if method not in ("magnitude", "dns"):
+        raise FxsimError(f"pruning method must be 'magnitude' or 'dns', got {method!r}")
+    if method == "dns":
+        if train_data is None or config is None:
+            raise FxsimError("dns prunes while training: give it training data and epochs >= 1")
+        return dns_prune(model, *train_data, density, config, scope, progress=progress)
+    masks = magnitude_masks(model, density, scope=scope)
+    apply_masks(model, masks)
+    if train_data is None or config is None:
+        return masks, []
+    return masks, train(model, *train_data, config, progress=progress, masks=masks)
+
+
+def quantize_finetune(model: Model, bits: int, int_bits=None, masks=None, train_data=None,
+                      config=None, calibration=None, max_overflow: float = 1e-3,
+                      progress=None, **datapath_options) -> tuple[Model, dict, list]:
+    """Quantise ``model`` to ``bits`` (``int_bits``: None = the paper's preset, an integer, or
+    "auto" = dynamic fixed point calibrated on ``calibration`` images) and fine-tune the
+    quantised twin through the integer datapath (clipped STE) when ``train_data`` and
+    ``config`` are given. Returns (quantised model, quant config, epoch history); the
+    float model to store is ``export_float(quantised, model)``."""
+    from fxsim.train import train
+
+    if int_bits == "auto":
+        if calibration is None:
+            raise FxsimError("int_bits 'auto' needs calibration images")
+        quant = auto_quant_config(model, bits, calibration, max_overflow, **datapath_options)
+    else:
+        quant = quant_config(model, bits, int_bits, **datapath_options)
+    qmodel = quantize_model(model, quant, masks)
+    if train_data is None or config is None:
+        return qmodel, quant, []
+    return qmodel, quant, train(qmodel, *train_data, config, progress=progress, masks=masks)
