@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 import numpy as np
@@ -571,6 +572,178 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
     for name, row in rows.items():
         click.echo(f"  {name}: accuracy {row['accuracy_before']:.4f} -> "
                    f"{row['accuracy_after']:.4f}")
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+
+def _echo_err(message: str) -> None:
+    """Log lines to stderr (module level, so sweep worker processes can receive it)."""
+    click.echo(message, err=True)
+
+
+def _write_report(results_file, out_dir) -> list:
+    from fxsim import report, store
+
+    rows, models, config = store.load_results(results_file)
+    return report.write_report(rows, models, config, out_dir, source=str(results_file))
+
+
+@cli.command("scenarios")
+@click.option("--baseline", "baseline_file", type=click.Path(dir_okay=False), required=True,
+              help="The full-precision model (HDF5).")
+@click.option("--compressed", "compressed", multiple=True, type=click.Path(dir_okay=False),
+              required=True, help="Compressed models: --compressed C1.h5 C2.h5 ...")
+@click.argument("more_compressed", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--attacks", "attack_names", default="ifgsm,ifgm,deepfool", show_default=True,
+              help="Comma-separated attacks (fgsm, fgm, ifgsm, ifgm, deepfool).")
+@click.option("--eps", type=float, default=0.02, show_default=True,
+              help="Step size of the gradient attacks.")
+@click.option("--steps", type=int, default=12, show_default=True, help="ifgsm / ifgm.")
+@click.option("--max-iter", type=int, default=50, show_default=True, help="DeepFool.")
+@click.option("--overshoot", type=float, default=0.02, show_default=True, help="DeepFool.")
+@click.option("--dataset", default=None, help="Data set (default: the baseline's own).")
+@data_dir_option
+@click.option("--n", "count", type=click.IntRange(1), default=1000, show_default=True,
+              help="Attack the first N test images.")
+@click.option("--matrix", is_flag=True,
+              help="Also evaluate every compressed model's examples on every other one.")
+@click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="Results file to write (HDF5).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write tables and plots into this folder.")
+def scenarios_command(baseline_file, compressed, more_compressed, attack_names, eps, steps,
+                      max_iter, overshoot, dataset, data_dir, count, matrix, batch_size, output,
+                      report_dir):
+    """The paper's three attack scenarios: for every attack, examples made on the baseline
+    (once) and on each compressed model, evaluated as COMP->COMP, FULL->COMP and COMP->FULL
+    (plus FULL->FULL and clean accuracy); --matrix adds every compressed->compressed pair."""
+    from pathlib import Path
+
+    from fxsim import attacks, compress, scenarios, store
+    from fxsim import data as data_lib
+
+    given = {"eps": eps, "steps": steps, "max_iter": max_iter, "overshoot": overshoot}
+    settings = {}
+    for method in (m.strip() for m in attack_names.split(",") if m.strip()):
+        if method not in attacks.DEFAULTS:
+            raise FxsimError(f"unknown attack {method!r}; choose from "
+                             f"{', '.join(attacks.DEFAULTS)}")
+        settings[method] = attacks.settings_for(
+            method, {k: v for k, v in given.items() if k in attacks.DEFAULTS[method]})
+    if not settings:
+        raise FxsimError("--attacks names no attack")
+    store.check_writable(output)
+    base_model, base_info = _load(baseline_file)
+    if base_info["quant"] or base_info["masks"]:
+        raise FxsimError(f"{baseline_file} is compressed: the baseline must be the dense float "
+                         "model")
+    files = {"baseline": baseline_file}
+    for path in [*compressed, *more_compressed]:
+        name = Path(path).stem
+        if name in files:
+            name = str(path)
+        if name in files:
+            raise FxsimError(f"{path} is given twice")
+        files[name] = path
+    models = {"baseline": compress.runnable(base_model, base_info)}
+    table = [scenarios.describe("baseline", base_model, base_info, baseline_file, True)]
+    for name, path in list(files.items())[1:]:
+        model, info = _load(path)
+        scenarios.check_compatible(baseline_file, base_info, path, info)
+        table.append(scenarios.describe(name, model, info, path))
+        models[name] = compress.runnable(model, info)
+    dataset = dataset or base_info["dataset"]
+    images, labels = data_lib.load(dataset, "test", data_dir, count)
+    rows, clean = scenarios.run(models, "baseline", settings, images, labels, matrix,
+                                batch_size, progress=_echo_err)
+    for row in table:
+        row["clean_accuracy"] = clean[row["name"]]
+    config = {"dataset": dataset, "arch": base_info["arch"], "images": len(images),
+              "matrix": matrix, "attacks": settings, "baseline": baseline_file,
+              "compressed": files, "command": "fxsim " + " ".join(sys.argv[1:])}
+    store.save_results(output, rows, table, config)
+    _print_results(rows, table, output)
+    if report_dir:
+        written = _write_report(output, report_dir)
+        click.echo(f"report: {written[0]}")
+
+
+def _print_results(rows, models, results_file) -> None:
+    from fxsim import report
+
+    click.echo(report.markdown_scenarios(report.scenario_table(rows, models)))
+    click.echo(f"results: {results_file}")
+
+
+def _sweep_progress(event: dict) -> None:
+    status = "cached" if event["status"] == "cached" else f"done in {event['seconds']:.1f} s"
+    click.echo(f"[{event['index']}/{event['total']}] {event['step']}: {status}", err=True)
+
+
+def _run_sweep(config_file, output, jobs, data_dir, with_report):
+    import time
+
+    from fxsim import store, sweep
+
+    config = sweep.load_config(config_file, output)
+    start = time.perf_counter()
+    click.echo(f"sweep {config_file} -> {config['output']} ({jobs} job{'s' * (jobs > 1)})",
+               err=True)
+    results = sweep.run_sweep(config, jobs, data_dir, progress=_sweep_progress, log=_echo_err)
+    click.echo(f"sweep finished in {time.perf_counter() - start:.1f} s", err=True)
+    rows, models, _ = store.load_results(results)
+    _print_results(rows, models, results)
+    if with_report:
+        written = _write_report(results, Path(config["output"]) / "report")
+        click.echo(f"report: {written[0]}")
+
+
+@cli.command("sweep")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: the config's `output`, else ./CONFIG-NAME).")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Independent steps run in this many processes (same results for any).")
+@data_dir_option
+@click.option("--report/--no-report", "with_report", default=True, show_default=True,
+              help="Write tables and plots into OUTPUT/report.")
+def sweep_command(config_file, output, jobs, data_dir, with_report):
+    """Run the whole experiment in CONFIG_FILE (TOML): train or load the baseline, prune and
+    quantise it, fine-tune, attack every model, evaluate the scenarios, write
+    OUTPUT/results.h5. Every finished step is a file under OUTPUT/steps named by a hash of
+    its settings: a rerun skips what is done, so an interrupted sweep resumes. See
+    examples/*.toml."""
+    _run_sweep(config_file, output, jobs, data_dir, with_report)
+
+
+@cli.command("report")
+@click.argument("results_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for report.md, CSV tables and PNG plots.")
+def report_command(results_file, out_dir):
+    """Tables (Markdown, CSV) and plots (accuracy vs density and vs bitwidth per attack and
+    scenario, perturbation vs bitwidth, transfer matrix) from a results file."""
+    written = _write_report(results_file, out_dir)
+    for path in written:
+        click.echo(str(path))
+
+
+@cli.command("demo")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="fxsim-demo",
+              show_default=True, help="Output folder.")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True)
+def demo_command(output, jobs):
+    """The main job end to end on the embedded Fashion-MNIST sample, in a few minutes: train
+    LeNet5, prune it to 3 densities and quantise it to 3 bitwidths (fine-tuning each), run
+    IFGSM, IFGM and DeepFool in the three scenarios, write the report. Its config is
+    examples/demo.toml; rerunning reuses what is done."""
+    from importlib import resources
+
+    config_file = resources.files("fxsim") / "_data" / "demo.toml"
+    with resources.as_file(config_file) as path:
+        _run_sweep(path, output, jobs, None, True)
 
 
 def main(argv=None):

@@ -16,6 +16,9 @@ import numpy as np
 
 from fxsim.errors import FxsimError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -24,6 +27,7 @@ def atomic_path(path):
     check_writable(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result should not be
     try:
         yield Path(tmp)
         os.replace(tmp, target)
@@ -200,3 +204,119 @@ def save_adversarial(path, original, adversarial, labels, meta: dict) -> None:
         f.create_dataset("adversarial", data=np.asarray(adversarial, np.float32),
                          compression="gzip")
         f.create_dataset("labels", data=np.asarray(labels, np.int64))
+
+
+def load_adversarial(path):
+    """Read an adversarial image file: (original, adversarial, labels, meta)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file() or not h5py.is_hdf5(path):
+        raise _bad(path, "no such HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != ADVERSARIAL_FORMAT:
+                raise _bad(path, f"format is {f.attrs.get('format')!r}, expected "
+                                 f"{ADVERSARIAL_FORMAT!r}")
+            original, adversarial = f["original"][()], f["adversarial"][()]
+            labels, meta = f["labels"][()], json.loads(f.attrs["meta"])
+    except FxsimError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise _bad(path, f"unreadable or truncated adversarial file ({exc})") from exc
+    if adversarial.shape != original.shape or labels.shape != (len(original),):
+        raise _bad(path, f"shapes do not match: original {original.shape}, adversarial "
+                         f"{adversarial.shape}, labels {labels.shape}")
+    return original, adversarial, labels, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Results files (HDF5; see docs/formats.md)
+# --------------------------------------------------------------------------------------------
+
+RESULTS_FORMAT = "fxsim-results"
+RESULTS_VERSION = 1
+_TEXT_COLUMNS = {"attack", "scenario", "source", "target", "name", "kind", "file"}
+
+
+def _write_table(group, rows: list[dict], columns) -> None:
+    import h5py
+
+    for column in columns:
+        values = [row[column] for row in rows]
+        if column in _TEXT_COLUMNS:
+            group.create_dataset(column, data=np.array(values, dtype=object),
+                                 dtype=h5py.string_dtype())
+        else:
+            group.create_dataset(column, data=np.array(values, dtype=np.float64))
+
+
+def _read_table(f, name: str, columns, path) -> list[dict]:
+    if name not in f:
+        raise _bad(path, f"missing group '{name}'")
+    group = f[name]
+    data = {}
+    for column in columns:
+        if column not in group:
+            raise _bad(path, f"table '{name}' has no column '{column}'")
+        value = group[column][()]
+        data[column] = ([v.decode() if isinstance(v, bytes) else str(v) for v in value]
+                        if column in _TEXT_COLUMNS else value.astype(np.float64).tolist())
+    lengths = {len(v) for v in data.values()}
+    if len(lengths) > 1:
+        raise _bad(path, f"table '{name}' has columns of different lengths {sorted(lengths)}")
+    count = lengths.pop() if lengths else 0
+    return [{c: data[c][i] for c in columns} for i in range(count)]
+
+
+def save_results(path, rows: list[dict], models: list[dict], config: dict) -> None:
+    """Write a results file atomically: group ``rows`` (one row per attack, scenario, source,
+    target; columns scenarios.ROW_COLUMNS), group ``models`` (scenarios.MODEL_COLUMNS) and the
+    JSON ``config`` that produced them."""
+    import h5py
+
+    from fxsim import __version__
+    from fxsim.scenarios import MODEL_COLUMNS, ROW_COLUMNS
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = RESULTS_FORMAT
+        f.attrs["version"] = RESULTS_VERSION
+        f.attrs["fxsim_version"] = __version__
+        f.attrs["config"] = json.dumps(config)
+        _write_table(f.create_group("rows"), rows, ROW_COLUMNS)
+        _write_table(f.create_group("models"), models, MODEL_COLUMNS)
+
+
+def load_results(path) -> tuple[list[dict], list[dict], dict]:
+    """Read and validate a results file: (rows, models, config)."""
+    import h5py
+
+    from fxsim.scenarios import MODEL_COLUMNS, ROW_COLUMNS, SCENARIOS
+
+    path = Path(path)
+    if not path.is_file():
+        raise _bad(path, "no such file")
+    if not h5py.is_hdf5(path):
+        raise _bad(path, "not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != RESULTS_FORMAT:
+                raise _bad(path, f"format is {f.attrs.get('format')!r}, expected "
+                                 f"{RESULTS_FORMAT!r}")
+            if f.attrs.get("version") != RESULTS_VERSION:
+                raise _bad(path, f"results version {f.attrs.get('version')!r} is not supported")
+            rows = _read_table(f, "rows", ROW_COLUMNS, path)
+            models = _read_table(f, "models", MODEL_COLUMNS, path)
+            config = json.loads(f.attrs.get("config", "{}"))
+    except FxsimError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise _bad(path, f"unreadable or truncated results file ({exc})") from exc
+    names = {m["name"] for m in models}
+    for i, row in enumerate(rows):
+        if row["scenario"] not in SCENARIOS:
+            raise _bad(path, f"row {i}: unknown scenario {row['scenario']!r}")
+        for end in ("source", "target"):
+            if row[end] not in names:
+                raise _bad(path, f"row {i}: {end} {row[end]!r} is not in the models table")
+    return rows, models, config

@@ -1,0 +1,484 @@
+"""Sweeps: the whole experiment from one TOML file, run as resumable, cached steps.
+
+A sweep trains (or loads) the baseline, builds every pruned and every quantised model from it,
+makes the adversarial images of every attack on every model, evaluates the scenarios
+(fxsim.scenarios) and writes one results file. Every step's output is its own file under
+``OUTPUT/steps/``, named by a hash of everything that determines it (its settings, the hashes
+of the steps it reads, the data set and seed), and written atomically. A rerun skips the steps
+whose file exists, so an interrupted sweep resumes where it stopped and changing one setting
+recomputes only what depends on it. Steps of one stage are independent and run in parallel
+over ``jobs`` processes; a step's result depends only on its inputs, never on the job count.
+
+The config keys are in ``SCHEMA`` and docs/formats.md; examples/ holds the demo's and the
+paper's LeNet5 sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fxsim.errors import FxsimError
+
+STEP_VERSION = 1  # bump when a step's meaning changes, so old step files are not reused
+
+_NUMBER = (int, float)
+SCHEMA = {
+    "": {"dataset": str, "arch": str, "seed": int, "images": int, "batch_size": int,
+         "matrix": bool, "output": str, "train_limit": int},
+    "baseline": {"file": str, "epochs": int, "lr": _NUMBER, "batch_size": int,
+                 "momentum": _NUMBER, "weight_decay": _NUMBER},
+    "pruning": {"densities": list, "method": str, "scope": str, "epochs": int, "lr": _NUMBER},
+    "quantization": {"bitwidths": list, "int_bits": (int, str), "max_overflow": _NUMBER,
+                     "calibration": int, "acc_bits": int, "acc_mode": str,
+                     "acc_overflow": str, "rounding": str, "epochs": int, "lr": _NUMBER},
+}
+DEFAULTS = {
+    "": {"seed": 0, "images": 1000, "batch_size": 500, "matrix": False, "train_limit": None},
+    "baseline": {"file": None, "epochs": 10, "lr": 0.01, "batch_size": 64, "momentum": 0.9,
+                 "weight_decay": 5e-4},
+    "pruning": {"densities": [], "method": "magnitude", "scope": "global", "epochs": 2,
+                "lr": 0.001},
+    "quantization": {"bitwidths": [], "int_bits": "preset", "max_overflow": 1e-3,
+                     "calibration": 1000, "acc_bits": None, "acc_mode": "final",
+                     "acc_overflow": "sat", "rounding": "rnd_conv", "epochs": 2, "lr": 0.001},
+}
+
+
+# ------------------------------------------------------------------------------ the config
+
+
+def _where(path, section: str, key: str | None = None) -> str:
+    dotted = ".".join(p for p in (section, key) if p)
+    return f"{path}: {dotted}" if dotted else str(path)
+
+
+def _check_type(path, section, key, value, expected) -> None:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join(t.__name__ for t in types)
+        raise FxsimError(f"{_where(path, section, key)} must be {names}, got {value!r}")
+
+
+def _section(path, raw: dict, section: str) -> dict:
+    given = raw if section == "" else raw.get(section, {})
+    if not isinstance(given, dict):
+        raise FxsimError(f"{_where(path, section)} must be a table")
+    schema = SCHEMA[section]
+    skip = {"baseline", "pruning", "quantization", "attacks"} if section == "" else set()
+    for key, value in given.items():
+        if key in skip:
+            continue
+        if key not in schema:
+            raise FxsimError(f"{path}: unknown key '{_where('', section, key).strip(': ')}' "
+                             f"(known: {', '.join(schema)})")
+        _check_type(path, section, key, value, schema[key])
+    return {**DEFAULTS.get(section, {}),
+            **{k: v for k, v in given.items() if k not in skip}}
+
+
+def _positive(path, section, key, value) -> None:
+    if value is not None and value < 1:
+        raise FxsimError(f"{_where(path, section, key)} must be >= 1, got {value}")
+
+
+def load_config(path, output=None) -> dict:
+    """Read and check a sweep TOML file: every problem (syntax, unknown key, bad value,
+    missing model file, unknown attack or architecture) is an FxsimError naming it. Relative
+    paths in the file are relative to the file's folder. Returns the completed config."""
+    import tomllib
+
+    from fxsim import attacks, compress
+    from fxsim import data as data_lib
+    from fxsim.models import ARCHITECTURES
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise FxsimError(f"{path}: no such file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FxsimError(f"{path}: cannot read ({exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise FxsimError(f"{path}: not valid TOML: {exc}") from exc
+    top = _section(path, raw, "")
+    for key in ("dataset", "arch"):
+        if key not in top:
+            raise FxsimError(f"{path}: missing key '{key}'")
+    if top["arch"] not in ARCHITECTURES:
+        raise FxsimError(f"{_where(path, '', 'arch')}: unknown architecture {top['arch']!r}; "
+                         f"choose from {', '.join(ARCHITECTURES)}")
+    shape = data_lib.input_shape(top["dataset"])  # checks the name
+    if shape != ARCHITECTURES[top["arch"]]().input_shape:
+        raise FxsimError(f"{path}: {top['arch']} does not take {top['dataset']} images {shape}")
+    if top["dataset"] != data_lib.SAMPLE and data_lib.locate(top["dataset"]) is None:
+        raise FxsimError(f"{path}: dataset {top['dataset']} is not present; run "
+                         f"`fxsim data fetch {top['dataset']}`")
+    for key in ("images", "batch_size", "train_limit"):
+        _positive(path, "", key, top[key])
+    config = {**top, "baseline": _section(path, raw, "baseline"),
+              "pruning": _section(path, raw, "pruning"),
+              "quantization": _section(path, raw, "quantization")}
+    base = config["baseline"]
+    for key in ("epochs", "batch_size"):
+        _positive(path, "baseline", key, base[key])
+    if base["file"] is not None:
+        file = (path.parent / base["file"]).resolve()
+        from fxsim import store
+
+        _, info = store.load_model(file)
+        for key in ("arch", "dataset"):
+            if info[key] != top[key]:
+                raise FxsimError(f"{_where(path, 'baseline', 'file')}: {file} is a {key} "
+                                 f"{info[key]!r} model, the sweep's {key} is {top[key]!r}")
+        if info["masks"] or info["quant"]:
+            raise FxsimError(f"{_where(path, 'baseline', 'file')}: {file} is compressed; the "
+                             "baseline must be a dense float model")
+        base["file"] = str(file)
+    prune = config["pruning"]
+    for density in prune["densities"]:
+        if not isinstance(density, _NUMBER) or isinstance(density, bool) or \
+                not 0 < density <= 1:
+            raise FxsimError(f"{_where(path, 'pruning', 'densities')}: every density must be "
+                             f"a number in (0, 1], got {density!r}")
+    if prune["method"] not in ("magnitude", "dns"):
+        raise FxsimError(f"{_where(path, 'pruning', 'method')} must be 'magnitude' or 'dns'")
+    if prune["scope"] not in ("layer", "global"):
+        raise FxsimError(f"{_where(path, 'pruning', 'scope')} must be 'layer' or 'global'")
+    if prune["method"] == "dns" and prune["densities"] and prune["epochs"] < 1:
+        raise FxsimError(f"{_where(path, 'pruning', 'epochs')}: dns needs epochs >= 1")
+    quant = config["quantization"]
+    int_bits = quant["int_bits"]
+    if isinstance(int_bits, str) and int_bits not in ("preset", "auto"):
+        raise FxsimError(f"{_where(path, 'quantization', 'int_bits')} must be 'preset', "
+                         f"'auto' or an integer, got {int_bits!r}")
+    model = ARCHITECTURES[top["arch"]]()
+    for bits in quant["bitwidths"]:
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise FxsimError(f"{_where(path, 'quantization', 'bitwidths')}: {bits!r} is not "
+                             "an integer")
+        try:  # builds the Datapaths, which checks widths, modes and the accumulator
+            compress.quant_config(model, bits, int_bits if isinstance(int_bits, int) else None,
+                                  quant["acc_bits"], quant["acc_mode"], quant["acc_overflow"],
+                                  quant["rounding"])
+        except (FxsimError, ValueError) as exc:
+            raise FxsimError(f"{_where(path, 'quantization')}: {exc}") from exc
+    for section in ("pruning", "quantization"):
+        if config[section]["epochs"] < 0:
+            raise FxsimError(f"{_where(path, section, 'epochs')} must be >= 0")
+    raw_attacks = raw.get("attacks", {})
+    if not isinstance(raw_attacks, dict) or not raw_attacks:
+        raise FxsimError(f"{path}: give at least one attack, e.g. [attacks.ifgsm]")
+    config["attacks"] = {}
+    for method, settings in raw_attacks.items():
+        if not isinstance(settings, dict):
+            raise FxsimError(f"{_where(path, 'attacks', method)} must be a table")
+        try:
+            config["attacks"][method] = attacks.settings_for(method, settings)
+        except FxsimError as exc:
+            raise FxsimError(f"{_where(path, 'attacks', method)}: {exc}") from exc
+    if output is not None:
+        config["output"] = str(Path(output))
+    elif "output" in config:
+        config["output"] = str(path.parent / config["output"])
+    else:
+        config["output"] = path.stem
+    return config
+
+
+# ------------------------------------------------------------------------------ the steps
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of work: ``kind`` (train, prune, quantize, attack, evaluate), a readable
+    ``name``, the ``settings`` that determine its output, the steps it reads (``parents``,
+    by name) and ``key``, the hash of all that; ``file`` is where its output lives, relative
+    to the output folder."""
+
+    kind: str
+    name: str
+    settings: dict
+    parents: tuple = ()
+    key: str = ""
+    file: str = ""
+    extra: dict = field(default_factory=dict)  # inputs that are not part of the key (paths)
+
+
+def _key(kind: str, settings: dict, parent_keys: list[str]) -> str:
+    text = json.dumps({"version": STEP_VERSION, "kind": kind, "settings": settings,
+                       "parents": parent_keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _make(kind, name, settings, parents=(), suffix=".h5", extra=None) -> Step:
+    key = _key(kind, settings, [p.key for p in parents])
+    return Step(kind, name, settings, tuple(p.name for p in parents), key,
+                f"steps/{name}-{key}{suffix}", extra or {})
+
+
+def _file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def plan(config: dict) -> list[list[Step]]:
+    """The sweep's steps in stages; the steps of a stage only read earlier stages."""
+    from fxsim.scenarios import plan as scenario_plan
+
+    data = {"dataset": config["dataset"], "train_limit": config["train_limit"],
+            "seed": config["seed"]}
+    base = config["baseline"]
+    if base["file"]:
+        settings = {"sha256": _file_digest(base["file"])}
+        baseline = Step("given", "baseline", settings, key=_key("given", settings, []),
+                        file=base["file"])
+    else:
+        baseline = _make("train", "baseline", {**data, "arch": config["arch"],
+                                               **{k: v for k, v in base.items() if k != "file"}})
+    models = []
+    prune = config["pruning"]
+    for density in prune["densities"]:
+        settings = {**data, "density": float(density),
+                    **{k: v for k, v in prune.items() if k != "densities"}}
+        models.append(_make("prune", f"pruned-{density:g}", settings, [baseline]))
+    quant = config["quantization"]
+    for bits in quant["bitwidths"]:
+        settings = {**data, "bits": bits, **{k: v for k, v in quant.items() if k != "bitwidths"}}
+        suffix = "" if quant["int_bits"] == "preset" else f"i{quant['int_bits']}"
+        models.append(_make("quantize", f"q{bits}{suffix}", settings, [baseline]))
+    by_name = {m.name: m for m in [baseline, *models]}
+    images = {"dataset": config["dataset"], "images": config["images"],
+              "batch_size": config["batch_size"]}
+    attack_steps = {}
+    for method, settings in config["attacks"].items():
+        for model in by_name.values():
+            attack_steps[method, model.name] = _make(
+                "attack", f"{method}-{model.name}",
+                {**images, "method": method, "attack": settings}, [model])
+    pairs = scenario_plan("baseline", [m.name for m in models], config["matrix"])
+    evaluations = []
+    for target in by_name.values():
+        sets = [[method, source, scenario] for method in config["attacks"]
+                for source, t, scenario in pairs if t == target.name]
+        parents = [target, *(attack_steps[m, s] for m, s, _ in sets)]
+        evaluations.append(_make("evaluate", f"eval-{target.name}", {**images, "sets": sets},
+                                 parents, suffix=".json"))
+    first = [] if baseline.kind == "given" else [baseline]
+    return [s for s in (first, models, list(attack_steps.values()), evaluations) if s]
+
+
+def _steps_by_name(stages) -> dict:
+    return {s.name: s for stage in stages for s in stage}
+
+
+def _model_path(out: Path, step: Step) -> Path:
+    return Path(step.file) if step.kind == "given" else out / step.file
+
+
+def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) -> str:
+    """Run one step and write its file (atomically); ``parent_files``: parent name -> path.
+    Returns the path written."""
+    from fxsim import attacks, compress, store
+    from fxsim import data as data_lib
+    from fxsim.models import ARCHITECTURES
+    from fxsim.train import TrainConfig, train
+
+    s = step.settings
+    target = Path(out_dir) / step.file
+    say = log or (lambda msg: None)
+
+    def epoch_log(event):
+        if "batch" not in event:
+            say(f"{step.name}: epoch {event['epoch']} loss {event['loss']:.4f} train acc "
+                f"{event['train_acc']:.4f} ({event['seconds']:.1f} s)")
+
+    def training_data():
+        return data_lib.load(s["dataset"], "train", data_dir, s["train_limit"])
+
+    def finetune_config():
+        if s["epochs"] == 0:
+            return None
+        return TrainConfig(s["epochs"], 64, s["lr"], seed=s["seed"], lr_decays=())
+
+    provenance = {"command": f"fxsim sweep (step {step.name})", "seed": s.get("seed"),
+                  "step": step.kind, "key": step.key, "settings": s}
+    if step.kind == "train":
+        model = ARCHITECTURES[s["arch"]](seed=s["seed"])
+        config = TrainConfig(s["epochs"], s["batch_size"], s["lr"], s["momentum"],
+                             s["weight_decay"], seed=s["seed"])
+        history = train(model, *training_data(), config, progress=epoch_log)
+        store.save_model(model, target, s["dataset"], {**provenance, "parent": None},
+                         {"train_acc": history[-1]["train_acc"], "history": history})
+        return str(target)
+    if step.kind in ("prune", "quantize"):
+        parent = parent_files[step.parents[0]]
+        model, info = store.load_model(parent)
+        config = finetune_config()
+        train_data = training_data() if config else None
+        provenance["parent"] = str(parent)
+        if step.kind == "prune":
+            masks, history = compress.prune_model(model, s["density"], s["method"], s["scope"],
+                                                  train_data, config, epoch_log)
+            store.save_model(model, target, info["dataset"], provenance,
+                             {"history": history}, masks=masks)
+            return str(target)
+        int_bits = {"preset": None}.get(s["int_bits"], s["int_bits"])
+        calibration = (data_lib.load(s["dataset"], "train", data_dir, s["calibration"])[0]
+                       if int_bits == "auto" else None)
+        qmodel, quant, history = compress.quantize_finetune(
+            model, s["bits"], int_bits, info["masks"], train_data, config, calibration,
+            s["max_overflow"], epoch_log, acc_bits=s["acc_bits"], acc_mode=s["acc_mode"],
+            acc_overflow=s["acc_overflow"], rounding=s["rounding"])
+        store.save_model(compress.export_float(qmodel, model), target, info["dataset"],
+                         provenance, {"history": history}, masks=info["masks"], quant=quant)
+        return str(target)
+    images, labels = data_lib.load(s["dataset"], "test", data_dir, s["images"])
+    if step.kind == "attack":
+        source = compress.runnable(*store.load_model(parent_files[step.parents[0]]))
+        result = attacks.run(s["method"], source, images, labels, s["attack"], s["batch_size"])
+        meta = {"method": s["method"], "settings": s["attack"], "source": step.parents[0],
+                "dataset": s["dataset"], "key": step.key,
+                "mean_abs": float(result.mean_abs.mean()), "mean_l2": float(result.l2.mean()),
+                "gradient_masked": int(result.gradient_masked.sum()),
+                "success_rate": float(result.success.mean())}
+        store.save_adversarial(target, images, result.adversarial, labels, meta)
+        return str(target)
+    if step.kind == "evaluate":
+        return _evaluate(step, target, parent_files, images, labels)
+    raise FxsimError(f"unknown step kind {step.kind!r}")
+
+
+def _evaluate(step, target, parent_files, images, labels) -> str:
+    from fxsim import compress, scenarios, store
+
+    name = step.parents[0]
+    model = compress.runnable(*store.load_model(parent_files[name]))
+    clean = model.predict(images)
+    rows = []
+    for method, source, scenario in step.settings["sets"]:
+        _, adversarial, _, meta = store.load_adversarial(parent_files[f"{method}-{source}"])
+        adv = scenarios.AdversarialSet(method, source, adversarial, meta["mean_abs"],
+                                       meta["mean_l2"], meta["gradient_masked"])
+        rows.append({"attack": method, "scenario": scenario, "source": source, "target": name,
+                     **scenarios.evaluate(model, adv, labels, clean)})
+    store.write_json(target, {"target": name, "clean_accuracy": float((clean == labels).mean()),
+                              "rows": rows})
+    return str(target)
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def _worker_env(jobs: int) -> dict:
+    """Thread counts for ``jobs`` worker processes sharing the machine's cores."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {name: threads for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                       "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def run_sweep(config: dict, jobs: int = 1, data_dir=None, progress=None, log=None) -> Path:
+    """Run (or resume) the sweep ``config`` (from load_config) into ``config["output"]``;
+    returns the results file. ``progress(event)`` hears {"step", "status": "cached" | "done",
+    "seconds", "index", "total"} per step; ``log(msg)`` gets epoch lines of training steps
+    (it must be picklable, a module-level function, when jobs > 1)."""
+    out = Path(config["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "steps").mkdir(exist_ok=True)
+    stages = plan(config)
+    steps = _steps_by_name(stages)
+    files = {name: str(_model_path(out, step)) for name, step in steps.items()}
+    if "baseline" not in steps:  # given as a file
+        files["baseline"] = config["baseline"]["file"]
+    total = sum(len(stage) for stage in stages)
+    done = 0
+
+    def report(step, status, seconds):
+        nonlocal done
+        done += 1
+        if progress:
+            progress({"step": step.name, "status": status, "seconds": seconds,
+                      "index": done, "total": total})
+
+    pool = None
+    saved_env = {}
+    try:
+        for stage in stages:
+            todo = []
+            for step in stage:
+                if (out / step.file).exists():
+                    report(step, "cached", 0.0)
+                else:
+                    todo.append(step)
+            if jobs > 1 and len(todo) > 1:
+                if pool is None:
+                    import multiprocessing
+                    from concurrent.futures import ProcessPoolExecutor
+
+                    env = _worker_env(jobs)
+                    saved_env = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)  # inherited by the spawned workers
+                    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"))
+                _run_parallel(pool, todo, out, files, data_dir, log, report)
+            else:
+                for step in todo:
+                    start = time.perf_counter()
+                    execute(step, out, files, data_dir, log)
+                    report(step, "done", time.perf_counter() - start)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return assemble(config, stages, out, files)
+
+
+def _timed(step, out, files, data_dir, log):
+    start = time.perf_counter()
+    execute(step, out, files, data_dir, log)
+    return time.perf_counter() - start
+
+
+def _run_parallel(pool, todo, out, files, data_dir, log, report) -> None:
+    from concurrent.futures import as_completed
+
+    futures = {pool.submit(_timed, step, out, files, data_dir, log): step for step in todo}
+    for future in as_completed(futures):
+        report(futures[future], "done", future.result())
+
+
+def assemble(config: dict, stages, out: Path, files: dict) -> Path:
+    """Gather the evaluation steps' rows and the models table into ``out/results.h5``."""
+    from fxsim import scenarios, store
+
+    evaluations = stages[-1]
+    clean, rows = {}, []
+    for step in evaluations:
+        data = json.loads((out / step.file).read_text())
+        clean[data["target"]] = data["clean_accuracy"]
+        rows += data["rows"]
+    order = {m: i for i, m in enumerate(config["attacks"])}
+    pairs = {(s, t): i for i, (s, t, _) in enumerate(
+        scenarios.plan("baseline", [e.parents[0] for e in evaluations[1:]], config["matrix"]))}
+    rows.sort(key=lambda r: (order[r["attack"]], pairs[r["source"], r["target"]]))
+    models = []
+    for step in evaluations:
+        name = step.parents[0]
+        model, info = store.load_model(files[name])
+        row = scenarios.describe(name, model, info, files[name], baseline=name == "baseline")
+        row["clean_accuracy"] = clean[name]
+        models.append(row)
+    results = out / "results.h5"
+    store.save_results(results, rows, models, config)
+    return results
