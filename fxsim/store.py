@@ -237,6 +237,7 @@ def load_adversarial(path):
 RESULTS_FORMAT = "fxsim-results"
 RESULTS_VERSION = 1
 _TEXT_COLUMNS = {"attack", "scenario", "source", "target", "name", "kind", "file"}
+_INT_COLUMNS = {"gradient_masked", "images", "bits"}
 
 
 def _write_table(group, rows: list[dict], columns) -> None:
@@ -247,6 +248,8 @@ def _write_table(group, rows: list[dict], columns) -> None:
         if column in _TEXT_COLUMNS:
             group.create_dataset(column, data=np.array(values, dtype=object),
                                  dtype=h5py.string_dtype())
+        elif column in _INT_COLUMNS:
+            group.create_dataset(column, data=np.array(values, dtype=np.int64))
         else:
             group.create_dataset(column, data=np.array(values, dtype=np.float64))
 
@@ -260,8 +263,12 @@ def _read_table(f, name: str, columns, path) -> list[dict]:
         if column not in group:
             raise _bad(path, f"table '{name}' has no column '{column}'")
         value = group[column][()]
-        data[column] = ([v.decode() if isinstance(v, bytes) else str(v) for v in value]
-                        if column in _TEXT_COLUMNS else value.astype(np.float64).tolist())
+        if column in _TEXT_COLUMNS:
+            data[column] = [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+        elif column in _INT_COLUMNS:
+            data[column] = value.astype(np.int64).tolist()
+        else:
+            data[column] = value.astype(np.float64).tolist()
     lengths = {len(v) for v in data.values()}
     if len(lengths) > 1:
         raise _bad(path, f"table '{name}' has columns of different lengths {sorted(lengths)}")

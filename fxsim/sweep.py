@@ -379,10 +379,15 @@ def _evaluate(step, target, parent_files, images, labels) -> str:
 
 
 def _worker_env(jobs: int) -> dict:
-    """Thread counts for ``jobs`` worker processes sharing the machine's cores."""
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    return {name: threads for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                       "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    """Thread settings for ``jobs`` worker processes. Numba's kernels give the same bits for
+    any thread count, so the cores are shared out among the workers. OpenBLAS does not: its
+    float32 GEMM rounds differently when the work is split over another number of threads, so
+    every worker keeps the BLAS thread count of this process and a sweep gives the same bits
+    for any job count."""
+    cores = os.cpu_count() or 1
+    blas = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    return {"NUMBA_NUM_THREADS": str(max(1, cores // jobs)),
+            "OPENBLAS_NUM_THREADS": blas or str(cores)}
 
 
 def run_sweep(config: dict, jobs: int = 1, data_dir=None, progress=None, log=None) -> Path:

@@ -1,0 +1,181 @@
+"""Sweeps: config checking, resumable cached steps, job-count independence, the demo config."""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from fxsim import store, sweep
+from fxsim.errors import FxsimError
+from fxsim.models import lenet5
+from tests.helpers import run_cli
+
+TINY = """
+dataset = "sample"
+arch = "lenet5"
+seed = 3
+images = 24
+train_limit = 600
+matrix = true
+
+[baseline]
+epochs = 1
+lr = 0.05
+
+[pruning]
+densities = [0.3]
+epochs = 1
+
+[quantization]
+bitwidths = [8]
+epochs = 1
+
+[attacks.ifgsm]
+steps = 2
+
+[attacks.deepfool]
+max_iter = 3
+"""
+
+
+def write_config(folder: Path, text: str = TINY, name: str = "tiny.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def run(config_file, output, jobs=1, progress=None):
+    config = sweep.load_config(config_file, output)
+    return sweep.run_sweep(config, jobs, progress=progress)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    config_file = write_config(tmp_path)
+    reference = store.load_results(run(config_file, tmp_path / "whole"))
+
+    seen = []
+
+    def stop_after_four(event):
+        seen.append(event)
+        if len(seen) == 4:
+            raise Interrupt  # as if the machine went down after the 4th step's file landed
+
+    with pytest.raises(Interrupt):
+        run(config_file, tmp_path / "cut", progress=stop_after_four)
+    assert not (tmp_path / "cut" / "results.h5").exists()
+    done_before = {e["step"] for e in seen}
+    (tmp_path / "cut" / "steps" / ".q8-partial.h5.tmp").write_bytes(b"half a file")
+
+    events = []
+    resumed = store.load_results(run(config_file, tmp_path / "cut", progress=events.append))
+    cached = {e["step"] for e in events if e["status"] == "cached"}
+    assert cached == done_before  # exactly the finished steps were skipped
+    assert len(events) == events[-1]["total"] == 1 + 2 + 3 * 2 + 3
+    assert json.dumps(resumed[0]) == json.dumps(reference[0])
+    assert resumed[1] == [{**m, "file": m["file"].replace("whole", "cut")}
+                          for m in reference[1]]
+
+    again = []
+    run(config_file, tmp_path / "cut", progress=again.append)
+    assert all(e["status"] == "cached" for e in again)
+
+
+def test_two_jobs_give_the_same_results_as_one(tmp_path):
+    config_file = write_config(tmp_path)
+    one = store.load_results(run(config_file, tmp_path / "one", jobs=1))
+    two = store.load_results(run(config_file, tmp_path / "two", jobs=2))
+    assert json.dumps(one[0]) == json.dumps(two[0])
+    for name in ("pruned-0.3", "q8"):
+        a = next(Path(m["file"]) for m in one[1] if m["name"] == name)
+        b = next(Path(m["file"]) for m in two[1] if m["name"] == name)
+        assert a.name == b.name  # same settings, same hash
+        model_a, _ = store.load_model(a)
+        model_b, _ = store.load_model(b)
+        for key, value in model_a.parameters().items():
+            assert (value == model_b.parameters()[key]).all(), key
+
+
+def test_changing_one_setting_recomputes_only_what_depends_on_it(tmp_path):
+    config_file = write_config(tmp_path)
+    run(config_file, tmp_path / "out")
+    write_config(tmp_path, TINY.replace("densities = [0.3]", "densities = [0.3, 0.1]"))
+    events = []
+    _rows, models, _ = store.load_results(run(config_file, tmp_path / "out",
+                                             progress=events.append))
+    fresh = sorted(e["step"] for e in events if e["status"] == "done")
+    # the new model, its attacks, and the evaluations that now see its examples (matrix on)
+    assert fresh == sorted(["pruned-0.1", "ifgsm-pruned-0.1", "deepfool-pruned-0.1",
+                            "eval-baseline", "eval-pruned-0.3", "eval-pruned-0.1", "eval-q8"])
+    assert [m["name"] for m in models] == ["baseline", "pruned-0.3", "pruned-0.1", "q8"]
+
+
+def test_a_sweep_can_start_from_an_existing_baseline(tmp_path, capsys):
+    store.save_model(lenet5(seed=5), tmp_path / "base.h5", "sample")
+    text = TINY.replace("[baseline]\nepochs = 1\nlr = 0.05",
+                        '[baseline]\nfile = "base.h5"').replace("matrix = true", "")
+    config_file = write_config(tmp_path, text)
+    code, out, err = run_cli(["sweep", config_file, "-o", tmp_path / "out", "--no-report"],
+                             capsys)
+    assert code == 0, err
+    rows, models, _config = store.load_results(tmp_path / "out" / "results.h5")
+    assert models[0]["file"] == str((tmp_path / "base.h5").resolve())
+    assert len(rows) == 2 * 7 and "results:" in out
+    assert not (tmp_path / "out" / "report").exists()
+
+
+BAD_CONFIGS = [
+    ("dataset = 'sample'\narch = 'lenet5\n", "not valid TOML"),
+    (TINY.replace("densities", "densites"), "unknown key 'pruning.densites'"),
+    (TINY.replace("seed = 3", "sed = 3"), "unknown key 'sed'"),
+    (TINY.replace("[attacks.deepfool]", "[attacks.carlini]"), "unknown attack 'carlini'"),
+    (TINY.replace("max_iter = 3", "max_iters = 3"), "deepfool has no setting 'max_iters'"),
+    (TINY.replace('arch = "lenet5"', 'arch = "resnet"'), "unknown architecture 'resnet'"),
+    (TINY.replace('arch = "lenet5"', 'arch = "cifarnet"'), "cifarnet does not take sample"),
+    (TINY.replace("[baseline]", '[baseline]\nfile = "nowhere.h5"'), "nowhere.h5: no such file"),
+    (TINY.replace("[0.3]", "[0.3, 1.5]"), "every density must be a number in (0, 1]"),
+    (TINY.replace("bitwidths = [8]", "bitwidths = [8, 0]"), "quantization"),
+    (TINY.replace("images = 24", "images = 'many'"), "images must be int"),
+    (TINY.replace("steps = 2", "steps = 0"), "steps must be an integer >= 1"),
+    (TINY.replace('dataset = "sample"\n', ""), "missing key 'dataset'"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS)
+def test_bad_configs_are_one_line_and_write_nothing(tmp_path, capsys, text, message):
+    config_file = write_config(tmp_path, text)
+    code, _out, err = run_cli(["sweep", config_file, "-o", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_baseline_of_another_dataset_is_refused(tmp_path, capsys):
+    store.save_model(lenet5(), tmp_path / "mnist.h5", "mnist")
+    config_file = write_config(tmp_path, TINY.replace("[baseline]", '[baseline]\nfile = '
+                                                                    '"mnist.h5"'))
+    code, _, err = run_cli(["sweep", config_file, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "dataset 'mnist' model, the sweep's dataset is 'sample'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_example_configs_are_valid_and_the_demo_is_the_shipped_one():
+    examples = Path(__file__).parent.parent / "examples"
+    shipped = (resources.files("fxsim") / "_data" / "demo.toml").read_text()
+    assert (examples / "demo.toml").read_text() == shipped
+    demo = sweep.load_config(examples / "demo.toml")
+    assert len(demo["pruning"]["densities"]) == 3 and len(demo["attacks"]) == 3
+    from fxsim import data
+
+    paper_file = examples / "paper-lenet5.toml"
+    if data.locate("fashion-mnist") is None:
+        with pytest.raises(FxsimError, match="fetch fashion-mnist"):
+            sweep.load_config(paper_file)
+        return
+    paper = sweep.load_config(paper_file)
+    assert paper["quantization"]["bitwidths"] == [4, 8, 10, 12, 16, 20, 24, 32]
+    assert len(paper["pruning"]["densities"]) == 8 and paper["images"] == 1000
