@@ -54,9 +54,21 @@ class Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny sweep run once, uninterrupted, with one job: (rows, models, config)."""
+    folder = tmp_path_factory.mktemp("reference")
+    return store.load_results(run(write_config(folder), folder / "whole"))
+
+
+def same_results(a, b) -> bool:
+    """Equal rows (NaN included) and models apart from where their files are."""
+    strip = [[{**m, "file": Path(m["file"]).name} for m in r[1]] for r in (a, b)]
+    return json.dumps(a[0]) == json.dumps(b[0]) and strip[0] == strip[1]
+
+
+def test_an_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path, reference):
     config_file = write_config(tmp_path)
-    reference = store.load_results(run(config_file, tmp_path / "whole"))
 
     seen = []
 
@@ -76,20 +88,45 @@ def test_an_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path)
     cached = {e["step"] for e in events if e["status"] == "cached"}
     assert cached == done_before  # exactly the finished steps were skipped
     assert len(events) == events[-1]["total"] == 1 + 2 + 3 * 2 + 3
-    assert json.dumps(resumed[0]) == json.dumps(reference[0])
-    assert resumed[1] == [{**m, "file": m["file"].replace("whole", "cut")}
-                          for m in reference[1]]
+    assert same_results(resumed, reference)
 
     again = []
     run(config_file, tmp_path / "cut", progress=again.append)
     assert all(e["status"] == "cached" for e in again)
 
 
-def test_two_jobs_give_the_same_results_as_one(tmp_path):
+def test_a_killed_sweep_process_resumes_and_matches(tmp_path, reference):
+    """A real interruption: the sweep process is killed (SIGKILL, no clean-up) while it works
+    on a step after the first one landed."""
+    import subprocess
+    import sys
+    import time
+
     config_file = write_config(tmp_path)
-    one = store.load_results(run(config_file, tmp_path / "one", jobs=1))
+    steps = tmp_path / "out" / "steps"
+    process = subprocess.Popen([sys.executable, "-m", "fxsim.cli", "sweep", str(config_file),
+                                "-o", str(tmp_path / "out"), "--no-report"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(steps.glob("baseline-*.h5")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    landed = {p.name for p in steps.glob("*-*.*")}
+    assert any(n.startswith("baseline-") for n in landed)
+    assert not (tmp_path / "out" / "results.h5").exists()
+    events = []
+    resumed = store.load_results(run(config_file, tmp_path / "out", progress=events.append))
+    assert sum(e["status"] == "cached" for e in events) >= 1
+    assert same_results(resumed, reference)
+
+
+def test_two_jobs_give_the_same_results_as_one(tmp_path, reference):
+    config_file = write_config(tmp_path)
+    one_folder = Path(next(m["file"] for m in reference[1] if m["name"] == "q8")).parent.parent
+    one = store.load_results(one_folder / "results.h5")
     two = store.load_results(run(config_file, tmp_path / "two", jobs=2))
-    assert json.dumps(one[0]) == json.dumps(two[0])
+    assert same_results(one, two)
     for name in ("pruned-0.3", "q8"):
         a = next(Path(m["file"]) for m in one[1] if m["name"] == name)
         b = next(Path(m["file"]) for m in two[1] if m["name"] == name)
