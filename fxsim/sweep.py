@@ -378,23 +378,64 @@ def _evaluate(step, target, parent_files, images, labels) -> str:
 # ------------------------------------------------------------------------------ running
 
 
-def _worker_env(jobs: int) -> dict:
-    """Thread settings for ``jobs`` worker processes. Numba's kernels give the same bits for
-    any thread count, so the cores are shared out among the workers. OpenBLAS does not: its
-    float32 GEMM rounds differently when the work is split over another number of threads, so
-    every worker keeps the BLAS thread count of this process and a sweep gives the same bits
-    for any job count."""
-    cores = os.cpu_count() or 1
-    blas = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    return {"NUMBA_NUM_THREADS": str(max(1, cores // jobs)),
-            "OPENBLAS_NUM_THREADS": blas or str(cores)}
+# Every step runs in a worker process with single-threaded BLAS, whatever the job count:
+# OpenBLAS's float32 GEMM rounds differently when it splits the work over another number of
+# threads, so a fixed BLAS thread count is what makes a sweep give the same bits for any
+# --jobs. Numba's kernels give the same bits for any thread count, so each step gets the cores
+# the running steps leave free (numba.set_num_threads).
+_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _worker_init() -> None:
+    """Die with the parent (Linux), so killing a sweep leaves no orphan workers."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start_pool(jobs: int):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
+
+
+def _run_in_worker(step, out, files, data_dir, log, threads: int) -> float:
+    import numba
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    start = time.perf_counter()
+    execute(step, out, files, data_dir, log)
+    return time.perf_counter() - start
+
+
+def _run_stage(pool, todo, jobs, out, files, data_dir, log, report) -> None:
+    """Run a stage's steps, at most ``jobs`` at a time; a new one starts when one ends."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
+    waiting, running = list(todo), {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            step = waiting.pop(0)
+            running[pool.submit(_run_in_worker, step, out, files, data_dir, log,
+                                threads)] = step
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            report(running.pop(future), "done", future.result())
 
 
 def run_sweep(config: dict, jobs: int = 1, data_dir=None, progress=None, log=None) -> Path:
     """Run (or resume) the sweep ``config`` (from load_config) into ``config["output"]``;
-    returns the results file. ``progress(event)`` hears {"step", "status": "cached" | "done",
-    "seconds", "index", "total"} per step; ``log(msg)`` gets epoch lines of training steps
-    (it must be picklable, a module-level function, when jobs > 1)."""
+    returns the results file. Steps run in ``jobs`` worker processes. ``progress(event)``
+    hears {"step", "status": "cached" | "done", "seconds", "index", "total"} per step;
+    ``log(msg)`` gets epoch lines of training steps (it must be picklable: a module-level
+    function)."""
     out = Path(config["output"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "steps").mkdir(exist_ok=True)
@@ -414,7 +455,7 @@ def run_sweep(config: dict, jobs: int = 1, data_dir=None, progress=None, log=Non
                       "index": done, "total": total})
 
     pool = None
-    saved_env = {}
+    saved_env = {k: os.environ.get(k) for k in _WORKER_ENV}
     try:
         for stage in stages:
             todo = []
@@ -423,21 +464,11 @@ def run_sweep(config: dict, jobs: int = 1, data_dir=None, progress=None, log=Non
                     report(step, "cached", 0.0)
                 else:
                     todo.append(step)
-            if jobs > 1 and len(todo) > 1:
-                if pool is None:
-                    import multiprocessing
-                    from concurrent.futures import ProcessPoolExecutor
-
-                    env = _worker_env(jobs)
-                    saved_env = {k: os.environ.get(k) for k in env}
-                    os.environ.update(env)  # inherited by the spawned workers
-                    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"))
-                _run_parallel(pool, todo, out, files, data_dir, log, report)
-            else:
-                for step in todo:
-                    start = time.perf_counter()
-                    execute(step, out, files, data_dir, log)
-                    report(step, "done", time.perf_counter() - start)
+            if todo and pool is None:
+                os.environ.update(_WORKER_ENV)  # inherited by the workers as they spawn
+                pool = _start_pool(jobs)
+            if todo:
+                _run_stage(pool, todo, jobs, out, files, data_dir, log, report)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -447,20 +478,6 @@ def run_sweep(config: dict, jobs: int = 1, data_dir=None, progress=None, log=Non
             else:
                 os.environ[k] = v
     return assemble(config, stages, out, files)
-
-
-def _timed(step, out, files, data_dir, log):
-    start = time.perf_counter()
-    execute(step, out, files, data_dir, log)
-    return time.perf_counter() - start
-
-
-def _run_parallel(pool, todo, out, files, data_dir, log, report) -> None:
-    from concurrent.futures import as_completed
-
-    futures = {pool.submit(_timed, step, out, files, data_dir, log): step for step in todo}
-    for future in as_completed(futures):
-        report(futures[future], "done", future.result())
 
 
 def assemble(config: dict, stages, out: Path, files: dict) -> Path:
