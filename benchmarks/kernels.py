@@ -15,12 +15,15 @@ No assertions on time: the numbers go to docs/results/kernels.md.
 
 from __future__ import annotations
 
+# isort: skip_file
+
 import argparse
 import json
 import os
 import platform
 import sys
 
+import fxsim  # noqa: F401  first: its thread settings must reach OpenBLAS before numpy loads
 import numpy as np
 
 from fxsim import QFormat, paper_format

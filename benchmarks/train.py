@@ -12,6 +12,8 @@ col2im, pooling or activations: what a perfect implementation on this BLAS would
 
 from __future__ import annotations
 
+# isort: skip_file
+
 import argparse
 import json
 import os
@@ -19,6 +21,7 @@ import statistics
 import sys
 import time
 
+import fxsim  # noqa: F401  first: its thread settings must reach OpenBLAS before numpy loads
 import numpy as np
 
 from fxsim.bench import median_time
