@@ -80,6 +80,36 @@ def _check(model, images, labels, eps=None, steps=None, clip=(0.0, 1.0), target=
     return images.astype(np.float32, copy=False)
 
 
+# Every model call an attack makes sees exactly CHUNK images (the last chunk padded with copies
+# of its last image): float32 GEMM picks its kernel by matrix size, so a sample's gradient
+# would otherwise change in the last bits with the size of the batch it came in, and DeepFool's
+# and IFGM's continuous steps carry that difference on.
+CHUNK = 64
+
+
+def _chunked(fn, x, *per_sample):
+    """``fn(x, *per_sample)`` evaluated CHUNK images at a time; outputs (arrays or tuples of
+    arrays with one row per image) concatenated."""
+    pieces = []
+    for start in range(0, len(x), CHUNK):
+        count = min(CHUNK, len(x) - start)
+        args = [a[start : start + count] for a in (x, *per_sample)]
+        if count < CHUNK:
+            args = [np.concatenate([a, np.repeat(a[-1:], CHUNK - count, axis=0)])
+                    for a in args]
+        out = fn(*args)
+        pieces.append(tuple(o[:count] for o in out) if isinstance(out, tuple) else out[:count])
+    if not pieces:
+        return fn(x, *per_sample)
+    if isinstance(pieces[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*pieces, strict=True))
+    return np.concatenate(pieces)
+
+
+def _predict(model, x):
+    return _chunked(model.forward, x).argmax(axis=1)
+
+
 def _direction(grad, norm):
     flat = grad.reshape(len(grad), -1)
     if norm == "sign":
@@ -111,7 +141,7 @@ def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batc
         goal = labels[sl] if target is None else np.asarray(target)[sl]
         sign = 1.0 if target is None else -1.0
         for _ in range(int(steps)):
-            grad, _ = model.input_gradient(adv, goal)
+            grad, _ = _chunked(model.input_gradient, adv, goal)
             masked[sl] |= _masked(grad)
             grad = np.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             adv = adv + np.float32(sign * eps) * _direction(grad, norm).astype(np.float32)
@@ -122,7 +152,7 @@ def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batc
         out[sl] = adv
         if progress:
             progress(len(x0))
-    predictions = model.predict(out)
+    predictions = _predict(model, out)
     success = predictions != labels if target is None else predictions == np.asarray(target)
     return AttackResult.build(x, out, success, np.full(len(x), int(steps)), masked)
 
@@ -177,7 +207,7 @@ def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter
     for start in range(0, len(x), batch_size):
         sl = slice(start, start + batch_size)
         x0 = x[sl].astype(np.float64)
-        logits0 = model.forward(x[sl])
+        logits0 = _chunked(model.forward, x[sl])
         reference = logits0.argmax(axis=1)
         order = np.argsort(-logits0, axis=1, kind="stable")[:, :k]  # top-k, reference first
         total = np.zeros_like(x0)
@@ -186,19 +216,21 @@ def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter
             current = x0 + (1 + overshoot) * total
             if clip is not None:
                 current = np.clip(current, *clip)
-            logits = model.forward(current.astype(np.float32))
+            logits = _chunked(model.forward, current.astype(np.float32))
             active &= logits.argmax(axis=1) == reference
             if not active.any():
                 break
             iterations[sl][active] = it + 1
             idx = np.flatnonzero(active)
             cur = current[idx].astype(np.float32)
-            grad_ref, _ = model.input_gradient(cur, logit=reference[idx])
+            grad_ref, _ = _chunked(lambda a, r: model.input_gradient(a, logit=r), cur,
+                                   reference[idx])
             best_dist = np.full(len(idx), np.inf)
             best_step = np.zeros((len(idx), *x0.shape[1:]))
             for c in range(1, k):
                 cls = order[idx, c]
-                grad_c, logits_c = model.input_gradient(cur, logit=cls)
+                grad_c, logits_c = _chunked(lambda a, c: model.input_gradient(a, logit=c),
+                                            cur, cls)
                 w = (grad_c - grad_ref).reshape(len(idx), -1).astype(np.float64)
                 f = (logits_c[np.arange(len(idx)), cls]
                      - logits_c[np.arange(len(idx)), reference[idx]]).astype(np.float64)
@@ -218,7 +250,7 @@ def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter
         out[sl] = adv.astype(np.float32)
         if progress:
             progress(len(x0))
-    success = model.predict(out) != model.predict(x)
+    success = _predict(model, out) != _predict(model, x)
     return AttackResult.build(x, out, success, iterations, masked)
 
 
