@@ -18,6 +18,7 @@ from fxsim.kernels.dense import (
     im2col,
     maxpool_backward,
     maxpool_forward,
+    relu_backward,
 )
 
 
@@ -71,9 +72,15 @@ class Conv2d(Layer):
         s, p = (self.stride,) * 2, (self.padding,) * 2
         oh, ow = conv_output_size(h, kh, s[0], p[0]), conv_output_size(wd, kw, s[1], p[1])
         cols = im2col(x, kh, kw, s, p)
+        bias = self.params.get("bias")
+        if per_image_gemm(oh * ow):  # (N, J, OH*OW): NCHW straight out of the GEMMs
+            y = np.matmul(w.reshape(j, -1), cols.reshape(-1, n, oh * ow).transpose(1, 0, 2))
+            if bias is not None:
+                y += bias.astype(x.dtype, copy=False)[None, :, None]
+            return y.reshape(n, j, oh, ow), (cols, x.shape)
         y = w.reshape(j, -1) @ cols
-        if "bias" in self.params:
-            y += self.params["bias"].astype(x.dtype, copy=False)[:, None]
+        if bias is not None:
+            y += bias.astype(x.dtype, copy=False)[:, None]
         y = np.ascontiguousarray(y.reshape(j, n, oh, ow).transpose(1, 0, 2, 3))
         return y, (cols, x.shape)
 
@@ -84,22 +91,44 @@ class Conv2d(Layer):
                                 "bias" in self.params, need_dx, need_params)
 
 
+def per_image_gemm(positions: int) -> bool:
+    """Whether a convolution with ``positions`` output pixels per image runs as one GEMM per
+    image (output already NCHW, no transposes) rather than one big GEMM over the batch plus
+    layout copies. Measured on 2 cores at batch 256: per image is faster for LeNet5's conv1
+    (576 positions: forward 2.4 -> 1.6 ms, weight gradient 4.5 -> 1.7 ms) and slower for conv2
+    (64 positions: 4.3 -> 11.5 ms)."""
+    return positions >= 256
+
+
 def conv2d_gradients(dy, cols, x_shape, w, stride, padding, has_bias, need_dx,
                      need_params=True):
     """(dx or None, {"weight", "bias"} or {}) of a convolution with weights ``w`` whose forward
     read the im2col matrix ``cols`` (only needed for the weight gradient) of an input of
     ``x_shape``."""
     j = w.shape[0]
-    dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
+    n, positions = dy.shape[0], dy.shape[2] * dy.shape[3]
+    s, p = (stride,) * 2, (padding,) * 2
+    w2 = w.reshape(j, -1)
     grads = {}
+    if per_image_gemm(positions):
+        dy3 = np.ascontiguousarray(dy).reshape(n, j, positions)
+        if need_params:
+            per_image = np.matmul(dy3, cols.reshape(-1, n, positions).transpose(1, 2, 0))
+            grads["weight"] = per_image.sum(axis=0).reshape(w.shape)
+            if has_bias:
+                grads["bias"] = dy3.sum(axis=(0, 2))
+        if not need_dx:
+            return None, grads
+        dcols = np.matmul(w2.T, dy3)  # (N, C*KH*KW, positions)
+        return col2im(dcols.transpose(1, 0, 2), x_shape, w.shape[2], w.shape[3], s, p), grads
+    dy2 = dy.transpose(1, 0, 2, 3).reshape(j, -1)
     if need_params:
         grads["weight"] = (dy2 @ cols.T).reshape(w.shape)
         if has_bias:
             grads["bias"] = dy2.sum(axis=1)
     if not need_dx:
         return None, grads
-    s, p = (stride,) * 2, (padding,) * 2
-    return col2im(w.reshape(j, -1).T @ dy2, x_shape, w.shape[2], w.shape[3], s, p), grads
+    return col2im(w2.T @ dy2, x_shape, w.shape[2], w.shape[3], s, p), grads
 
 
 class Linear(Layer):
@@ -146,7 +175,7 @@ class ReLU(Layer):
         return y, y
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
-        return dy * (ctx > 0), {}
+        return relu_backward(dy, ctx), {}
 
 
 def _check_divisible(x, k, name):
