@@ -687,7 +687,7 @@ def _run_sweep(config_file, output, jobs, data_dir, with_report):
 
     from fxsim import store, sweep
 
-    config = sweep.load_config(config_file, output)
+    config = sweep.load_config(config_file, output, data_dir)
     start = time.perf_counter()
     click.echo(f"sweep {config_file} -> {config['output']} ({jobs} job{'s' * (jobs > 1)})",
                err=True)

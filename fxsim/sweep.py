@@ -87,7 +87,7 @@ def _positive(path, section, key, value) -> None:
         raise FxsimError(f"{_where(path, section, key)} must be >= 1, got {value}")
 
 
-def load_config(path, output=None) -> dict:
+def load_config(path, output=None, data_dir=None) -> dict:
     """Read and check a sweep TOML file: every problem (syntax, unknown key, bad value,
     missing model file, unknown attack or architecture) is an FxsimError naming it. Relative
     paths in the file are relative to the file's folder. Returns the completed config."""
@@ -116,7 +116,7 @@ def load_config(path, output=None) -> dict:
     shape = data_lib.input_shape(top["dataset"])  # checks the name
     if shape != ARCHITECTURES[top["arch"]]().input_shape:
         raise FxsimError(f"{path}: {top['arch']} does not take {top['dataset']} images {shape}")
-    if top["dataset"] != data_lib.SAMPLE and data_lib.locate(top["dataset"]) is None:
+    if top["dataset"] != data_lib.SAMPLE and data_lib.locate(top["dataset"], data_dir) is None:
         raise FxsimError(f"{path}: dataset {top['dataset']} is not present; run "
                          f"`fxsim data fetch {top['dataset']}`")
     for key in ("images", "batch_size", "train_limit"):
