@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fxsim import store, sweep
+from fxsim import data, store, sweep
 from fxsim.errors import FxsimError
 from fxsim.models import lenet5
 from tests.helpers import run_cli
@@ -206,8 +206,6 @@ def test_the_example_configs_are_valid_and_the_demo_is_the_shipped_one():
     assert (examples / "demo.toml").read_text() == shipped
     demo = sweep.load_config(examples / "demo.toml")
     assert len(demo["pruning"]["densities"]) == 3 and len(demo["attacks"]) == 3
-    from fxsim import data
-
     paper_file = examples / "paper-lenet5.toml"
     if data.locate("fashion-mnist") is None:
         with pytest.raises(FxsimError, match="fetch fashion-mnist"):
@@ -216,3 +214,20 @@ def test_the_example_configs_are_valid_and_the_demo_is_the_shipped_one():
     paper = sweep.load_config(paper_file)
     assert paper["quantization"]["bitwidths"] == [4, 8, 10, 12, 16, 20, 24, 32]
     assert len(paper["pruning"]["densities"]) == 8 and paper["images"] == 1000
+
+
+def test_the_config_check_looks_for_the_data_set_in_data_dir(tmp_path):
+    import numpy as np
+
+    from tests.test_data import write_mnist_like
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 8, dtype=np.uint8)
+    write_mnist_like(tmp_path / "data" / "mnist", images, labels, images, labels)
+    config_file = write_config(tmp_path, TINY.replace('dataset = "sample"', 'dataset = "mnist"'))
+    config = sweep.load_config(config_file, tmp_path / "out", tmp_path / "data")
+    assert config["dataset"] == "mnist"
+    if data.locate("mnist") is None:  # nowhere else on this machine
+        with pytest.raises(FxsimError, match="fetch mnist"):
+            sweep.load_config(config_file, tmp_path / "out")
