@@ -99,12 +99,12 @@ def _bad(path, what: str):
     return FxsimError(f"{path}: {what}")
 
 
-def load_model(path):
-    """Read a model file; return (model, info dict with dataset, provenance, metrics, masks,
-    quant). Every problem is an FxsimError naming the file and what is wrong."""
+@contextlib.contextmanager
+def _reading(path, expected_format: str, what: str):
+    """Open one of fxsim's HDF5 files for reading. A missing file, a file that is not HDF5 or
+    not of ``expected_format``, and a truncated or unreadable one (also while the body reads
+    it) are each an FxsimError naming the file."""
     import h5py
-
-    from fxsim.models import ARCHITECTURES
 
     path = Path(path)
     if not path.is_file():
@@ -117,17 +117,27 @@ def load_model(path):
         raise _bad(path, "not an HDF5 file")
     try:
         with h5py.File(path, "r") as f:
-            return _read_model(f, path, ARCHITECTURES)
+            if f.attrs.get("format") != expected_format:
+                raise _bad(path, f"format is {f.attrs.get('format')!r}, expected "
+                                 f"{expected_format!r}")
+            yield f
     except FxsimError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise _bad(path, f"unreadable or truncated model file ({exc})") from exc
+        raise _bad(path, f"unreadable or truncated {what} file ({exc})") from exc
+
+
+def load_model(path):
+    """Read a model file; return (model, info dict with dataset, provenance, metrics, masks,
+    quant). Every problem is an FxsimError naming the file and what is wrong."""
+    from fxsim.models import ARCHITECTURES
+
+    with _reading(path, MODEL_FORMAT, "model") as f:
+        return _read_model(f, Path(path), ARCHITECTURES)
 
 
 def _read_model(f, path, architectures):
     attrs = f.attrs
-    if attrs.get("format") != MODEL_FORMAT:
-        raise _bad(path, f"format is {attrs.get('format')!r}, expected {MODEL_FORMAT!r}")
     version = attrs.get("version")
     if version != MODEL_VERSION:
         shown = version.item() if hasattr(version, "item") else version
@@ -208,22 +218,9 @@ def save_adversarial(path, original, adversarial, labels, meta: dict) -> None:
 
 def load_adversarial(path):
     """Read an adversarial image file: (original, adversarial, labels, meta)."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file() or not h5py.is_hdf5(path):
-        raise _bad(path, "no such HDF5 file")
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != ADVERSARIAL_FORMAT:
-                raise _bad(path, f"format is {f.attrs.get('format')!r}, expected "
-                                 f"{ADVERSARIAL_FORMAT!r}")
-            original, adversarial = f["original"][()], f["adversarial"][()]
-            labels, meta = f["labels"][()], json.loads(f.attrs["meta"])
-    except FxsimError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise _bad(path, f"unreadable or truncated adversarial file ({exc})") from exc
+    with _reading(path, ADVERSARIAL_FORMAT, "adversarial") as f:
+        original, adversarial = f["original"][()], f["adversarial"][()]
+        labels, meta = f["labels"][()], json.loads(f.attrs["meta"])
     if adversarial.shape != original.shape or labels.shape != (len(original),):
         raise _bad(path, f"shapes do not match: original {original.shape}, adversarial "
                          f"{adversarial.shape}, labels {labels.shape}")
@@ -296,29 +293,14 @@ def save_results(path, rows: list[dict], models: list[dict], config: dict) -> No
 
 def load_results(path) -> tuple[list[dict], list[dict], dict]:
     """Read and validate a results file: (rows, models, config)."""
-    import h5py
-
     from fxsim.scenarios import MODEL_COLUMNS, ROW_COLUMNS, SCENARIOS
 
-    path = Path(path)
-    if not path.is_file():
-        raise _bad(path, "no such file")
-    if not h5py.is_hdf5(path):
-        raise _bad(path, "not an HDF5 file")
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != RESULTS_FORMAT:
-                raise _bad(path, f"format is {f.attrs.get('format')!r}, expected "
-                                 f"{RESULTS_FORMAT!r}")
-            if f.attrs.get("version") != RESULTS_VERSION:
-                raise _bad(path, f"results version {f.attrs.get('version')!r} is not supported")
-            rows = _read_table(f, "rows", ROW_COLUMNS, path)
-            models = _read_table(f, "models", MODEL_COLUMNS, path)
-            config = json.loads(f.attrs.get("config", "{}"))
-    except FxsimError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise _bad(path, f"unreadable or truncated results file ({exc})") from exc
+    with _reading(path, RESULTS_FORMAT, "results") as f:
+        if f.attrs.get("version") != RESULTS_VERSION:
+            raise _bad(path, f"results version {f.attrs.get('version')!r} is not supported")
+        rows = _read_table(f, "rows", ROW_COLUMNS, path)
+        models = _read_table(f, "models", MODEL_COLUMNS, path)
+        config = json.loads(f.attrs.get("config", "{}"))
     names = {m["name"] for m in models}
     for i, row in enumerate(rows):
         if row["scenario"] not in SCENARIOS:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fxsim.errors import FxsimError
@@ -168,6 +168,10 @@ def load_config(path, output=None, data_dir=None) -> dict:
                                   quant["rounding"])
         except (FxsimError, ValueError) as exc:
             raise FxsimError(f"{_where(path, 'quantization')}: {exc}") from exc
+    for section, key in (("pruning", "densities"), ("quantization", "bitwidths")):
+        values = config[section][key]
+        if len(set(values)) != len(values):
+            raise FxsimError(f"{_where(path, section, key)} lists a value twice: {values}")
     for section in ("pruning", "quantization"):
         if config[section]["epochs"] < 0:
             raise FxsimError(f"{_where(path, section, 'epochs')} must be >= 0")
@@ -207,7 +211,6 @@ class Step:
     parents: tuple = ()
     key: str = ""
     file: str = ""
-    extra: dict = field(default_factory=dict)  # inputs that are not part of the key (paths)
 
 
 def _key(kind: str, settings: dict, parent_keys: list[str]) -> str:
@@ -216,10 +219,10 @@ def _key(kind: str, settings: dict, parent_keys: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _make(kind, name, settings, parents=(), suffix=".h5", extra=None) -> Step:
+def _make(kind, name, settings, parents=(), suffix=".h5") -> Step:
     key = _key(kind, settings, [p.key for p in parents])
     return Step(kind, name, settings, tuple(p.name for p in parents), key,
-                f"steps/{name}-{key}{suffix}", extra or {})
+                f"steps/{name}-{key}{suffix}")
 
 
 def _file_digest(path) -> str:

@@ -175,6 +175,7 @@ BAD_CONFIGS = [
     (TINY.replace('arch = "lenet5"', 'arch = "cifarnet"'), "cifarnet does not take sample"),
     (TINY.replace("[baseline]", '[baseline]\nfile = "nowhere.h5"'), "nowhere.h5: no such file"),
     (TINY.replace("[0.3]", "[0.3, 1.5]"), "every density must be a number in (0, 1]"),
+    (TINY.replace("[0.3]", "[0.3, 0.30]"), "pruning.densities lists a value twice"),
     (TINY.replace("bitwidths = [8]", "bitwidths = [8, 0]"), "quantization"),
     (TINY.replace("images = 24", "images = 'many'"), "images must be int"),
     (TINY.replace("steps = 2", "steps = 0"), "steps must be an integer >= 1"),
