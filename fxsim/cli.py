@@ -276,16 +276,17 @@ def _load(model_file):
 
 
 def _finetuning_setup(dataset, data_dir, epochs, lr, seed, limit, what):
-    """((training images, labels), constant-lr TrainConfig) for fine-tuning or DNS; (None,
+    """((training images, labels), fine-tuning TrainConfig) for fine-tuning or DNS; (None,
     None) for 0 epochs."""
     from fxsim import data as data_lib
-    from fxsim.train import TrainConfig
+    from fxsim.train import finetune_config
 
-    if epochs == 0:
+    config = finetune_config(epochs, lr, seed)
+    if config is None:
         return None, None
     x_train, y_train = data_lib.load(dataset, "train", data_dir, limit)
     click.echo(f"{what} on {len(x_train)} {dataset} images", err=True)
-    return (x_train, y_train), TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
+    return (x_train, y_train), config
 
 
 def _test_accuracy(model, dataset, data_dir, n=None):

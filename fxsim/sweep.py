@@ -225,6 +225,10 @@ def _make(kind, name, settings, parents=(), suffix=".h5") -> Step:
                 f"steps/{name}-{key}{suffix}")
 
 
+def _attack_step_name(method: str, model: str) -> str:
+    return f"{method}-{model}"
+
+
 def _file_digest(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -265,7 +269,7 @@ def plan(config: dict) -> list[list[Step]]:
     for method, settings in config["attacks"].items():
         for model in by_name.values():
             attack_steps[method, model.name] = _make(
-                "attack", f"{method}-{model.name}",
+                "attack", _attack_step_name(method, model.name),
                 {**images, "method": method, "attack": settings}, [model])
     pairs = scenario_plan("baseline", [m.name for m in models], config["matrix"])
     evaluations = []
@@ -279,21 +283,13 @@ def plan(config: dict) -> list[list[Step]]:
     return [s for s in (first, models, list(attack_steps.values()), evaluations) if s]
 
 
-def _steps_by_name(stages) -> dict:
-    return {s.name: s for stage in stages for s in stage}
-
-
-def _model_path(out: Path, step: Step) -> Path:
-    return Path(step.file) if step.kind == "given" else out / step.file
-
-
 def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) -> str:
     """Run one step and write its file (atomically); ``parent_files``: parent name -> path.
     Returns the path written."""
-    from fxsim import attacks, compress, store
+    from fxsim import attacks, compress, scenarios, store
     from fxsim import data as data_lib
     from fxsim.models import ARCHITECTURES
-    from fxsim.train import TrainConfig, train
+    from fxsim.train import TrainConfig, finetune_config, train
 
     s = step.settings
     target = Path(out_dir) / step.file
@@ -306,11 +302,6 @@ def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) ->
 
     def training_data():
         return data_lib.load(s["dataset"], "train", data_dir, s["train_limit"])
-
-    def finetune_config():
-        if s["epochs"] == 0:
-            return None
-        return TrainConfig(s["epochs"], 64, s["lr"], seed=s["seed"], lr_decays=())
 
     provenance = {"command": f"fxsim sweep (step {step.name})", "seed": s.get("seed"),
                   "step": step.kind, "key": step.key, "settings": s}
@@ -325,7 +316,7 @@ def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) ->
     if step.kind in ("prune", "quantize"):
         parent = parent_files[step.parents[0]]
         model, info = store.load_model(parent)
-        config = finetune_config()
+        config = finetune_config(s["epochs"], s["lr"], s["seed"])
         train_data = training_data() if config else None
         provenance["parent"] = str(parent)
         if step.kind == "prune":
@@ -348,10 +339,10 @@ def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) ->
     if step.kind == "attack":
         source = compress.runnable(*store.load_model(parent_files[step.parents[0]]))
         result = attacks.run(s["method"], source, images, labels, s["attack"], s["batch_size"])
+        made = scenarios.AdversarialSet.from_result(s["method"], step.parents[0], result)
         meta = {"method": s["method"], "settings": s["attack"], "source": step.parents[0],
-                "dataset": s["dataset"], "key": step.key,
-                "mean_abs": float(result.mean_abs.mean()), "mean_l2": float(result.l2.mean()),
-                "gradient_masked": int(result.gradient_masked.sum()),
+                "dataset": s["dataset"], "key": step.key, "mean_abs": made.mean_abs,
+                "mean_l2": made.mean_l2, "gradient_masked": made.gradient_masked,
                 "success_rate": float(result.success.mean())}
         store.save_adversarial(target, images, result.adversarial, labels, meta)
         return str(target)
@@ -368,7 +359,8 @@ def _evaluate(step, target, parent_files, images, labels) -> str:
     clean = model.predict(images)
     rows = []
     for method, source, scenario in step.settings["sets"]:
-        _, adversarial, _, meta = store.load_adversarial(parent_files[f"{method}-{source}"])
+        _, adversarial, _, meta = store.load_adversarial(
+            parent_files[_attack_step_name(method, source)])
         adv = scenarios.AdversarialSet(method, source, adversarial, meta["mean_abs"],
                                        meta["mean_l2"], meta["gradient_masked"])
         rows.append({"attack": method, "scenario": scenario, "source": source, "target": name,
@@ -443,9 +435,8 @@ def run_sweep(config: dict, jobs: int = 1, data_dir=None, progress=None, log=Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "steps").mkdir(exist_ok=True)
     stages = plan(config)
-    steps = _steps_by_name(stages)
-    files = {name: str(_model_path(out, step)) for name, step in steps.items()}
-    if "baseline" not in steps:  # given as a file
+    files = {step.name: str(out / step.file) for stage in stages for step in stage}
+    if "baseline" not in files:  # given as a file, not a step
         files["baseline"] = config["baseline"]["file"]
     total = sum(len(stage) for stage in stages)
     done = 0

@@ -44,6 +44,14 @@ class TrainConfig:
         return asdict(self)
 
 
+def finetune_config(epochs: int, lr: float, seed: int) -> TrainConfig | None:
+    """How fxsim fine-tunes a compressed model: ``epochs`` at a constant ``lr``, batches of
+    64; None for 0 epochs (no fine-tuning)."""
+    if epochs == 0:
+        return None
+    return TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
+
+
 def _decays(name: str) -> bool:
     return name.endswith(".weight")
 
