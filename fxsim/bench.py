@@ -75,12 +75,15 @@ def check_densities(densities) -> tuple[float, ...]:
 
 
 def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: int = 5,
-                    seed: int = 0, progress: Callable[[str], None] | None = None) -> list[dict]:
+                    seed: int = 0, progress: Callable[[str], None] | None = None,
+                    per_mac_bits: int | None = None) -> list[dict]:
     """Time dense int, sparse int and float32 BLAS per layer shape and weight density.
 
     Weights are pruned at random to exactly the density, inputs are random codes of the
-    paper's ``bits``-wide format. The dense and sparse outputs are compared bit for bit before
-    timing. Returns one row per (layer, density) with seconds and speed-ups.
+    paper's ``bits``-wide format. The accumulator is exact (``final``), or with
+    ``per_mac_bits`` a register of that width saturating after every MAC. The dense and sparse
+    outputs are compared bit for bit before timing. Returns one row per (layer, density) with
+    seconds, speed-ups and the kernel path each took.
     """
     names = list(LAYERS) if layers is None else list(layers)
     unknown = [n for n in names if n not in LAYERS]
@@ -88,6 +91,8 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
         raise FxsimError(f"unknown layer {unknown[0]!r}; choose from: {', '.join(LAYERS)}")
     densities = check_densities(densities)
     fmt = paper_format(bits)
+    acc = {} if per_mac_bits is None else {"acc_bits": per_mac_bits, "acc_mode": "per_mac"}
+    Datapath(fmt, fmt, **acc)  # a bad width fails here, before any work
     rng = np.random.default_rng(seed)
     rows = []
     for name in names:
@@ -100,7 +105,7 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
             mask = random_mask(shape.w_shape, density, rng)
             w = np.where(mask, w_full, 0)
             layers_by_kernel = {
-                kernel: prepare(w, None, Datapath(fmt, fmt, kernel=kernel), mask)
+                kernel: prepare(w, None, Datapath(fmt, fmt, kernel=kernel, **acc), mask)
                 for kernel in ("dense", "sparse")
             }
 
@@ -122,6 +127,7 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
                 "layer": name, "density": density, "macs": c_dense.macs,
                 "executed_macs": c_sparse.executed_macs,
                 "weight_bytes": c_sparse.weight_bytes,
+                "paths": {"dense_int": sorted(c_dense.paths), "sparse_int": sorted(c_sparse.paths)},
                 "seconds": {"dense_int": t_dense, "sparse_int": t_sparse, "f32_blas": t_float},
                 "sparse_speedup_vs_dense": t_dense / t_sparse,
                 "sparse_speedup_vs_f32": t_float / t_sparse,

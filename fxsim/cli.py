@@ -96,12 +96,15 @@ def _floats(text: str) -> list[float]:
               help="Width of the paper's fixed-point format for weights and activations.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
               help="Timed calls per measurement (the median is reported).")
+@click.option("--per-mac-acc-bits", "per_mac_bits", type=int, default=None,
+              help="Time a per_mac saturating accumulator of this many bits instead of the "
+                   "exact (final) one.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write the rows to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a PNG of time vs density (log scale) here.")
-def bench_kernels(layers, densities, bits, repeats, seed, json_path, plot_path):
+def bench_kernels(layers, densities, bits, repeats, per_mac_bits, seed, json_path, plot_path):
     """Sparse (zero-skipping) vs dense integer kernels vs float32 BLAS.
 
     For every layer and weight density the three are timed in one run on the same random
@@ -113,11 +116,12 @@ def bench_kernels(layers, densities, bits, repeats, seed, json_path, plot_path):
     names = [n.strip() for n in layers.split(",")] if layers else None
     rows = bench_lib.sparse_vs_dense(
         names, bench_lib.check_densities(_floats(densities)), bits, repeats, seed,
-        progress=lambda msg: click.echo(f"  {msg}", err=True),
+        progress=lambda msg: click.echo(f"  {msg}", err=True), per_mac_bits=per_mac_bits,
     )
     click.echo(bench_lib.markdown_table(rows))
     if json_path:
-        store.write_json(json_path, {"bits": bits, "repeats": repeats, "rows": rows})
+        store.write_json(json_path, {"bits": bits, "repeats": repeats,
+                                     "per_mac_acc_bits": per_mac_bits, "rows": rows})
     if plot_path:
         report.plot_sparse_benchmark(rows, plot_path)
         click.echo(f"plot: {plot_path}", err=True)

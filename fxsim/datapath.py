@@ -252,6 +252,7 @@ class _Plan:
     start_overflowed: int  # per_mac: output channels whose bias load overflowed
     cols_dtype: type
     acc_bound: int  # no accumulator value (bias included) exceeds this in magnitude
+    x_max_abs: int  # no input code exceeds this in magnitude
 
 
 def _max_abs(codes: np.ndarray) -> int:
@@ -319,6 +320,13 @@ class PreparedWeights:
             self._weight_bytes = self.compressed.storage_bytes(self.datapath.weight_fmt.bits)
         return dict(self._weight_bytes)
 
+    def _values_as(self, dtype) -> np.ndarray:
+        """The stored (nonzero) weights of :attr:`compressed` in a kernel's lane dtype."""
+        key = ("values", dtype)
+        if key not in self._casts:
+            self._casts[key] = self.compressed.values.astype(dtype)
+        return self._casts[key]
+
     def _matrix_as(self, dtype) -> np.ndarray:
         if dtype not in self._casts:
             self._casts[dtype] = np.ascontiguousarray(self.matrix, dtype=dtype)
@@ -336,7 +344,7 @@ class PreparedWeights:
             start, overflowed = self._starts_for(dtype)
             path = "per_mac_int32" if narrow else "per_mac_int64"
             return _Plan(path, self._matrix_as(dtype), start, overflowed, dtype,
-                         1 << (dp.acc_bits - 1))
+                         1 << (dp.acc_bits - 1), x_max_abs)
         if bound < 1 << 24:
             path, dtype = "float32", np.float32
         elif bound < 1 << 53:
@@ -344,7 +352,7 @@ class PreparedWeights:
         else:
             # int64 holds every partial sum only if the bound (refined per chunk) says so
             path, dtype = "int64", np.int64
-        return _Plan(path, self._matrix_as(dtype), None, 0, dtype, bound + bias_max)
+        return _Plan(path, self._matrix_as(dtype), None, 0, dtype, bound + bias_max, x_max_abs)
 
     def conv2d(self, x_codes, stride=1, padding=0):
         """Run as a convolution; see :func:`conv2d`."""
@@ -424,11 +432,17 @@ class PreparedWeights:
         fan_in = self.matrix.shape[1]
         shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
         if plan.path.startswith("per_mac"):
-            narrow = plan.path == "per_mac_int32"
-            kernel = dense.dot_per_mac_int32 if narrow else dense.dot_per_mac_int64
             wrap = dp.acc_overflow is Overflow.WRAP
             block = dense.block_size(cols.shape[1], numba.get_num_threads())
-            sums, events = kernel(plan.weights, cols, plan.start, dp.acc_bits, wrap, block)
+            if dp.acc_bits <= 62:
+                cw, lanes = self.compressed, plan.cols_dtype
+                lo, hi, mask = _register(dp.acc_bits, lanes)
+                sums, events = dense.dot_per_mac(cw.row_ptr, cw.col_idx, self._values_as(lanes),
+                                                 cols, plan.start, lo, hi, mask, wrap, block,
+                                                 plan.x_max_abs)
+            else:
+                sums, events = dense.dot_per_mac_int64(plan.weights, cols, plan.start,
+                                                       dp.acc_bits, wrap, block)
             events += plan.start_overflowed * n_img * per_img
             bias = np.zeros(self.bias.shape, np.int64)
             acc_omode = -1
@@ -470,35 +484,35 @@ class PreparedWeights:
         cw = self.compressed
         n, c, h, w = x.shape
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        row_len = sparse.input_row_length(wp, stride[1])
         # a linear layer's (J, K) weights read input row k directly
-        bases = sparse.conv_bases(cw, (hp, wp)) if len(cw.shape) == 4 else cw.col_idx
-        values = cw.values.astype(lanes)
+        bases = sparse.conv_bases(cw, (hp, wp), stride[1]) if len(cw.shape) == 4 else cw.col_idx
+        values = self._values_as(lanes)
         _, n_out, per_img = out.shape
         if per_mac:
             start, overflowed = self._starts_for(lanes)
             bias, acc_omode = np.zeros(n_out, np.int64), -1
             first_events = overflowed * per_img
-            lo = lanes(-(1 << (dp.acc_bits - 1)))
-            hi = lanes((1 << (dp.acc_bits - 1)) - 1)
-            mask = lanes((1 << dp.acc_bits) - 1)
+            lo, hi, mask = _register(dp.acc_bits, lanes)
             wrap = dp.acc_overflow is Overflow.WRAP
         else:
             bias, first_events = self.bias, 0
             acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
         shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
-        # a task holds one channel's accumulators for the whole chunk: keep them in L2
-        per_chunk = max(1, min(_CHUNK_ELEMENTS // max(1, c * hp * wp, n_out * per_img),
-                               _SPARSE_TASK_ELEMENTS // per_img))
+        # the laid-out input and the sums of a chunk stay in L2 / L3 and are reused from the heap
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, c * hp * row_len, n_out * per_img))
         counters = Counters(weight_bytes=self.weight_bytes())
         path = f"sparse_{plan.path}"
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
-            xt = sparse.layout_input(x[n0:n1], padding, lanes)
+            xt = sparse.layout_input(x[n0:n1], padding, lanes, stride[1])
             if per_mac:
                 sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, out_hw,
-                                                     stride, wp, start, wrap, lo, hi, mask)
+                                                     stride[0], row_len, start, wrap, lo, hi,
+                                                     mask, plan.x_max_abs)
             else:
-                sums = sparse.sparse_sum(xt, cw.row_ptr, bases, values, out_hw, stride, wp)
+                sums = sparse.sparse_sum(xt, cw.row_ptr, bases, values, out_hw, stride[0],
+                                         row_len)
                 events = 0
             chunk_out = out[n0:n1]
             if per_img == 1:  # linear: one (1, J) row per image, the bias along it
@@ -533,9 +547,10 @@ class PreparedWeights:
         return self._starts[dtype]
 
 
-# Accumulators (output positions x images) one task of the sparse kernel keeps: ~512 KiB of
-# float32, within a core's L2.
-_SPARSE_TASK_ELEMENTS = 1 << 17
+def _register(acc_bits: int, lanes) -> tuple:
+    """(lo, hi, 2^bits - 1) of an ``acc_bits``-wide two's-complement register, as ``lanes``."""
+    return (lanes(-(1 << (acc_bits - 1))), lanes((1 << (acc_bits - 1)) - 1),
+            lanes((1 << acc_bits) - 1))
 
 
 def _sparse_lanes(plan: _Plan, dp: Datapath):

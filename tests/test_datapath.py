@@ -125,6 +125,31 @@ def test_every_kernel_path_is_exact(path, act, weight, acc_bits, mode, acc_overf
     assert set(lin_counters.paths) <= {path, "float32", "float64", "int64"}
 
 
+@pytest.mark.parametrize(("fmt", "acc_bits"), [(QFormat(8, 2), 19), (QFormat(16, 4), 36)])
+@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_overflow, kernel):
+    # A register that holds about 16 full-size products, long dot products that climb into
+    # saturation and come back down: the kernels' plain multiply-add groups (proven safe by
+    # the range bound) and their MAC-by-MAC groups must interleave exactly like the reference.
+    rng = np.random.default_rng(acc_bits)
+    fan_in = 300
+    x = rng.integers(fmt.max_code // 2, fmt.max_code, (40, fan_in), endpoint=True)
+    x[::3] *= -1
+    ramp = np.where(np.arange(fan_in) < 150, fmt.max_code, fmt.min_code)
+    blocks = np.where((np.arange(fan_in) // 24) % 2 == 0, fmt.max_code // 3, fmt.min_code // 3)
+    w = np.stack([ramp, blocks, random_codes(rng, fmt, fan_in), random_codes(rng, fmt, fan_in),
+                  np.zeros(fan_in, np.int64)])
+    w[3, rng.random(fan_in) < 0.7] = 0
+    dp = Datapath(fmt, fmt, out_fmt=QFormat(24, 20), acc_bits=acc_bits, acc_mode="per_mac",
+                  acc_overflow=acc_overflow, rounding="rnd_conv", kernel=kernel)
+    b = random_codes(rng, dp.bias_format, (5,)) >> 8
+    counters = check_linear(dp, x, w, b)
+    assert counters.acc_overflows > 0
+    assert all(path.endswith(f"per_mac_int{32 if acc_bits <= 30 else 64}")
+               for path in counters.paths)
+
+
 def test_per_mac_saturation_depends_on_order_and_differs_from_final():
     fmt = QFormat(4, 4)  # products of fix<4,4> need 8 bits
     final = Datapath(fmt, fmt, out_fmt=QFormat(8, 8), acc_bits=8, acc_mode="final")

@@ -77,14 +77,16 @@ def make_weights(rng, dp, shape, mask_kind):
 
 
 @settings(max_examples=120, deadline=None)
-@given(case=layer_cases(), stride=st.integers(1, 2), padding=st.integers(0, 2),
-       kernel=st.integers(1, 3))
-def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel):
+@given(case=layer_cases(), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), batch=st.integers(1, 40))
+def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel, batch):
+    # up to 40 images x 21 output columns: output rows longer than one task's tile of lanes
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
-    w, mask = make_weights(rng, dp, (4, 3, kernel, kernel), mask_kind)
+    w, mask = make_weights(rng, dp, (4, 3, *kernel), mask_kind)
     b = random_bias(rng, dp, 4)
-    x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (5, 3, 6, 5), endpoint=True)
+    x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, 3, 6, 17), endpoint=True)
     _, c_s = run_both(dp, w, b, x, mask, conv=True, stride=stride, padding=padding)
     check_mac_counters(c_s, w, c_s.outputs // 4)
 
