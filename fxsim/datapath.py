@@ -42,8 +42,8 @@ KERNELS = ("auto", "dense", "sparse")
 
 # kernel="auto" runs a layer on the zero-skipping kernel when its weight density is below this.
 # Measured with benchmarks/sparse.py on LeNet5 / CifarNet shapes (docs/results/sparse.md): the
-# sparse convolution beats the BLAS-backed dense one below about 0.3 to 0.5, a sparse linear
-# layer (one output position, so no reuse of the transposed input) only below about 0.05.
+# sparse convolution beats the BLAS-backed dense one below about 0.2 to 0.5, a sparse linear
+# layer (one output position, so no reuse of the laid-out input) only below about 0.1.
 SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.05}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
