@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxsim.fixedpoint import apply_overflow, requantize_one
-from fxsim.kernels import per_mac
+from fxsim.kernels.tile import per_mac_products
 
 # Output positions handled per task by the blocked kernels: a (K, block) slice of cols stays in
 # L2 while all output channels run over it. Smaller blocks when there are few positions, so
@@ -164,7 +164,7 @@ def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block
     ``cols`` (K, M) is int32 (registers of <= 30 bits) or int64, bounded by ``x_max_abs``;
     every product fits the register, so register + product fits the lane dtype. Groups of
     weights that provably cannot overflow run as plain multiply-adds (see
-    :mod:`fxsim.kernels.per_mac`). Returns (acc int64 (J, M), overflow events).
+    :mod:`fxsim.kernels.tile`). Returns (acc int64 (J, M), overflow events).
     """
     n_out = row_ptr.size - 1
     m_total = cols.shape[1]
@@ -181,7 +181,7 @@ def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block
         count = 0
         for j in range(n_out):
             acc[:] = start[j]
-            per_mac.channel(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], col_idx, values,
+            per_mac_products(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], col_idx, values,
                             width, 0, x_max_abs, wrap, lo, hi, mask)
             out[j, m0 : m0 + width] = acc
             for t in range(width):
@@ -339,42 +339,38 @@ def finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_ext
     acc_wrap = acc_omode == 1
     wrap = omode == 1
     zero = omode == 2
-    blocks = (n_a + _FINISH_ROWS - 1) // _FINISH_ROWS
-    tasks = blocks * n_b
+    tasks = n_a * n_b
     acc_events = np.zeros(tasks, np.int64)
     sat_events = np.zeros(tasks, np.int64)
     highest = np.zeros(tasks, np.int64)
     lowest = np.zeros(tasks, np.int64)
     for task in prange(tasks):
-        # a task is up to _FINISH_ROWS rows i (images) of one j: it reads and writes each row
-        # in step, so a transposed ``sums`` ((J, P, N) seen as (N, J, P)) is read a cache line
-        # of neighbouring images at a time instead of one value per line
-        j = task // blocks
-        i0 = (task % blocks) * _FINISH_ROWS
-        rows = min(_FINISH_ROWS, n_a - i0)
-        acc2 = np.empty((n_c, rows), np.int64)
-        for p in range(n_c):
-            b = bias[p] if bias_last else bias[j]
-            for r in range(rows):
-                acc2[p, r] = np.int64(sums[i0 + r, j, p]) + b
-        acc = acc2.reshape(-1)
+        i = task % n_a  # channel-major, as in finish
+        j = task // n_a
+        acc = np.empty(n_c, np.int64)
+        if bias_last:
+            for p in range(n_c):
+                acc[p] = np.int64(sums[i, j, p]) + bias[p]
+        else:
+            for p in range(n_c):
+                acc[p] = np.int64(sums[i, j, p]) + bias[j]
         top = np.int64(0)
         bottom = np.int64(0)
-        for t in range(acc.size):
-            top = max(top, acc[t])
-            bottom = min(bottom, acc[t])
+        for p in range(n_c):
+            top = max(top, acc[p])
+            bottom = min(bottom, acc[p])
         n_acc = 0
         if has_acc:
-            for t in range(acc.size):
-                a = acc[t]
+            for p in range(n_c):
+                a = acc[p]
                 inside = (a >= acc_lo) & (a <= acc_hi)
                 n_acc += 1 - np.int64(inside)
                 wrapped = ((a - acc_lo) & acc_mask) + acc_lo
                 clamped = min(max(a, acc_lo), acc_hi)
-                acc[t] = a if inside else (wrapped if acc_wrap else clamped)
+                acc[p] = a if inside else (wrapped if acc_wrap else clamped)
         n_sat = 0
-        for t in range(acc.size):
-            a = acc[t]
+        for p in range(n_c):
+            a = acc[p]
             offset = base + np.int64(a < 0) * neg_extra + parity * ((a >> shift) & 1)
             q = (a + offset) >> shift
             inside = (q >= lo) & (q <= hi)
@@ -382,20 +378,12 @@ def finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_ext
             over = hi if q > hi else sym_lo
             over = 0 if zero else over
             over = (((q - lo) & mask) + lo) if wrap else over
-            acc[t] = q if inside else over
-        for p in range(n_c):
-            for r in range(rows):
-                out[i0 + r, j, p] = acc2[p, r]
+            out[i, j, p] = q if inside else over
         acc_events[task] = n_acc
         sat_events[task] = n_sat
         highest[task] = top
         lowest[task] = bottom
     return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
-
-
-# Rows (images) one task of finish_fast handles together: 16 int64 / float32 values of
-# neighbouring images share one or two cache lines in a transposed sums array.
-_FINISH_ROWS = 16
 
 
 @njit(cache=True, parallel=True)

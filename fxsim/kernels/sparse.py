@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxsim.errors import ShapeError
-from fxsim.kernels import per_mac
+from fxsim.kernels.tile import add_products, per_mac_products
 
 
 class CompressedWeights:
@@ -216,8 +216,8 @@ def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len):
     ``xt`` (R, N) is the laid-out input and ``values`` the stored weights, both in the lane
     dtype (float32, float64 or int64), where the caller's bound makes every partial sum exact
     (so the order of additions does not matter). A task is a tile of :data:`TILE` lanes of one
-    output segment; for every output channel it applies the stored weights four at a time, each
-    a vector update reading ``TILE`` contiguous inputs. Returns sums (J, P, N).
+    output row; for every output channel each stored weight is a vector update reading ``TILE``
+    contiguous inputs (:func:`fxsim.kernels.tile.add_products`). Returns sums (J, P, N).
     """
     n_out = row_ptr.size - 1
     n_img = xt.shape[1]
@@ -231,22 +231,7 @@ def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len):
         acc = np.empty(width, xt.dtype)
         for j in range(n_out):
             acc[:] = 0
-            idx, last = row_ptr[j], row_ptr[j + 1]
-            while idx + 4 <= last:
-                w0, w1, w2, w3 = values[idx], values[idx + 1], values[idx + 2], values[idx + 3]
-                x0 = xflat[bases[idx] * n_img + src :][:width]
-                x1 = xflat[bases[idx + 1] * n_img + src :][:width]
-                x2 = xflat[bases[idx + 2] * n_img + src :][:width]
-                x3 = xflat[bases[idx + 3] * n_img + src :][:width]
-                for t in range(width):
-                    acc[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
-                idx += 4
-            while idx < last:
-                w0 = values[idx]
-                x0 = xflat[bases[idx] * n_img + src :][:width]
-                for t in range(width):
-                    acc[t] += w0 * x0[t]
-                idx += 1
+            add_products(acc, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img, src)
             sums[j, dst : dst + width] = acc
     return sums.reshape(n_out, oh * ow, n_img)
 
@@ -260,7 +245,7 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
     fits the register [lo, hi] and register + product fits the lane dtype (the caller checks);
     ``x_max_abs`` bounds the inputs. ``start`` (J,) holds each register's first value (the
     aligned, overflow-checked bias); ``mask`` is 2^bits - 1. Every output takes its MACs one
-    after another in canonical order (see :mod:`fxsim.kernels.per_mac`). Returns
+    after another in canonical order (see :mod:`fxsim.kernels.tile`). Returns
     (sums (J, P, N) int64, overflow events).
     """
     n_out = row_ptr.size - 1
@@ -279,8 +264,8 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
         count = 0
         for j in range(n_out):
             acc[:] = start[j]
-            per_mac.channel(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img,
-                            src, x_max_abs, wrap, lo, hi, mask)
+            per_mac_products(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img,
+                             src, x_max_abs, wrap, lo, hi, mask)
             sums[j, dst : dst + width] = acc
             for t in range(width):
                 count += hits[t]

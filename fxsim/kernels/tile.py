@@ -1,8 +1,10 @@
-"""The per-MAC accumulator register: saturate or wrap after every multiply-accumulate.
+"""One output channel's stored weights applied to a tile of accumulators.
 
-One output channel over a tile of lanes (output positions x images) at a time, its stored
-(nonzero) weights in canonical order. Shared by the dense and the zero-skipping kernels, which
-differ only in where a weight's inputs sit: ``xflat[offsets[idx] * mult + src :][:width]``.
+A tile is a vector of lanes (output positions x images) of one output channel; its stored
+(nonzero) weights come in canonical order. :func:`add_products` adds exact products,
+:func:`per_mac_products` runs the per-MAC register that saturates or wraps after every
+multiply-accumulate. Shared by the dense per-MAC and the zero-skipping kernels, which differ
+only in where a weight's inputs sit: ``xflat[offsets[idx] * mult + src :][:width]``.
 
 Fast path, exact by a bound: a group of :data:`GROUP` consecutive weights moves any register by
 at most ``bound = x_max_abs * sum |w|`` over the group, at every prefix of it. If every lane of
@@ -40,8 +42,34 @@ def wrap_add(acc, product, lo, mask):
 
 
 @njit(cache=True)
-def channel(acc, hits, xflat, first, last, offsets, values, mult, src, x_max_abs, wrap, lo, hi,
-            mask):
+def add_products(acc, xflat, first, last, offsets, values, mult, src):
+    """``acc += w * x`` for stored weights ``first .. last - 1``, without any overflow check.
+
+    Only for sums the caller has proven exact (in the lane dtype, in any order): four weights
+    per pass, so the tile ``acc`` is loaded and stored a quarter as often. Weight ``idx`` reads
+    ``xflat[offsets[idx] * mult + src :][:acc.size]``.
+    """
+    width = acc.size
+    idx = first
+    while idx + 4 <= last:
+        w0, w1, w2, w3 = values[idx], values[idx + 1], values[idx + 2], values[idx + 3]
+        x0 = xflat[offsets[idx] * mult + src :][:width]
+        x1 = xflat[offsets[idx + 1] * mult + src :][:width]
+        x2 = xflat[offsets[idx + 2] * mult + src :][:width]
+        x3 = xflat[offsets[idx + 3] * mult + src :][:width]
+        for t in range(width):
+            acc[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
+        idx += 4
+    for rest in range(idx, last):
+        wv = values[rest]
+        x0 = xflat[offsets[rest] * mult + src :][:width]
+        for t in range(width):
+            acc[t] += wv * x0[t]
+
+
+@njit(cache=True)
+def per_mac_products(acc, hits, xflat, first, last, offsets, values, mult, src, x_max_abs,
+                     wrap, lo, hi, mask):
     """Run stored weights ``first .. last - 1`` of one output channel over the tile ``acc``.
 
     ``acc`` (width,) holds the registers (lane dtype int32 or int64, already at their start
@@ -67,21 +95,7 @@ def channel(acc, hits, xflat, first, last, offsets, values, mult, src, x_max_abs
             exact = True
             safe = bottom >= lo + bound and top <= hi - bound
         if safe:
-            g = idx
-            while g + 4 <= end:  # four weights per pass: a quarter of the register traffic
-                w0, w1, w2, w3 = values[g], values[g + 1], values[g + 2], values[g + 3]
-                x0 = xflat[offsets[g] * mult + src :][:width]
-                x1 = xflat[offsets[g + 1] * mult + src :][:width]
-                x2 = xflat[offsets[g + 2] * mult + src :][:width]
-                x3 = xflat[offsets[g + 3] * mult + src :][:width]
-                for t in range(width):
-                    acc[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
-                g += 4
-            for rest in range(g, end):
-                wv = values[rest]
-                x0 = xflat[offsets[rest] * mult + src :][:width]
-                for t in range(width):
-                    acc[t] += wv * x0[t]
+            add_products(acc, xflat, idx, end, offsets, values, mult, src)
             top += bound
             bottom -= bound
             exact = False
