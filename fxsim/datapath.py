@@ -484,7 +484,7 @@ class PreparedWeights:
         cw = self.compressed
         n, c, h, w = x.shape
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
-        row_len = sparse.input_row_length(wp, stride[1])
+        row_len = dense.input_row_length(wp, stride[1])
         # a linear layer's (J, K) weights read input row k directly
         bases = sparse.conv_bases(cw, (hp, wp), stride[1]) if len(cw.shape) == 4 else cw.col_idx
         values = self._values_as(lanes)
@@ -505,7 +505,7 @@ class PreparedWeights:
         path = f"sparse_{plan.path}"
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
-            xt = sparse.layout_input(x[n0:n1], padding, lanes, stride[1])
+            xt = dense.layout_input(x[n0:n1], padding, lanes, stride[1])
             if per_mac:
                 sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, out_hw,
                                                      stride[0], row_len, start, wrap, lo, hi,

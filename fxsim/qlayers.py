@@ -22,8 +22,7 @@ from fxsim.fixedpoint import (
     quantize_with_count,
     values,
 )
-from fxsim.kernels.dense import im2col
-from fxsim.layers import Layer, conv2d_gradients, linear_gradients
+from fxsim.layers import Layer, conv2d_gradients, conv_columns, linear_gradients
 
 
 def _value_dtype(fmt: QFormat):
@@ -135,7 +134,7 @@ class QuantConv2d(_QuantMixin, Layer):
         dy, w, x = self._ste_inputs(dy, ctx)
         cols = None  # the im2col matrix is only needed for the weight gradient
         if need_params:
-            cols = im2col(x, w.shape[2], w.shape[3], (self.stride,) * 2, (self.padding,) * 2)
+            cols = conv_columns(x, w.shape[2], w.shape[3], self.stride, self.padding)
         dx, grads = conv2d_gradients(dy, cols, x.shape, w, self.stride, self.padding,
                                      "bias" in self.params, need_dx, need_params)
         return dx, self._ste_grads(grads, ctx)

@@ -65,9 +65,12 @@ def images(shape, seed=1):
     return np.random.default_rng(seed).standard_normal(shape)
 
 
-@pytest.mark.parametrize(("stride", "padding"), [(1, 0), (2, 1), (1, 2)])
-def test_conv2d_gradients(stride, padding):
-    check_layer(Conv2d(3, 4, 3, stride, padding), images((2, 3, 7, 6)))
+@pytest.mark.parametrize(("stride", "padding", "size"),
+                         [(1, 0, (7, 6)), (2, 1, (7, 6)), (1, 2, (7, 6)), (3, 2, (8, 7)),
+                          (1, 1, (16, 16))])
+def test_conv2d_gradients(stride, padding, size):
+    # up to 42 output positions: batch-last columns; 16 x 16 = 256: one GEMM per image
+    check_layer(Conv2d(3, 4, 3, stride, padding), images((2, 3, *size)))
 
 
 def test_linear_relu_flatten_affine_gradients():

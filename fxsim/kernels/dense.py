@@ -130,6 +130,166 @@ def col2im(cols: np.ndarray, x_shape, kh: int, kw: int, stride=(1, 1), padding=(
 
 
 @njit(cache=True, parallel=True)
+def _layout(x, ph, pw, sw, wq, out):
+    n_img, chans, h, w = x.shape
+    hp = h + 2 * ph
+    for row in prange(chans * hp):
+        c = row // hp
+        iy = row % hp - ph
+        for phase in range(sw):
+            for q in range(wq):
+                dst = out[(row * sw + phase) * wq + q]
+                ix = q * sw + phase - pw
+                if iy < 0 or iy >= h or ix < 0 or ix >= w:
+                    dst[:] = 0
+                else:
+                    for n in range(n_img):
+                        dst[n] = x[n, c, iy, ix]
+    return out
+
+
+def phase_width(padded_w: int, stride_w: int) -> int:
+    """Columns per phase of a padded input row split by column index modulo the stride."""
+    return -(-padded_w // stride_w)
+
+
+def layout_input(x: np.ndarray, padding, dtype, stride_w: int = 1) -> np.ndarray:
+    """(N, C, H, W) -> (C * Hp * stride_w * Wq, N) in ``dtype``: one batch vector per pixel.
+
+    Zero-padded, and each padded row split into ``stride_w`` phases by column modulo the stride
+    (Wq columns each, see :func:`phase_width`), so that the inputs a weight meets at output
+    columns 0, 1, 2, ... are adjacent rows for any stride: a whole output row is one
+    contiguous run of ``OW * N`` values. With stride 1 this is the plain (C, Hp, Wp) order.
+    Values are cast on the fly (exact for codes the caller has bounded).
+    """
+    n, c, h, w = x.shape
+    ph, pw = padding
+    hp = h + 2 * ph
+    wq = phase_width(w + 2 * pw, stride_w)
+    out = np.empty((c * hp * stride_w * wq, n), dtype)
+    return _layout(np.ascontiguousarray(x), ph, pw, stride_w, wq, out)
+
+
+def input_row_length(padded_w: int, stride_w: int) -> int:
+    """Rows of the :func:`layout_input` layout per padded input row."""
+    return stride_w * phase_width(padded_w, stride_w)
+
+
+@njit(cache=True, inline="always")
+def _batch_last_row(c, ki, kj, hp, sw, wq):
+    """Row of input (c, ki, kj) at output (0, 0) in the :func:`layout_input` layout."""
+    return ((c * hp + ki) * sw + kj % sw) * wq + kj // sw
+
+
+@njit(cache=True, parallel=True)
+def _im2col_batch_last(xt, c_in, hp, kh, kw, sh, sw, wq, oh, ow, out):
+    n_img = xt.shape[1]
+    xflat = xt.reshape(-1)
+    seg = ow * n_img  # one output row of one (c, ki, kj): contiguous in the layout
+    row_len = sw * wq
+    for task in prange(c_in * kh * kw * oh):
+        row, oy = task // oh, task % oh
+        c, ki, kj = row // (kh * kw), (row // kw) % kh, row % kw
+        src = (_batch_last_row(c, ki, kj, hp, sw, wq) + oy * sh * row_len) * n_img
+        out[row, oy * seg : (oy + 1) * seg] = xflat[src : src + seg]
+    return out
+
+
+def im2col_batch_last(x: np.ndarray, kh: int, kw: int, stride=(1, 1), padding=(0, 0)):
+    """(N, C, H, W) -> (C*kh*kw, OH*OW*N) columns ordered (oy, ox, image): im2col with the
+    batch as the fastest axis. Built from :func:`layout_input`, where every (row, output row)
+    is one contiguous copy; for layers with few output positions per image this is several
+    times faster than :func:`im2col` (LeNet5 conv2, batch 256: 1.3 vs 3.7 ms)."""
+    n, c, h, w = x.shape
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    xt = layout_input(x, padding, x.dtype, stride[1])
+    out = np.empty((c * kh * kw, oh * ow * n), x.dtype)
+    wq = phase_width(w + 2 * padding[1], stride[1])
+    return _im2col_batch_last(xt, c, h + 2 * padding[0], kh, kw, stride[0], stride[1], wq, oh,
+                              ow, out)
+
+
+@njit(cache=True, parallel=True)
+def _col2im_batch_last(cols, c_in, hp, kh, kw, sh, sw, wq, oh, ow, dxt):
+    n_img = dxt.shape[1]
+    dflat = dxt.reshape(-1)
+    seg = ow * n_img
+    row_len = sw * wq
+    for c in prange(c_in):  # channel c's rows add only into channel c: no two tasks collide
+        for ki in range(kh):
+            for kj in range(kw):
+                row = (c * kh + ki) * kw + kj
+                base = _batch_last_row(c, ki, kj, hp, sw, wq)
+                for oy in range(oh):
+                    dst = dflat[(base + oy * sh * row_len) * n_img :][:seg]
+                    src = cols[row, oy * seg : (oy + 1) * seg]
+                    for t in range(seg):
+                        dst[t] += src[t]
+    return dxt
+
+
+@njit(cache=True, parallel=True)
+def _from_batch_last(xt, ph, pw, hp, sw, wq, out):
+    n_img, c_in, h, w = out.shape
+    n_blocks = (n_img + _BLOCK - 1) // _BLOCK
+    for task in prange(c_in * n_blocks):
+        # one channel of _BLOCK images: reads a cache line of neighbouring images per pixel,
+        # writes _BLOCK image planes, each in order
+        c, n0 = task // n_blocks, (task % n_blocks) * _BLOCK
+        n1 = min(n0 + _BLOCK, n_img)
+        for iy in range(h):
+            for ix in range(w):
+                src = xt[_batch_last_row(c, iy + ph, ix + pw, hp, sw, wq)]
+                for n in range(n0, n1):
+                    out[n, c, iy, ix] = src[n]
+    return out
+
+
+# Side of the square blocks the transposing kernels move at a time: 32 float32 = two cache
+# lines read and 32 rows written in step (measured on (3200, 256) float32: 0.37 ms, against
+# 5.1 ms for numpy's copy of the transposed view).
+_BLOCK = 32
+
+
+@njit(cache=True, parallel=True)
+def _transpose2d(a, out):
+    rows, cols = a.shape
+    row_blocks = (rows + _BLOCK - 1) // _BLOCK
+    col_blocks = (cols + _BLOCK - 1) // _BLOCK
+    for task in prange(row_blocks * col_blocks):
+        r0 = (task // col_blocks) * _BLOCK
+        c0 = (task % col_blocks) * _BLOCK
+        for c in range(c0, min(c0 + _BLOCK, cols)):
+            for r in range(r0, min(r0 + _BLOCK, rows)):
+                out[c, r] = a[r, c]
+    return out
+
+
+def transpose2d(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a.T`` for a 2-D array, in cache-sized blocks."""
+    a = np.ascontiguousarray(a)
+    return _transpose2d(a, np.empty(a.shape[::-1], a.dtype))
+
+
+def col2im_batch_last(cols: np.ndarray, x_shape, kh: int, kw: int, stride=(1, 1),
+                      padding=(0, 0)):
+    """The adjoint of :func:`im2col_batch_last`: add (C*kh*kw, OH*OW*N) columns ordered
+    (oy, ox, image) back into (N, C, H, W). Adds whole output rows of all images at once into
+    the :func:`layout_input` layout, then crops the padding away."""
+    n, c, h, w = x_shape
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    hp = h + 2 * padding[0]
+    wq = phase_width(w + 2 * padding[1], stride[1])
+    dxt = np.zeros((c * hp * stride[1] * wq, n), cols.dtype)
+    cols = np.ascontiguousarray(cols)
+    _col2im_batch_last(cols, c, hp, kh, kw, stride[0], stride[1], wq, oh, ow, dxt)
+    return _from_batch_last(dxt, padding[0], padding[1], hp, stride[1], wq,
+                            np.empty(x_shape, cols.dtype))
+
+
+@njit(cache=True, parallel=True)
 def dot_int64(w, cols, block):
     """Exact ``w @ cols`` in int64 (wraps mod 2^64 if a partial sum leaves int64)."""
     n_out, fan_in = w.shape

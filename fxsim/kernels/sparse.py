@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxsim.errors import ShapeError
+from fxsim.kernels.dense import phase_width
 from fxsim.kernels.tile import add_products, per_mac_products
 
 
@@ -133,51 +134,10 @@ def check_mask(w: np.ndarray, mask) -> None:
         )
 
 
-@njit(cache=True, parallel=True)
-def _layout(x, ph, pw, sw, wq, out):
-    n_img, chans, h, w = x.shape
-    hp = h + 2 * ph
-    for row in prange(chans * hp):
-        c = row // hp
-        iy = row % hp - ph
-        for phase in range(sw):
-            for q in range(wq):
-                dst = out[(row * sw + phase) * wq + q]
-                ix = q * sw + phase - pw
-                if iy < 0 or iy >= h or ix < 0 or ix >= w:
-                    dst[:] = 0
-                else:
-                    for n in range(n_img):
-                        dst[n] = x[n, c, iy, ix]
-    return out
-
-
-def phase_width(padded_w: int, stride_w: int) -> int:
-    """Columns per phase of a padded input row split by column index modulo the stride."""
-    return -(-padded_w // stride_w)
-
-
-def layout_input(x: np.ndarray, padding, dtype, stride_w: int = 1) -> np.ndarray:
-    """(N, C, H, W) -> (C * Hp * stride_w * Wq, N) in ``dtype``: one batch vector per pixel.
-
-    Zero-padded, and each padded row split into ``stride_w`` phases by column modulo the stride
-    (Wq columns each, see :func:`phase_width`), so that the inputs a weight meets at output
-    columns 0, 1, 2, ... are adjacent rows for any stride: a whole output row is one
-    contiguous run of ``OW * N`` values. With stride 1 this is the plain (C, Hp, Wp) order.
-    Values are cast on the fly (exact for codes the caller has bounded).
-    """
-    n, c, h, w = x.shape
-    ph, pw = padding
-    hp = h + 2 * ph
-    wq = phase_width(w + 2 * pw, stride_w)
-    out = np.empty((c * hp * stride_w * wq, n), dtype)
-    return _layout(np.ascontiguousarray(x), ph, pw, stride_w, wq, out)
-
-
 def conv_bases(cw: CompressedWeights, padded_hw, stride_w: int = 1) -> np.ndarray:
-    """Row of each stored weight's (c, kh, kw) at output (0, 0) in the :func:`layout_input`
-    layout; output (oy, ox) reads that row + ``oy * stride_h * row_len`` + ``ox`` with
-    ``row_len = stride_w * Wq`` (see :func:`input_row_length`)."""
+    """Row of each stored weight's (c, kh, kw) at output (0, 0) in the
+    :func:`fxsim.kernels.dense.layout_input` layout; output (oy, ox) reads that row
+    + ``oy * stride_h * row_len`` + ``ox`` (see :func:`fxsim.kernels.dense.input_row_length`)."""
     _, _, kh, kw = cw.shape
     hp, wp = padded_hw
     wq = phase_width(wp, stride_w)
@@ -185,11 +145,6 @@ def conv_bases(cw: CompressedWeights, padded_hw, stride_w: int = 1) -> np.ndarra
     ki, kj = np.divmod(rest, kw)
     phase, q = np.divmod(kj, stride_w)[::-1]
     return (((c * hp + ki) * stride_w + phase) * wq + q).astype(np.int64)
-
-
-def input_row_length(padded_w: int, stride_w: int) -> int:
-    """Rows of the :func:`layout_input` layout per padded input row."""
-    return stride_w * phase_width(padded_w, stride_w)
 
 
 # Lanes one task of the sparse kernels accumulates at once: 2 KiB of float32 accumulators stay
