@@ -95,6 +95,20 @@ def test_linear_matches_reference(dp, seed, fan_in, zeros):
     check_linear(dp, x, w, b)
 
 
+@pytest.mark.parametrize("size", [(6, 7), (18, 18)])
+@pytest.mark.parametrize("acc_mode", ["final", "per_mac"])
+def test_conv2d_column_orders_match_reference(size, acc_mode):
+    # 5 x 6 outputs: columns built batch-last; 16 x 16 = 256 outputs: image by image
+    rng = np.random.default_rng(sum(size))
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, acc_bits=16, acc_mode=acc_mode, rounding="rnd_conv")
+    x = random_codes(rng, fmt, (3, 2, *size))
+    w = random_codes(rng, fmt, (3, 2, 3, 3), zero_fraction=0.2)
+    b = random_codes(rng, dp.bias_format, (3,)) >> 4
+    counters = check_conv(dp, x, w, b, stride=1, padding=0)
+    assert counters.acc_overflows > 0
+
+
 # Each kernel path, forced by the formats and the accumulator, checked against the reference.
 PATHS = [
     ("float32", QFormat(8, 2), QFormat(8, 2), None, "final"),
