@@ -637,3 +637,19 @@ def relu_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     out = np.empty_like(dy)
     _relu_backward(dy.reshape(-1), y.reshape(-1), out.reshape(-1))
     return out
+
+
+@njit(cache=True, parallel=True)
+def _relu(x, out):
+    for i in prange(x.size):
+        out[i] = 0 if x[i] <= 0 else x[i]  # NaN is not <= 0: it passes through, as in maximum
+    return out
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0) in one parallel pass (2 cores, LeNet5 conv1's output at batch 256: numpy's
+    single-threaded ``maximum`` takes about 1.5 ms)."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    _relu(x.reshape(-1), out.reshape(-1))
+    return out
