@@ -299,6 +299,7 @@ class PreparedWeights:
         self.matrix = self.weights.reshape(w.shape[0], -1)
         self.bias = _aligned_bias(bias_codes, w.shape[0], datapath)
         self.row_abs_max = _max_row_abs_sum(self.matrix)
+        self.w_max_abs = _max_abs(self.matrix)
         self.density = float(np.count_nonzero(self.matrix)) / max(1, self.matrix.size)
         self._compressed: sparse.CompressedWeights | None = None
         self._weight_bytes: dict | None = None
@@ -331,6 +332,13 @@ class PreparedWeights:
         key = ("values", dtype)
         if key not in self._casts:
             self._casts[key] = self.compressed.values.astype(dtype)
+        return self._casts[key]
+
+    def _transposed_as(self, dtype) -> np.ndarray:
+        """The (K, J) transposed weight matrix in a kernel's lane dtype."""
+        key = ("transposed", dtype)
+        if key not in self._casts:
+            self._casts[key] = np.ascontiguousarray(self.matrix.T, dtype=dtype)
         return self._casts[key]
 
     def _matrix_as(self, dtype) -> np.ndarray:
@@ -420,9 +428,11 @@ class PreparedWeights:
         counters = Counters(weight_bytes=self.weight_bytes())
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
-            x_rows = plan.path.startswith("float")
+            # float paths multiply x @ w.T; narrow per-MAC registers run over output features
+            x_rows = plan.path.startswith("float") or (
+                plan.path.startswith("per_mac") and self.datapath.acc_bits <= 62)
             if x_rows:
-                cols = x[n0:n1].astype(plan.cols_dtype)  # (N, K): multiplied as x @ w.T
+                cols = x[n0:n1].astype(plan.cols_dtype)  # (N, K)
             else:
                 cols = np.ascontiguousarray(x[n0:n1].T, dtype=plan.cols_dtype)  # (K, N)
             chunk_u = _slice(u, n0, n1, n_out)
@@ -434,8 +444,9 @@ class PreparedWeights:
         """Sums for one chunk -> output codes in ``out`` (N, J, P). Returns its Counters.
 
         ``cols`` is (K, M) with M = N * P, its columns ordered (image, position), or (position,
-        image) with ``batch_last``; or, with ``x_rows`` (a linear layer on a float path), the
-        (N, K) input itself, multiplied as x @ w.T so that nothing needs a transpose.
+        image) with ``batch_last``; or, with ``x_rows`` (a linear layer on a float path or with
+        a per-MAC register of <= 62 bits), the (N, K) input itself, multiplied as x @ w.T so
+        that nothing needs a transpose.
         """
         dp = self.datapath
         n_img, n_out, per_img = out.shape
@@ -444,7 +455,13 @@ class PreparedWeights:
         if plan.path.startswith("per_mac"):
             wrap = dp.acc_overflow is Overflow.WRAP
             block = dense.block_size(cols.shape[1], numba.get_num_threads())
-            if dp.acc_bits <= 62:
+            if x_rows:
+                lanes = plan.cols_dtype
+                lo, hi, mask = _register(dp.acc_bits, lanes)
+                sums, events = dense.dot_per_mac_rows(cols, self._transposed_as(lanes),
+                                                      plan.start, lo, hi, mask, wrap,
+                                                      self.w_max_abs)
+            elif dp.acc_bits <= 62:
                 cw, lanes = self.compressed, plan.cols_dtype
                 lo, hi, mask = _register(dp.acc_bits, lanes)
                 sums, events = dense.dot_per_mac(cw.row_ptr, cw.col_idx, self._values_as(lanes),

@@ -355,6 +355,38 @@ def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block
 
 
 @njit(cache=True, parallel=True)
+def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
+    """Per-MAC registers of a linear layer, vectorised over its J outputs instead of the batch.
+
+    ``x`` (N, K) input codes and ``wt`` (K, J) the transposed weights, both in the lane dtype
+    (int32 for registers of <= 30 bits, else int64, at most 62 bits); ``start`` (J,) the
+    registers' first values. For each image the register of every output takes the products
+    x[k] * w[j, k] for k = 0, 1, ... in canonical order, one row of ``wt`` per nonzero x[k]
+    (a zero input adds nothing to an exact or a saturated sum), with the same provably exact
+    fast groups as :func:`dot_per_mac` (``w_max_abs`` bounds the weights). Returns
+    (acc int64 (N, J), overflow events).
+    """
+    n_img = x.shape[0]
+    n_out = wt.shape[1]
+    wflat = wt.reshape(-1)
+    out = np.empty((n_img, n_out), np.int64)
+    events = np.zeros(n_img, np.int64)
+    for i in prange(n_img):
+        inputs = np.flatnonzero(x[i])
+        values = x[i][inputs]
+        acc = start.copy()
+        hits = np.zeros(n_out, np.int32)  # at most K events per output
+        per_mac_products(acc, hits, wflat, 0, inputs.size, inputs, values, n_out, 0, w_max_abs,
+                         wrap, lo, hi, mask)
+        out[i] = acc
+        count = 0
+        for t in range(n_out):
+            count += hits[t]
+        events[i] = count
+    return out, events.sum()
+
+
+@njit(cache=True, parallel=True)
 def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
     """Per-MAC accumulator of any width up to 64 bits, in int64 lanes with checked adds.
 
