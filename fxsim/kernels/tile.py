@@ -13,6 +13,10 @@ the register, so saturating (or wrapping) after each MAC gives exactly the plain
 overflow events: the group runs as plain multiply-adds. Otherwise it runs MAC by MAC with the
 overflow check. The tile's range is tracked conservatively (widened by each fast group's bound)
 and measured again only when the conservative range no longer proves a group safe.
+
+Numba's on-disk cache checks only the calling kernel's own source file: after editing this
+module in a development checkout, delete ``fxsim/kernels/__pycache__`` so that the kernels in
+dense.py and sparse.py are compiled again with the new code.
 """
 
 from __future__ import annotations
