@@ -43,8 +43,8 @@ KERNELS = ("auto", "dense", "sparse")
 # kernel="auto" runs a layer on the zero-skipping kernel when its weight density is below this.
 # Measured with benchmarks/sparse.py on LeNet5 / CifarNet shapes (docs/results/sparse.md): the
 # sparse convolution beats the BLAS-backed dense one below about 0.2 to 0.5, a sparse linear
-# layer (one output position, so no reuse of the laid-out input) only below about 0.1.
-SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.05}
+# layer (one output position, so no reuse of the laid-out input) below about 0.2.
+SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
@@ -541,13 +541,14 @@ class PreparedWeights:
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             xt = dense.layout_input(x[n0:n1], padding, lanes, stride[1])
+            tile = sparse.tile_lanes(out_hw[0], out_hw[1] * (n1 - n0), numba.get_num_threads())
             if per_mac:
                 sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, out_hw,
                                                      stride[0], row_len, start, wrap, lo, hi,
-                                                     mask, plan.x_max_abs)
+                                                     mask, plan.x_max_abs, tile)
             else:
                 sums = sparse.sparse_sum(xt, cw.row_ptr, bases, values, out_hw, stride[0],
-                                         row_len)
+                                         row_len, tile)
                 events = 0
             chunk_out = out[n0:n1]
             if per_img == 1:  # linear: one (1, J) row per image, the bias along it

@@ -149,40 +149,53 @@ def conv_bases(cw: CompressedWeights, padded_hw, stride_w: int = 1) -> np.ndarra
 
 # Lanes one task of the sparse kernels accumulates at once: 2 KiB of float32 accumulators stay
 # in L1 while every stored weight of every output channel streams over them, and the input a
-# task reads (its lanes x the layer's fan-in) stays in L2 for all output channels.
-# Measured on LeNet5 / CifarNet shapes at density 0.1: 256 to 1024 lanes are equally fast, 128
-# is 10-30 % slower; a whole output row per task (the previous design) was 1.3-2.3x slower.
+# task reads is reused from L2 by all output channels. Measured on LeNet5 / CifarNet shapes
+# at density 0.1: 256 to 1024 lanes are equally fast, 128 is 10-30 % slower; a whole output
+# row per task (the previous design) was 1.3-2.3x slower.
 TILE = 512
+MIN_TILE = 64
+
+
+def tile_lanes(out_rows: int, row_lanes: int, threads: int) -> int:
+    """:data:`TILE`, halved (not below :data:`MIN_TILE`) until the ``out_rows`` output rows of
+    ``row_lanes`` lanes each make at least one task per thread. A linear layer (one output
+    row of batch-size lanes) would otherwise run a batch of 256 as a single task: lenet5.fc1
+    at density 1 took 4.7 ms with one task of 256 lanes, 2.9 ms with two of 128."""
+    tile = TILE
+    while tile > MIN_TILE and out_rows * -(-row_lanes // tile) < threads:
+        tile //= 2
+    return tile
 
 
 @njit(cache=True, inline="always")
-def _task(task, per_row, seg, n_img, stride_h, row_len):
+def _task(task, per_row, seg, n_img, stride_h, row_len, tile):
     """(input offset, output offset, width) of one task: a tile of one output row, whose
     ``seg = OW * N`` lanes read contiguous inputs."""
     oy = task // per_row
-    t0 = (task % per_row) * TILE
-    return oy * stride_h * row_len * n_img + t0, oy * seg + t0, min(TILE, seg - t0)
+    t0 = (task % per_row) * tile
+    return oy * stride_h * row_len * n_img + t0, oy * seg + t0, min(tile, seg - t0)
 
 
 @njit(cache=True, parallel=True)
-def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len):
+def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len, tile):
     """Exact zero-skipping sums ``sums[j, p, n]`` over the stored weights of row j.
 
     ``xt`` (R, N) is the laid-out input and ``values`` the stored weights, both in the lane
     dtype (float32, float64 or int64), where the caller's bound makes every partial sum exact
-    (so the order of additions does not matter). A task is a tile of :data:`TILE` lanes of one
-    output row; for every output channel each stored weight is a vector update reading ``TILE``
-    contiguous inputs (:func:`fxsim.kernels.tile.add_products`). Returns sums (J, P, N).
+    (so the order of additions does not matter). A task is a tile of ``tile`` lanes (see
+    :func:`tile_lanes`) of one output row; for every output channel each stored weight is a
+    vector update reading ``tile`` contiguous inputs (:func:`fxsim.kernels.tile.add_products`).
+    Returns sums (J, P, N).
     """
     n_out = row_ptr.size - 1
     n_img = xt.shape[1]
     oh, ow = out_hw
     xflat = xt.reshape(-1)
     seg = ow * n_img
-    per_row = (seg + TILE - 1) // TILE
+    per_row = (seg + tile - 1) // tile
     sums = np.empty((n_out, oh * ow * n_img), xt.dtype)
     for task in prange(oh * per_row):
-        src, dst, width = _task(task, per_row, seg, n_img, stride_h, row_len)
+        src, dst, width = _task(task, per_row, seg, n_img, stride_h, row_len, tile)
         acc = np.empty(width, xt.dtype)
         for j in range(n_out):
             acc[:] = 0
@@ -193,7 +206,7 @@ def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len):
 
 @njit(cache=True, parallel=True)
 def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start, wrap, lo,
-                   hi, mask, x_max_abs):
+                   hi, mask, x_max_abs, tile):
     """Zero-skipping per-MAC register: saturates (or wraps, with ``wrap``) after every MAC.
 
     Same layout and tasks as :func:`sparse_sum`. Integer lanes (int32 or int64): every product
@@ -208,12 +221,12 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
     oh, ow = out_hw
     xflat = xt.reshape(-1)
     seg = ow * n_img
-    per_row = (seg + TILE - 1) // TILE
+    per_row = (seg + tile - 1) // tile
     n_tasks = oh * per_row
     sums = np.empty((n_out, oh * ow * n_img), np.int64)
     events = np.zeros(n_tasks, np.int64)
     for task in prange(n_tasks):
-        src, dst, width = _task(task, per_row, seg, n_img, stride_h, row_len)
+        src, dst, width = _task(task, per_row, seg, n_img, stride_h, row_len, tile)
         acc = np.empty(width, xt.dtype)
         hits = np.zeros(width, np.int32)  # per lane and channel: at most nnz(row) events
         count = 0
