@@ -1,4 +1,5 @@
-"""Dense integer kernels: im2col, exact and per-MAC dot products, accumulator finish, pooling.
+"""Dense kernels: im2col and its adjoint (image-major or batch-last), the batch-last input
+layout, exact and per-MAC dot products, accumulator finish, pooling, ReLU, transposes.
 
 Kernels know nothing of models or configurations; they take code arrays and plain integers.
 A conv or linear layer is one matrix product in this layout::
@@ -7,9 +8,11 @@ A conv or linear layer is one matrix product in this layout::
 
 ``j`` is the output channel (or feature), ``k`` the fan-in index in the canonical MAC order
 (input channel, kernel row, kernel column; for a linear layer the input index) and ``m`` the
-output position (image, row, column). For a convolution ``cols`` is the im2col matrix, for a
-linear layer it is ``x.T``. Loops run over ``m`` innermost, so one MAC step of many outputs is a
-contiguous vector operation while each output still sees its MACs in canonical order.
+output position: (image, row, column) from :func:`im2col`, (row, column, image) from
+:func:`im2col_batch_last`. For a linear layer ``cols`` is ``x.T`` (or the per-MAC kernel runs
+over output features, :func:`dot_per_mac_rows`). Loops run over ``m`` innermost, so one MAC
+step of many outputs is a contiguous vector operation while each output still sees its MACs
+in canonical order.
 """
 
 from __future__ import annotations
