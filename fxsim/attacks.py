@@ -59,6 +59,8 @@ def _check(model, images, labels, eps=None, steps=None, clip=(0.0, 1.0), target=
     if images.ndim != 4 or images.shape[1:] != model.input_shape:
         raise FxsimError(f"{model.arch} attacks need images of shape "
                          f"(N, {', '.join(map(str, model.input_shape))}), got {images.shape}")
+    if len(images) == 0:
+        raise FxsimError("no images to attack (got an empty batch)")
     if images.dtype.kind != "f" or not np.all(np.isfinite(images)):
         raise FxsimError("images must be finite floats")
     if clip is not None:

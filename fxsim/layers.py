@@ -78,14 +78,15 @@ class Conv2d(Layer):
         cols = conv_columns(x, kh, kw, self.stride, self.padding)
         bias = self.params.get("bias")
         if per_image_gemm(oh * ow):  # (N, J, OH*OW): NCHW straight out of the GEMMs
-            y = np.matmul(w.reshape(j, -1), cols.reshape(-1, n, oh * ow).transpose(1, 0, 2))
+            per_image = cols.reshape(cols.shape[0], n, oh * ow).transpose(1, 0, 2)
+            y = np.matmul(w.reshape(j, -1), per_image)
             if bias is not None:
                 y += bias.astype(x.dtype, copy=False)[None, :, None]
             return y.reshape(n, j, oh, ow), (cols, x.shape)
         y = w.reshape(j, -1) @ cols  # (J, OH*OW*N), the batch fastest
         if bias is not None:
             y += bias.astype(x.dtype, copy=False)[:, None]
-        return transpose2d(y.reshape(-1, n)).reshape(n, j, oh, ow), (cols, x.shape)
+        return transpose2d(y.reshape(j * oh * ow, n)).reshape(n, j, oh, ow), (cols, x.shape)
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
         cols, x_shape = ctx
@@ -129,7 +130,8 @@ def conv2d_gradients(dy, cols, x_shape, w, stride, padding, has_bias, need_dx,
     if per_image_gemm(positions):
         dy3 = np.ascontiguousarray(dy).reshape(n, j, positions)
         if need_params:
-            per_image = np.matmul(dy3, cols.reshape(-1, n, positions).transpose(1, 2, 0))
+            per_image_cols = cols.reshape(cols.shape[0], n, positions).transpose(1, 2, 0)
+            per_image = np.matmul(dy3, per_image_cols)
             grads["weight"] = per_image.sum(axis=0).reshape(w.shape)
             if has_bias:
                 grads["bias"] = dy3.sum(axis=(0, 2))
@@ -137,7 +139,7 @@ def conv2d_gradients(dy, cols, x_shape, w, stride, padding, has_bias, need_dx,
             return None, grads
         dcols = np.matmul(w2.T, dy3)  # (N, C*KH*KW, positions)
         return col2im(dcols.transpose(1, 0, 2), x_shape, w.shape[2], w.shape[3], s, p), grads
-    dy2 = transpose2d(dy.reshape(n, -1)).reshape(j, -1)  # (J, OH*OW*N): the columns' order
+    dy2 = transpose2d(dy.reshape(n, j * positions)).reshape(j, positions * n)  # columns' order
     if need_params:
         grads["weight"] = (dy2 @ cols.T).reshape(w.shape)
         if has_bias:
@@ -292,7 +294,7 @@ class Flatten(Layer):
     kind = "flatten"
 
     def forward(self, x, train=False, rng=None):
-        return x.reshape(x.shape[0], -1), x.shape
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))), x.shape
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
         return dy.reshape(ctx), {}

@@ -94,14 +94,21 @@ class Model:
                                for i in range(0, len(x), batch_size)] or [np.zeros(0, int)])
 
     def loss_and_grads(self, x, labels, train=True, rng=None):
-        """Mean cross-entropy over the batch and its gradient for every parameter."""
+        """Mean cross-entropy over the batch and its gradient for every parameter.
+
+        ``train`` runs dropout, drawing its masks from ``rng`` (default: a generator seeded
+        with 0, so that the same call gives the same bits)."""
         loss, grads, _ = self.loss_grads_logits(x, labels, rng, train)
         return loss, grads
 
     def loss_grads_logits(self, x, labels, rng=None, train=True):
         """:meth:`loss_and_grads` plus the logits, for a trainer that reports accuracy."""
         x = self._check_input(x)
+        if len(x) == 0:  # a mean loss over no images is undefined; BatchNorm stats would be NaN
+            raise FxsimError("a loss needs at least one image (got an empty batch)")
         labels = self._check_labels(labels, len(x))
+        if train and rng is None:
+            rng = np.random.default_rng(0)
         logits, tape = autograd.forward(self.layers, x, train, rng)
         loss, dlogits = autograd.softmax_cross_entropy(logits, labels)
         _, grads = autograd.backward(tape, dlogits / len(x), input_grad=False)

@@ -139,6 +139,9 @@ def test_bad_images_and_labels():
         attacks.fgsm(model, np.zeros((1, 3, 2, 2)), np.array([0]), eps=0.1)
     with pytest.raises(FxsimError, match=r"labels must lie in 0\.\.1"):
         attacks.fgsm(model, np.zeros((1, 1, 2, 2)), np.array([5]), eps=0.1)
+    for method in ("fgsm", "ifgsm", "deepfool"):
+        with pytest.raises(FxsimError, match="no images to attack"):
+            attacks.run(method, model, np.zeros((0, 1, 2, 2)), np.zeros(0, int))
 
 
 @pytest.fixture(scope="module")

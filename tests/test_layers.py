@@ -184,3 +184,20 @@ def test_model_rejects_bad_inputs():
         model.forward(np.zeros((2, 3, 28, 28)))
     with pytest.raises(ShapeError, match=r"label 10 is outside 0\.\.9"):
         model.loss_and_grads(np.zeros((2, 1, 28, 28)), np.array([1, 10]))
+
+
+def test_empty_batches_pass_through_inference_and_are_refused_for_a_loss():
+    from fxsim.errors import FxsimError
+    from fxsim.models import cifarnet, lenet5
+
+    for model, shape in ((lenet5(), (1, 28, 28)), (cifarnet(), (3, 32, 32))):
+        empty = np.zeros((0, *shape), np.float32)
+        assert model.forward(empty).shape == (0, 10)
+        assert model.input_gradient(empty, np.zeros(0, int))[0].shape == empty.shape
+        with pytest.raises(FxsimError, match="at least one image"):
+            model.loss_and_grads(empty, np.zeros(0, int))
+        # the documented call needs no generator: dropout then draws from a seeded one
+        x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+        loss_a, grads_a = model.loss_and_grads(x, np.array([1, 2]))
+        loss_b, grads_b = model.loss_and_grads(x, np.array([1, 2]))
+        assert loss_a == loss_b and all(np.array_equal(grads_a[k], grads_b[k]) for k in grads_a)
