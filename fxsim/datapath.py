@@ -541,7 +541,8 @@ class PreparedWeights:
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             xt = dense.layout_input(x[n0:n1], padding, lanes, stride[1])
-            tile = sparse.tile_lanes(out_hw[0], out_hw[1] * (n1 - n0), numba.get_num_threads())
+            tile = sparse.tile_lanes(out_hw[0], out_hw[1] * (n1 - n0), numba.get_num_threads(),
+                                     cw.fan_in, xt.itemsize)
             if per_mac:
                 sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, out_hw,
                                                      stride[0], row_len, start, wrap, lo, hi,

@@ -147,21 +147,29 @@ def conv_bases(cw: CompressedWeights, padded_hw, stride_w: int = 1) -> np.ndarra
     return (((c * hp + ki) * stride_w + phase) * wq + q).astype(np.int64)
 
 
-# Lanes one task of the sparse kernels accumulates at once: 2 KiB of float32 accumulators stay
-# in L1 while every stored weight of every output channel streams over them, and the input a
-# task reads is reused from L2 by all output channels. Measured on LeNet5 / CifarNet shapes
-# at density 0.1: 256 to 1024 lanes are equally fast, 128 is 10-30 % slower; a whole output
-# row per task (the previous design) was 1.3-2.3x slower.
-TILE = 512
+# Lanes one task of the sparse kernels accumulates at once. The accumulators (a few KiB) stay
+# in L1 while every stored weight of every output channel streams over them; the inputs a task
+# reads, up to fan-in x lanes values, are reused from L2 by all output channels, so the tile is
+# the largest that keeps them within TILE_BYTES. Measured on this machine (2 MiB of L2 per
+# core), kernel alone: lenet5.conv2 (fan-in 500) at density 1 10.8 ms with 512 lanes, 9.1 with
+# 1024; cifarnet.conv6 (fan-in 1,728) 77 ms with 512, 70 with 256; at density 0.1 the same
+# choices are 5-10 % faster or equal. A whole output row per task (the previous design) was
+# 1.3-2.3x slower.
+MAX_TILE = 1024
 MIN_TILE = 64
+TILE_BYTES = 5 << 19  # 2.5 MiB
 
 
-def tile_lanes(out_rows: int, row_lanes: int, threads: int) -> int:
-    """:data:`TILE`, halved (not below :data:`MIN_TILE`) until the ``out_rows`` output rows of
-    ``row_lanes`` lanes each make at least one task per thread. A linear layer (one output
-    row of batch-size lanes) would otherwise run a batch of 256 as a single task: lenet5.fc1
-    at density 1 took 4.7 ms with one task of 256 lanes, 2.9 ms with two of 128."""
-    tile = TILE
+def tile_lanes(out_rows: int, row_lanes: int, threads: int, fan_in: int, itemsize: int) -> int:
+    """Lanes per task: the largest power of two up to :data:`MAX_TILE` whose inputs
+    (``fan_in * lanes * itemsize`` bytes) fit :data:`TILE_BYTES`, halved further (not below
+    :data:`MIN_TILE`) until the ``out_rows`` output rows of ``row_lanes`` lanes make at least
+    one task per thread. A linear layer (one output row of batch-size lanes) would otherwise
+    run a batch of 256 as a single task: lenet5.fc1 at density 1 took 4.7 ms with one task of
+    256 lanes, 2.9 ms with two of 128."""
+    tile = MAX_TILE
+    while tile > MIN_TILE and fan_in * tile * itemsize > TILE_BYTES:
+        tile //= 2
     while tile > MIN_TILE and out_rows * -(-row_lanes // tile) < threads:
         tile //= 2
     return tile
