@@ -136,19 +136,25 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table; a column with the kernel paths is added when some row did
+    not take the exact float32 path (a per-MAC register, wide formats)."""
+    show_paths = any(r["paths"]["dense_int"] != ["float32"] for r in rows)
+    extra_head, extra_rule = (" paths |", "---|") if show_paths else ("", "")
     lines = [
         "| layer | density | MMAC executed | dense int ms | sparse int ms | f32 BLAS ms "
-        "| sparse vs dense | sparse vs f32 | CSR / dense bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sparse vs dense | sparse vs f32 | CSR / dense bytes |" + extra_head,
+        "|---|---|---|---|---|---|---|---|---|" + extra_rule,
     ]
     for r in rows:
         s = r["seconds"]
         ratio = r["weight_bytes"]["csr"] / r["weight_bytes"]["dense"]
+        paths = " / ".join(", ".join(r["paths"][k]) for k in ("dense_int", "sparse_int"))
         lines.append(
             f"| {r['layer']} | {r['density']:g} | {r['executed_macs'] / 1e6:.1f} | "
             f"{s['dense_int'] * 1e3:.2f} | {s['sparse_int'] * 1e3:.2f} | "
             f"{s['f32_blas'] * 1e3:.2f} | {r['sparse_speedup_vs_dense']:.2f}x | "
             f"{r['sparse_speedup_vs_f32']:.2f}x | {ratio:.2f} |"
+            + (f" {paths} |" if show_paths else "")
         )
     return "\n".join(lines)
 
