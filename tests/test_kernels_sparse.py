@@ -79,9 +79,9 @@ def make_weights(rng, dp, shape, mask_kind):
 @settings(max_examples=120, deadline=None)
 @given(case=layer_cases(), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-       kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), batch=st.integers(1, 40))
+       kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), batch=st.integers(1, 70))
 def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel, batch):
-    # up to 40 images x 21 output columns: output rows longer than one task's tile of lanes
+    # up to 70 images x 21 output columns: output rows longer than one task's tile of lanes
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
     w, mask = make_weights(rng, dp, (4, 3, *kernel), mask_kind)
@@ -210,3 +210,28 @@ def test_density_outside_unit_interval_is_rejected(density):
 def test_random_mask_hits_the_density_exactly():
     mask = random_mask((50, 20, 5, 5), 0.1, np.random.default_rng(2))
     assert mask.sum() == 2500
+
+
+@pytest.mark.parametrize("acc", [{}, {"acc_bits": 17, "acc_mode": "per_mac"},
+                                 {"acc_bits": 17, "acc_mode": "per_mac", "acc_overflow": "wrap"}])
+def test_output_rows_split_over_several_tiles(acc):
+    from fxsim.kernels.sparse import MAX_TILE
+
+    rng = np.random.default_rng(7)
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, **acc)
+    x = rng.integers(fmt.min_code, fmt.max_code, (90, 3, 6, 17), endpoint=True)
+    w, mask = make_weights(rng, dp, (4, 3, 3, 1), "random")
+    _, c_s = run_both(dp, w, random_bias(rng, dp, 4), x, mask, conv=True)
+    assert MAX_TILE < 90 * 17  # each output row (17 columns x 90 images) is several tasks
+    check_mac_counters(c_s, w, c_s.outputs // 4)
+
+
+def test_tile_lanes_fit_l2_and_give_every_thread_work():
+    from fxsim.kernels.sparse import MAX_TILE, MIN_TILE, TILE_BYTES, tile_lanes
+
+    assert tile_lanes(8, 8 * 256, 2, 500, 4) == MAX_TILE
+    wide = tile_lanes(8, 8 * 256, 2, 1728, 4)  # CifarNet conv6's fan-in
+    assert 1728 * wide * 4 <= TILE_BYTES < 1728 * 2 * wide * 4
+    assert tile_lanes(1, 256, 2, 800, 4) == 128  # a linear layer: two tasks, not one
+    assert tile_lanes(1, 10, 8, 800, 4) == MIN_TILE
