@@ -179,8 +179,9 @@ def input_row_length(padded_w: int, stride_w: int) -> int:
 
 
 @njit(cache=True, inline="always")
-def _batch_last_row(c, ki, kj, hp, sw, wq):
-    """Row of input (c, ki, kj) at output (0, 0) in the :func:`layout_input` layout."""
+def batch_last_row(c, ki, kj, hp, sw, wq):
+    """Row of input (c, ki, kj) at output (0, 0) in the :func:`layout_input` layout (scalars,
+    or integer arrays of them)."""
     return ((c * hp + ki) * sw + kj % sw) * wq + kj // sw
 
 
@@ -193,7 +194,7 @@ def _im2col_batch_last(xt, c_in, hp, kh, kw, sh, sw, wq, oh, ow, out):
     for task in prange(c_in * kh * kw * oh):
         row, oy = task // oh, task % oh
         c, ki, kj = row // (kh * kw), (row // kw) % kh, row % kw
-        src = (_batch_last_row(c, ki, kj, hp, sw, wq) + oy * sh * row_len) * n_img
+        src = (batch_last_row(c, ki, kj, hp, sw, wq) + oy * sh * row_len) * n_img
         out[row, oy * seg : (oy + 1) * seg] = xflat[src : src + seg]
     return out
 
@@ -226,7 +227,7 @@ def _col2im_batch_last(cols, c_in, hp, kh, kw, sh, sw, wq, oh, ow, dxt):
         for ki in range(kh):
             for kj in range(kw):
                 row = (c * kh + ki) * kw + kj
-                base = _batch_last_row(c, ki, kj, hp, sw, wq)
+                base = batch_last_row(c, ki, kj, hp, sw, wq)
                 for oy in range(oh):
                     dst = dflat[(base + oy * sh * row_len) * n_img :][:seg]
                     src = cols[row, oy * seg : (oy + 1) * seg]
@@ -246,7 +247,7 @@ def _from_batch_last(xt, ph, pw, hp, sw, wq, out):
         n1 = min(n0 + _BLOCK, n_img)
         for iy in range(h):
             for ix in range(w):
-                src = xt[_batch_last_row(c, iy + ph, ix + pw, hp, sw, wq)]
+                src = xt[batch_last_row(c, iy + ph, ix + pw, hp, sw, wq)]
                 for n in range(n0, n1):
                     out[n, c, iy, ix] = src[n]
     return out

@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxsim.errors import ShapeError
-from fxsim.kernels.dense import phase_width
+from fxsim.kernels.dense import batch_last_row, phase_width
 from fxsim.kernels.tile import add_products, per_mac_products
 
 
@@ -143,8 +143,7 @@ def conv_bases(cw: CompressedWeights, padded_hw, stride_w: int = 1) -> np.ndarra
     wq = phase_width(wp, stride_w)
     c, rest = np.divmod(cw.col_idx, kh * kw)
     ki, kj = np.divmod(rest, kw)
-    phase, q = np.divmod(kj, stride_w)[::-1]
-    return (((c * hp + ki) * stride_w + phase) * wq + q).astype(np.int64)
+    return batch_last_row(c, ki, kj, hp, stride_w, wq).astype(np.int64)
 
 
 # Lanes one task of the sparse kernels accumulates at once. The accumulators (a few KiB) stay
