@@ -394,14 +394,15 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
 def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
     """Per-MAC accumulator of any width up to 64 bits, in int64 lanes with checked adds.
 
-    Same contract as :func:`dot_per_mac_int32` with int64 arrays; each product fits in
-    ``acc_bits`` (hence in int64). An add that leaves int64 is detected from the sign bits.
+    For registers of 63 and 64 bits, where register + product can leave int64 (narrower ones
+    run :func:`dot_per_mac`). ``w`` (J, K), ``cols`` (K, M) and ``start`` (J,) are int64; each
+    product fits in ``acc_bits``. An add that leaves int64 is detected from the sign bits.
+    Returns (acc int64 (J, M), overflow events).
     """
     n_out, fan_in = w.shape
     m_total = cols.shape[1]
     lo = np.int64(-(1 << (acc_bits - 1))) if acc_bits < 64 else np.int64(-(1 << 63))
     hi = np.int64((1 << (acc_bits - 1)) - 1) if acc_bits < 64 else np.int64((1 << 63) - 1)
-    mask = np.int64((1 << acc_bits) - 1) if acc_bits < 63 else np.int64(-1)
     out = np.empty((n_out, m_total), np.int64)
     n_blocks = (m_total + block - 1) // block
     events = np.zeros(n_blocks, np.int64)
@@ -411,29 +412,12 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
         width = min(block, m_total - m0)
         tile = np.ascontiguousarray(cols[:, m0 : m0 + width])
         acc = np.empty(width, np.int64)
-        hits = np.zeros(width, np.int64)
         count = 0
         for j in range(n_out):
             acc[:] = start[j]
             for k in range(fan_in):
                 wv = w[j, k]
                 if wv == 0:
-                    continue
-                if acc_bits <= 62:
-                    # |acc| and |product| are below 2^(acc_bits - 1): the add cannot leave int64,
-                    # so the same branch-free saturate / wrap as the int32 kernel applies.
-                    if wrap:
-                        for t in range(width):
-                            s = acc[t] + wv * tile[k, t]
-                            c = ((s - lo) & mask) + lo
-                            hits[t] += np.int64(c != s)
-                            acc[t] = c
-                    else:
-                        for t in range(width):
-                            s = acc[t] + wv * tile[k, t]
-                            c = min(max(s, lo), hi)
-                            hits[t] += np.int64(c != s)
-                            acc[t] = c
                     continue
                 for t in range(width):
                     a = acc[t]
@@ -444,7 +428,7 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
                     count += np.int64(over)
                     acc[t] = c
             out[j, m0 : m0 + width] = acc
-        events[b] = count + hits.sum()
+        events[b] = count
     return out, events.sum()
 
 
