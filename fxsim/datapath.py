@@ -18,6 +18,7 @@ otherwise the sequential per-MAC kernel runs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import numba
@@ -57,6 +58,13 @@ _CHUNK_ELEMENTS = 1 << 21
 # (dense.im2col_batch_last: one contiguous copy per (row, output row)); measured on 2 cores,
 # LeNet5 conv2 (64 positions, batch 256): im2col 3.6 -> 1.4 ms.
 _BATCH_LAST_BELOW = 256
+
+# Numba's parallel loops and OpenBLAS's GEMMs run on two thread pools, and a pool whose workers
+# went to sleep while the other one ran takes ~0.15-1 ms to wake. A linear layer whose output
+# has fewer elements than this requantises its GEMM's sums on the calling thread alone, which
+# wakes nobody (measured, 2 cores, batch 256: LeNet5 fc2 GEMM + requantisation 1.2 ms with
+# both pools, 0.05 ms with Numba on one thread; fc1 1.15 -> 0.94 ms).
+_ONE_THREAD_BELOW = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -300,6 +308,7 @@ class PreparedWeights:
         self.bias = _aligned_bias(bias_codes, w.shape[0], datapath)
         self.row_abs_max = _max_row_abs_sum(self.matrix)
         self.w_max_abs = _max_abs(self.matrix)
+        self.bias_max_abs = _max_abs(self.bias)
         self.density = float(np.count_nonzero(self.matrix)) / max(1, self.matrix.size)
         self._compressed: sparse.CompressedWeights | None = None
         self._weight_bytes: dict | None = None
@@ -350,7 +359,7 @@ class PreparedWeights:
         """Choose the kernel for inputs bounded by ``x_max_abs``, from the bound alone."""
         dp = self.datapath
         bound = x_max_abs * self.row_abs_max  # no partial sum of products exceeds this
-        bias_max = _max_abs(self.bias)
+        bias_max = self.bias_max_abs
         may_overflow = dp.acc_bits is not None and bound + bias_max > (1 << (dp.acc_bits - 1)) - 1
         if dp.acc_mode == "per_mac" and may_overflow:
             narrow = dp.acc_bits <= 30  # acc + product then fits int32 lanes
@@ -410,7 +419,12 @@ class PreparedWeights:
         """Run as a fully connected layer; see :func:`linear`."""
         if self.weights.ndim != 2:
             raise ShapeError(f"linear needs (J, K) weights, got {self.weights.shape}")
-        x, x_max_abs = _as_codes(x_codes, self.datapath.act_fmt, "x", 2)
+        fmt = self.datapath.act_fmt
+        if self.plan(max(-fmt.min_code, fmt.max_code)).path == "float32" and not self.use_sparse:
+            # any input in the format keeps the bound under 2^24: check and cast in one pass
+            x, x_max_abs = _cast_codes(x_codes, fmt, "x", 2, np.float32)
+        else:
+            x, x_max_abs = _as_codes(x_codes, fmt, "x", 2)
         n, k = x.shape
         n_out = self.weights.shape[0]
         if self.weights.shape[1] != k:
@@ -437,7 +451,7 @@ class PreparedWeights:
                 plan.path.startswith("per_mac") and self.datapath.acc_bits <= 62
                 and self.density > 0.35)
             if x_rows:
-                cols = x[n0:n1].astype(plan.cols_dtype)  # (N, K)
+                cols = x[n0:n1].astype(plan.cols_dtype, copy=False)  # (N, K)
             else:
                 cols = np.ascontiguousarray(x[n0:n1].T, dtype=plan.cols_dtype)  # (K, N)
             chunk_u = _slice(u, n0, n1, n_out)
@@ -499,9 +513,11 @@ class PreparedWeights:
         else:  # (J, N * P) seen as (N, J, P)
             sums3 = sums.reshape(n_out, n_img, per_img).transpose(1, 0, 2)
             out3, bias_last = out, False
-        acc_events, sat_events, highest, lowest = _finish(
-            sums3, bias, bias_last, acc_omode, shift, plan, dp, u, out3
-        )
+        after_blas = plan.path.startswith("float") and per_img == 1
+        with _one_thread(after_blas and out.size < _ONE_THREAD_BELOW):
+            acc_events, sat_events, highest, lowest = _finish(
+                sums3, bias, bias_last, acc_omode, shift, plan, dp, u, out3
+            )
         return Counters(
             macs=out.size * fan_in,
             acc_overflows=int(events) + int(acc_events),
@@ -584,6 +600,20 @@ class PreparedWeights:
         return self._starts[dtype]
 
 
+@contextmanager
+def _one_thread(serial: bool):
+    """Run the Numba kernels inside on the calling thread only, when ``serial``."""
+    if not serial:
+        yield
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _register(acc_bits: int, lanes) -> tuple:
     """(lo, hi, 2^bits - 1) of an ``acc_bits``-wide two's-complement register, as ``lanes``."""
     return (lanes(-(1 << (acc_bits - 1))), lanes((1 << (acc_bits - 1)) - 1),
@@ -650,6 +680,20 @@ def _as_codes(codes, fmt: QFormat, name: str, ndim: int) -> tuple[np.ndarray, in
         raise ShapeError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     lo, hi = check_codes(arr, fmt, name)
     return np.ascontiguousarray(arr, dtype=np.int64), max(abs(lo), abs(hi))
+
+
+def _cast_codes(codes, fmt: QFormat, name: str, ndim: int, dtype) -> tuple[np.ndarray, int]:
+    """:func:`_as_codes` straight into ``dtype`` (exact once the range check passed: the caller
+    picks a dtype that holds every code of ``fmt``), in one pass over the codes."""
+    arr = np.asarray(codes)
+    if arr.ndim != ndim or arr.size == 0 or arr.dtype.kind not in "iu" or arr.dtype == np.uint64:
+        x, max_abs = _as_codes(arr, fmt, name, ndim)  # the errors, and the rare cases
+        return x.astype(dtype), max_abs
+    out = np.empty(arr.shape, dtype)
+    lo, hi = dense.cast_min_max(np.ascontiguousarray(arr).reshape(-1), out.reshape(-1))
+    if lo < fmt.min_code or hi > fmt.max_code:
+        check_codes(arr, fmt, name)  # raises, naming the first code out of range
+    return out, max(abs(int(lo)), abs(int(hi)))
 
 
 def _aligned_bias(bias_codes, n_out: int, dp: Datapath) -> np.ndarray:

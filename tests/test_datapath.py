@@ -310,6 +310,28 @@ def test_bad_input_is_named():
         linear(np.zeros((2, 3)), np.zeros((5, 3), np.int64), None, dp)
 
 
+def test_linear_takes_any_integer_codes_and_names_bad_ones():
+    """The float32 linear path checks and casts the codes in one pass: every integer dtype and
+    memory order gives the int64 result, and a code out of range is named with its index."""
+    act = QFormat(8, 2)
+    dp = Datapath(act, act)
+    rng = np.random.default_rng(3)
+    x = rng.integers(-128, 128, (7, 9))
+    w = rng.integers(-128, 128, (4, 9))
+    want, _ = linear(x, w, None, dp)
+    for codes in (x.astype(np.int8), x.astype(np.int32), np.asfortranarray(x)):
+        got, _ = linear(codes, w, None, dp)
+        np.testing.assert_array_equal(got, want)
+    bad = x.copy()
+    bad[5, 2] = -129
+    with pytest.raises(RangeError, match=r"x: code -129 at index \(5, 2\)"):
+        linear(bad, w, None, dp)
+    unsigned = QFormat(8, 2, signed=False)
+    got, _ = linear(np.abs(x).astype(np.uint8), np.abs(w), None, Datapath(unsigned, unsigned))
+    ref, _ = linear(np.abs(x), np.abs(w), None, Datapath(unsigned, unsigned))
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_bad_datapaths_are_named():
     act = QFormat(8, 2)
     with pytest.raises(DatapathError, match=r"acc_bits 12 cannot hold .* \(needs 16 bits\)"):
