@@ -446,10 +446,11 @@ class PreparedWeights:
             # the output features, unless many weights are zero: that kernel skips zero inputs
             # but not zero weights (lenet5.fc1, 20-bit register, batch 256: it takes 4.4-6.9 ms
             # at any density; the one over the batch, which skips zero weights, 12 ms dense,
-            # 6.4 at density 0.5, 3.0 at 0.2)
+            # 6.4 at density 0.5, 3.0 at 0.2), or there are too few outputs to fill its
+            # vectors (lenet5.fc2, 10 outputs: 0.67-4.9 ms over the outputs, 0.3 over the batch)
             x_rows = plan.path.startswith("float") or (
                 plan.path.startswith("per_mac") and self.datapath.acc_bits <= 62
-                and self.density > 0.35)
+                and self.density > 0.35 and n_out >= 64)
             if x_rows:
                 cols = x[n0:n1].astype(plan.cols_dtype, copy=False)  # (N, K)
             else:

@@ -164,6 +164,26 @@ def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_over
                for path in counters.paths)
 
 
+@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
+def test_per_mac_linear_vectorised_over_outputs_is_exact(acc_overflow):
+    # 64 or more outputs and mostly nonzero weights: the per-MAC kernel runs over the outputs
+    # (dense.dot_per_mac_rows) instead of the batch; registers climb into saturation and back.
+    fmt = QFormat(8, 2)
+    rng = np.random.default_rng(64)
+    fan_in = 160
+    x = rng.integers(fmt.max_code // 2, fmt.max_code, (6, fan_in), endpoint=True)
+    x[::2] *= -1
+    x[:, rng.random(fan_in) < 0.2] = 0  # zero inputs are skipped
+    ramp = np.where(np.arange(fan_in) < 80, fmt.max_code, fmt.min_code)
+    w = np.concatenate([np.tile(ramp, (8, 1)), random_codes(rng, fmt, (60, fan_in))])
+    dp = Datapath(fmt, fmt, out_fmt=QFormat(24, 20), acc_bits=19, acc_mode="per_mac",
+                  acc_overflow=acc_overflow, rounding="rnd_conv")
+    b = random_codes(rng, dp.bias_format, (68,)) >> 8
+    counters = check_linear(dp, x, w, b)
+    assert counters.acc_overflows > 0
+    assert counters.paths == {"per_mac_int32": counters.outputs}
+
+
 def test_per_mac_saturation_depends_on_order_and_differs_from_final():
     fmt = QFormat(4, 4)  # products of fix<4,4> need 8 bits
     final = Datapath(fmt, fmt, out_fmt=QFormat(8, 8), acc_bits=8, acc_mode="final")
