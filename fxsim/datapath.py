@@ -558,15 +558,15 @@ class PreparedWeights:
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             xt = dense.layout_input(x[n0:n1], padding, lanes, stride[1])
-            tile = sparse.tile_lanes(out_hw[0], out_hw[1] * (n1 - n0), numba.get_num_threads(),
-                                     cw.fan_in, xt.itemsize)
+            tile, groups = sparse.tile_lanes(out_hw[0], out_hw[1] * (n1 - n0),
+                                             numba.get_num_threads(), cw.fan_in, xt.itemsize)
             if per_mac:
                 sums, events = sparse.sparse_per_mac(xt, cw.row_ptr, bases, values, out_hw,
                                                      stride[0], row_len, start, wrap, lo, hi,
-                                                     mask, plan.x_max_abs, tile)
+                                                     mask, plan.x_max_abs, tile, groups)
             else:
                 sums = sparse.sparse_sum(xt, cw.row_ptr, bases, values, out_hw, stride[0],
-                                         row_len, tile)
+                                         row_len, tile, groups)
                 events = 0
             chunk_out = out[n0:n1]
             if per_img == 1:  # linear: one (1, J) row per image, the bias along it

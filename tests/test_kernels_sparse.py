@@ -230,8 +230,10 @@ def test_output_rows_split_over_several_tiles(acc):
 def test_tile_lanes_fit_l2_and_give_every_thread_work():
     from fxsim.kernels.sparse import MAX_TILE, MIN_TILE, TILE_BYTES, tile_lanes
 
-    assert tile_lanes(8, 8 * 256, 2, 500, 4) == MAX_TILE
-    wide = tile_lanes(8, 8 * 256, 2, 1728, 4)  # CifarNet conv6's fan-in
-    assert 1728 * wide * 4 <= TILE_BYTES < 1728 * 2 * wide * 4
-    assert tile_lanes(1, 256, 2, 800, 4) == 128  # a linear layer: two tasks, not one
-    assert tile_lanes(1, 10, 8, 800, 4) == MIN_TILE
+    assert tile_lanes(8, 8 * 256, 2, 500, 4) == (MAX_TILE, 1)
+    wide, groups = tile_lanes(8, 8 * 256, 2, 1728, 4)  # CifarNet conv6's fan-in
+    assert 1728 * wide * 4 <= TILE_BYTES < 1728 * 2 * wide * 4 and groups == 1
+    # a linear layer, one row of 256 lanes: one tile, split by output channel over 2 threads
+    assert tile_lanes(1, 256, 2, 800, 4) == (256, 2)
+    assert tile_lanes(1, 10, 8, 800, 4) == (MIN_TILE, 8)
+    assert tile_lanes(2, 700, 3, 100, 4) == (1024, 2)  # 2 tasks for 3 threads: 4 with groups
