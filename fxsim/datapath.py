@@ -59,6 +59,12 @@ _CHUNK_ELEMENTS = 1 << 21
 # LeNet5 conv2 (64 positions, batch 256): im2col 3.6 -> 1.4 ms.
 _BATCH_LAST_BELOW = 256
 
+# Above this weight density the dense per-MAC kernel runs two output channels per pass over
+# the inputs, zeros included (dense.dot_per_mac_pairs), instead of skipping zero weights one
+# channel at a time (dense.dot_per_mac): about 1.5x the MACs per second, so it wins once
+# fewer than about a third of the weights are zero.
+_PAIRS_ABOVE = 0.7
+
 # Numba's parallel loops and OpenBLAS's GEMMs run on two thread pools, and a pool whose workers
 # went to sleep while the other one ran takes ~0.15-1 ms to wake. A linear layer whose output
 # has fewer elements than this requantises its GEMM's sums on the calling thread alone, which
@@ -208,7 +214,8 @@ class Counters:
     executed_macs:   MACs the kernel performed (dense: all of them; sparse: stored weights x
                      output positions).
     skipped_macs:    MACs skipped because the weight is zero (macs - executed_macs).
-    paths:           which kernel computed the sums (float32, float64, int64, per_mac_int32,
+    paths:           which kernel computed the sums (float32, float64, int64, per_mac_float32,
+                     per_mac_int32,
                      per_mac_int64, and sparse_* for the zero-skipping kernel), with how many
                      outputs each.
     weight_bytes:    bytes the layer's weights take in the dense, bitmask, csr and eie
@@ -362,12 +369,11 @@ class PreparedWeights:
         bias_max = self.bias_max_abs
         may_overflow = dp.acc_bits is not None and bound + bias_max > (1 << (dp.acc_bits - 1)) - 1
         if dp.acc_mode == "per_mac" and may_overflow:
-            narrow = dp.acc_bits <= 30  # acc + product then fits int32 lanes
-            dtype = np.int32 if narrow else np.int64
+            dtype = _per_mac_lanes(dp.acc_bits, x_max_abs * self.w_max_abs,
+                                   dp.acc_overflow is Overflow.WRAP)
             start, overflowed = self._starts_for(dtype)
-            path = "per_mac_int32" if narrow else "per_mac_int64"
-            return _Plan(path, self._matrix_as(dtype), start, overflowed, dtype,
-                         1 << (dp.acc_bits - 1), x_max_abs)
+            return _Plan(f"per_mac_{np.dtype(dtype).name}", self._matrix_as(dtype), start,
+                         overflowed, dtype, 1 << (dp.acc_bits - 1), x_max_abs)
         if bound < 1 << 24:
             path, dtype = "float32", np.float32
         elif bound < 1 << 53:
@@ -481,6 +487,10 @@ class PreparedWeights:
                 sums, events = dense.dot_per_mac_rows(cols, self._transposed_as(lanes),
                                                       plan.start, lo, hi, mask, wrap,
                                                       self.w_max_abs)
+            elif dp.acc_bits <= 62 and self.density > _PAIRS_ABOVE:
+                lo, hi, mask = _register(dp.acc_bits, plan.cols_dtype)
+                sums, events = dense.dot_per_mac_pairs(plan.weights, cols, plan.start, lo, hi,
+                                                       mask, wrap, block, plan.x_max_abs)
             elif dp.acc_bits <= 62:
                 cw, lanes = self.compressed, plan.cols_dtype
                 lo, hi, mask = _register(dp.acc_bits, lanes)
@@ -615,6 +625,18 @@ def _one_thread(serial: bool):
         numba.set_num_threads(threads)
 
 
+def _per_mac_lanes(acc_bits: int, product_max: int, wrap: bool):
+    """The lane dtype of a per-MAC register of ``acc_bits`` whose products stay within
+    ``product_max``: float32 for a saturating register whose every value (register +
+    product) is an integer below 2^24, so exact: float multiply-adds and clamps run about
+    1.25-1.6x as fast as int32 ones (2 cores, see docs/results/kernels.md). A wrapping one
+    needs a floor per MAC in float lanes (5x slower than int32's mask), so it stays integer:
+    int32 while register + product fits (<= 30 bits), else int64."""
+    if not wrap and (1 << acc_bits) + product_max < 1 << 24:
+        return np.float32
+    return np.int32 if acc_bits <= 30 else np.int64
+
+
 def _register(acc_bits: int, lanes) -> tuple:
     """(lo, hi, 2^bits - 1) of an ``acc_bits``-wide two's-complement register, as ``lanes``."""
     return (lanes(-(1 << (acc_bits - 1))), lanes((1 << (acc_bits - 1)) - 1),
@@ -631,7 +653,7 @@ def _sparse_lanes(plan: _Plan, dp: Datapath):
         return (np.int64, False) if plan.acc_bound < 1 << 63 else None
     if plan.path == "per_mac_int64" and dp.acc_bits > 62:
         return None
-    return (np.int32 if plan.path == "per_mac_int32" else np.int64), True
+    return plan.cols_dtype, True
 
 
 def _check_int64_fits(plan: _Plan, cols: np.ndarray, bias: np.ndarray) -> None:

@@ -66,12 +66,13 @@ def test_bench_command_times_a_per_mac_register(tmp_path, capsys):
     out_json = tmp_path / "b.json"
     main(["bench", "kernels", "--layers", "lenet5.conv2", "--densities", "1",
           "--repeats", "1", "--per-mac-acc-bits", "18", "--json", str(out_json)])
-    assert "| per_mac_int32 / sparse_per_mac_int32 |" in capsys.readouterr().out
+    assert "| per_mac_float32 / sparse_per_mac_float32 |" in capsys.readouterr().out
     result = json.loads(out_json.read_text())
     assert result["per_mac_acc_bits"] == 18
     # random 8-bit codes over a fan-in of 500 can overflow an 18-bit register: no exact path
-    assert result["rows"][0]["paths"] == {"dense_int": ["per_mac_int32"],
-                                          "sparse_int": ["sparse_per_mac_int32"]}
+    # (a saturating register whose values stay below 2^24 runs in float32 lanes)
+    assert result["rows"][0]["paths"] == {"dense_int": ["per_mac_float32"],
+                                          "sparse_int": ["sparse_per_mac_float32"]}
     with pytest.raises(SystemExit) as done:
         main(["bench", "kernels", "--layers", "lenet5.fc2", "--per-mac-acc-bits", "10"])
     assert done.value.code == 2

@@ -110,20 +110,25 @@ def test_conv2d_column_orders_match_reference(size, acc_mode):
 
 
 # Each kernel path, forced by the formats and the accumulator, checked against the reference.
+# Saturating per-MAC registers whose values stay below 2^24 run in float32 lanes, wrapping
+# ones in int32 lanes.
+BOTH = ("sat", "wrap")
 PATHS = [
-    ("float32", QFormat(8, 2), QFormat(8, 2), None, "final"),
-    ("float64", QFormat(16, 4), QFormat(16, 2), None, "final"),
-    ("int64", QFormat(26, 4), QFormat(26, 2), None, "final"),
-    ("int64", QFormat(28, 4), QFormat(28, 2), 56, "final"),
-    ("per_mac_int32", QFormat(8, 2), QFormat(8, 2), 17, "per_mac"),
-    ("per_mac_int64", QFormat(16, 4), QFormat(16, 2), 33, "per_mac"),
-    ("per_mac_int64", QFormat(32, 4), QFormat(31, 2), 64, "per_mac"),
-    ("float32", QFormat(8, 2), QFormat(8, 2), 40, "per_mac"),  # cannot overflow: exact path
+    ("float32", QFormat(8, 2), QFormat(8, 2), None, "final", BOTH),
+    ("float64", QFormat(16, 4), QFormat(16, 2), None, "final", BOTH),
+    ("int64", QFormat(26, 4), QFormat(26, 2), None, "final", BOTH),
+    ("int64", QFormat(28, 4), QFormat(28, 2), 56, "final", BOTH),
+    ("per_mac_float32", QFormat(8, 2), QFormat(8, 2), 17, "per_mac", ("sat",)),
+    ("per_mac_int32", QFormat(8, 2), QFormat(8, 2), 17, "per_mac", ("wrap",)),
+    ("per_mac_int32", QFormat(12, 2), QFormat(12, 2), 24, "per_mac", BOTH),
+    ("per_mac_int64", QFormat(16, 4), QFormat(16, 2), 33, "per_mac", BOTH),
+    ("per_mac_int64", QFormat(32, 4), QFormat(31, 2), 64, "per_mac", BOTH),
+    ("float32", QFormat(8, 2), QFormat(8, 2), 40, "per_mac", BOTH),  # cannot overflow: exact
 ]
 
 
-@pytest.mark.parametrize(("path", "act", "weight", "acc_bits", "mode"), PATHS)
-@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
+@pytest.mark.parametrize(("path", "act", "weight", "acc_bits", "mode", "acc_overflow"),
+                         [(*case[:5], ovf) for case in PATHS for ovf in case[5]])
 def test_every_kernel_path_is_exact(path, act, weight, acc_bits, mode, acc_overflow):
     rng = np.random.default_rng(zlib.crc32(repr((path, acc_bits, acc_overflow)).encode()))
     dp = Datapath(act, weight, out_fmt=QFormat(16, 6), acc_bits=acc_bits,
@@ -139,13 +144,25 @@ def test_every_kernel_path_is_exact(path, act, weight, acc_bits, mode, acc_overf
     assert set(lin_counters.paths) <= {path, "float32", "float64", "int64"}
 
 
-@pytest.mark.parametrize(("fmt", "acc_bits"), [(QFormat(8, 2), 19), (QFormat(16, 4), 36)])
-@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
-@pytest.mark.parametrize("kernel", ["dense", "sparse"])
-def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_overflow, kernel):
+# (format, register bits, overflow) -> the lanes the per-MAC kernels run in
+REGISTER_LANES = [
+    (QFormat(8, 2), 19, "sat", "float32"),
+    (QFormat(8, 2), 19, "wrap", "int32"),
+    (QFormat(12, 2), 26, "sat", "int32"),
+    (QFormat(16, 4), 36, "sat", "int64"),
+    (QFormat(16, 4), 36, "wrap", "int64"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "acc_bits", "acc_overflow", "lanes"), REGISTER_LANES)
+@pytest.mark.parametrize("kernel", ["dense", "sparse", "dense_pairs"])
+def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_overflow, lanes,
+                                                         kernel):
     # A register that holds about 16 full-size products, long dot products that climb into
     # saturation and come back down: the kernels' plain multiply-add groups (proven safe by
     # the range bound) and their MAC-by-MAC groups must interleave exactly like the reference.
+    # "dense_pairs": weights without zero rows, dense enough for the kernel that runs two
+    # output channels per pass (dense.dot_per_mac_pairs; 5 channels: two pairs and one alone).
     rng = np.random.default_rng(acc_bits)
     fan_in = 300
     x = rng.integers(fmt.max_code // 2, fmt.max_code, (40, fan_in), endpoint=True)
@@ -154,34 +171,40 @@ def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_over
     blocks = np.where((np.arange(fan_in) // 24) % 2 == 0, fmt.max_code // 3, fmt.min_code // 3)
     w = np.stack([ramp, blocks, random_codes(rng, fmt, fan_in), random_codes(rng, fmt, fan_in),
                   np.zeros(fan_in, np.int64)])
-    w[3, rng.random(fan_in) < 0.7] = 0
+    if kernel == "dense_pairs":
+        w[4] = -ramp[::-1] - 1  # max_code first: climbs, then falls
+        w[3, rng.random(fan_in) < 0.05] = 0
+    else:
+        w[3, rng.random(fan_in) < 0.7] = 0
     dp = Datapath(fmt, fmt, out_fmt=QFormat(24, 20), acc_bits=acc_bits, acc_mode="per_mac",
-                  acc_overflow=acc_overflow, rounding="rnd_conv", kernel=kernel)
+                  acc_overflow=acc_overflow, rounding="rnd_conv",
+                  kernel=kernel.removesuffix("_pairs"))
     b = random_codes(rng, dp.bias_format, (5,)) >> 8
     counters = check_linear(dp, x, w, b)
     assert counters.acc_overflows > 0
-    assert all(path.endswith(f"per_mac_int{32 if acc_bits <= 30 else 64}")
-               for path in counters.paths)
+    assert all(path.endswith(f"per_mac_{lanes}") for path in counters.paths)
 
 
-@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
-def test_per_mac_linear_vectorised_over_outputs_is_exact(acc_overflow):
+@pytest.mark.parametrize(("fmt", "acc_bits", "acc_overflow", "lanes"), REGISTER_LANES[:3])
+@pytest.mark.parametrize("batch", [6, 7])
+def test_per_mac_linear_vectorised_over_outputs_is_exact(fmt, acc_bits, acc_overflow, lanes,
+                                                          batch):
     # 64 or more outputs and mostly nonzero weights: the per-MAC kernel runs over the outputs
-    # (dense.dot_per_mac_rows) instead of the batch; registers climb into saturation and back.
-    fmt = QFormat(8, 2)
+    # (dense.dot_per_mac_rows, images in pairs; an odd batch leaves one image alone) instead
+    # of the batch; registers climb into saturation and back.
     rng = np.random.default_rng(64)
     fan_in = 160
-    x = rng.integers(fmt.max_code // 2, fmt.max_code, (6, fan_in), endpoint=True)
+    x = rng.integers(fmt.max_code // 2, fmt.max_code, (batch, fan_in), endpoint=True)
     x[::2] *= -1
     x[:, rng.random(fan_in) < 0.2] = 0  # zero inputs are skipped
     ramp = np.where(np.arange(fan_in) < 80, fmt.max_code, fmt.min_code)
     w = np.concatenate([np.tile(ramp, (8, 1)), random_codes(rng, fmt, (60, fan_in))])
-    dp = Datapath(fmt, fmt, out_fmt=QFormat(24, 20), acc_bits=19, acc_mode="per_mac",
+    dp = Datapath(fmt, fmt, out_fmt=QFormat(24, 20), acc_bits=acc_bits, acc_mode="per_mac",
                   acc_overflow=acc_overflow, rounding="rnd_conv")
     b = random_codes(rng, dp.bias_format, (68,)) >> 8
     counters = check_linear(dp, x, w, b)
     assert counters.acc_overflows > 0
-    assert counters.paths == {"per_mac_int32": counters.outputs}
+    assert counters.paths == {f"per_mac_{lanes}": counters.outputs}
 
 
 def test_per_mac_saturation_depends_on_order_and_differs_from_final():

@@ -104,17 +104,20 @@ def test_sparse_linear_is_bit_identical_to_dense(case, fan_in, batch):
 
 
 # Every lane type of the sparse kernel, forced, with overflow actually happening.
+BOTH = ("sat", "wrap")
 SPARSE_PATHS = [
-    ("sparse_float32", QFormat(8, 2), None, "final"),
-    ("sparse_float64", QFormat(16, 4), None, "final"),
-    ("sparse_int64", QFormat(28, 4), 60, "final"),
-    ("sparse_per_mac_int32", QFormat(8, 2), 17, "per_mac"),
-    ("sparse_per_mac_int64", QFormat(16, 4), 32, "per_mac"),
+    ("sparse_float32", QFormat(8, 2), None, "final", BOTH),
+    ("sparse_float64", QFormat(16, 4), None, "final", BOTH),
+    ("sparse_int64", QFormat(28, 4), 60, "final", BOTH),
+    ("sparse_per_mac_float32", QFormat(8, 2), 17, "per_mac", ("sat",)),
+    ("sparse_per_mac_int32", QFormat(8, 2), 17, "per_mac", ("wrap",)),
+    ("sparse_per_mac_int32", QFormat(12, 2), 25, "per_mac", BOTH),
+    ("sparse_per_mac_int64", QFormat(16, 4), 32, "per_mac", BOTH),
 ]
 
 
-@pytest.mark.parametrize(("path", "fmt", "acc_bits", "mode"), SPARSE_PATHS)
-@pytest.mark.parametrize("acc_overflow", ["sat", "wrap"])
+@pytest.mark.parametrize(("path", "fmt", "acc_bits", "mode", "acc_overflow"),
+                         [(*case[:4], ovf) for case in SPARSE_PATHS for ovf in case[4]])
 def test_each_sparse_lane_type(path, fmt, acc_bits, mode, acc_overflow):
     rng = np.random.default_rng(len(path) + (acc_bits or 0))
     dp = Datapath(fmt, fmt, out_fmt=QFormat(16, 8), acc_bits=acc_bits, acc_mode=mode,

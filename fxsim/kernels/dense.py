@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxsim.fixedpoint import apply_overflow, requantize_one
-from fxsim.kernels.tile import per_mac_products
+from fxsim.kernels.tile import per_mac_products, per_mac_products_pair
 
 # Output positions handled per task by the blocked kernels: a (K, block) slice of cols stays in
 # L2 while all output channels run over it. Smaller blocks when there are few positions, so
@@ -361,34 +361,89 @@ def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block
 
 
 @njit(cache=True, parallel=True)
+def dot_per_mac_pairs(w, cols, start, lo, hi, mask, wrap, block, x_max_abs):
+    """:func:`dot_per_mac` for a dense (J, K) weight matrix ``w`` in the lane dtype, two output
+    channels per pass over each tile of inputs (:func:`fxsim.kernels.tile.per_mac_products_pair`).
+    It does not skip zero weights (a zero product leaves a register unchanged, so the result
+    is the same); for mostly nonzero weights the shared input loads win. Returns (acc int64
+    (J, M), overflow events).
+    """
+    n_out, fan_in = w.shape
+    m_total = cols.shape[1]
+    out = np.empty((n_out, m_total), np.int64)
+    offsets = np.arange(fan_in)
+    n_blocks = (m_total + block - 1) // block
+    events = np.zeros(n_blocks, np.int64)
+    for b in prange(n_blocks):
+        m0 = b * block
+        width = min(block, m_total - m0)
+        tile = np.ascontiguousarray(cols[:, m0 : m0 + width])  # stays in L2 for all j
+        xflat = tile.reshape(-1)
+        acc0 = np.empty(width, cols.dtype)
+        acc1 = np.empty(width, cols.dtype)
+        hits0 = np.zeros(width, np.int32)
+        hits1 = np.zeros(width, np.int32)
+        count = 0
+        for j in range(0, n_out, 2):
+            acc0[:] = start[j]
+            if j + 1 < n_out:
+                acc1[:] = start[j + 1]
+                per_mac_products_pair(acc0, acc1, hits0, hits1, xflat, 0, fan_in, offsets, w[j],
+                                      w[j + 1], width, 0, x_max_abs, wrap, lo, hi, mask)
+                out[j + 1, m0 : m0 + width] = acc1
+            else:
+                per_mac_products(acc0, hits0, xflat, 0, fan_in, offsets, w[j], width, 0,
+                                 x_max_abs, wrap, lo, hi, mask)
+            out[j, m0 : m0 + width] = acc0
+            for t in range(width):
+                count += hits0[t] + hits1[t]
+            hits0[:] = 0
+            hits1[:] = 0
+        events[b] = count
+    return out, events.sum()
+
+
+@njit(cache=True, parallel=True)
 def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
     """Per-MAC registers of a linear layer, vectorised over its J outputs instead of the batch.
 
     ``x`` (N, K) input codes and ``wt`` (K, J) the transposed weights, both in the lane dtype
-    (int32 for registers of <= 30 bits, else int64, at most 62 bits); ``start`` (J,) the
+    (float32 or int32 for narrow registers, else int64, at most 62 bits); ``start`` (J,) the
     registers' first values. For each image the register of every output takes the products
     x[k] * w[j, k] for k = 0, 1, ... in canonical order, one row of ``wt`` per nonzero x[k]
     (a zero input adds nothing to an exact or a saturated sum), with the same provably exact
-    fast groups as :func:`dot_per_mac` (``w_max_abs`` bounds the weights). Returns
-    (acc int64 (N, J), overflow events).
+    fast groups as :func:`dot_per_mac` (``w_max_abs`` bounds the weights). Images go in pairs
+    that share each row of ``wt`` they read (the inputs either of them has nonzero; a zero
+    product leaves the other's registers unchanged). Returns (acc int64 (N, J), overflow
+    events).
     """
     n_img = x.shape[0]
     n_out = wt.shape[1]
     wflat = wt.reshape(-1)
     out = np.empty((n_img, n_out), np.int64)
-    events = np.zeros(n_img, np.int64)
-    for i in prange(n_img):
-        inputs = np.flatnonzero(x[i])
-        values = x[i][inputs]
-        acc = start.copy()
-        hits = np.zeros(n_out, np.int32)  # at most K events per output
-        per_mac_products(acc, hits, wflat, 0, inputs.size, inputs, values, n_out, 0, w_max_abs,
-                         wrap, lo, hi, mask)
-        out[i] = acc
+    n_pairs = (n_img + 1) // 2
+    events = np.zeros(n_pairs, np.int64)
+    for pair in prange(n_pairs):
+        i = 2 * pair
+        acc0 = start.copy()
+        hits0 = np.zeros(n_out, np.int32)  # at most K events per output
+        hits1 = np.zeros(n_out, np.int32)
+        if i + 1 < n_img:
+            inputs = np.flatnonzero((x[i] != 0) | (x[i + 1] != 0))
+            acc1 = start.copy()
+            per_mac_products_pair(acc0, acc1, hits0, hits1, wflat, 0, inputs.size, inputs,
+                                  x[i][inputs], x[i + 1][inputs], n_out, 0, w_max_abs, wrap,
+                                  lo, hi, mask)
+            out[i + 1] = acc1
+        else:
+            inputs = np.flatnonzero(x[i])
+            per_mac_products(acc0, hits0, wflat, 0, inputs.size, inputs, x[i][inputs], n_out,
+                             0, w_max_abs, wrap, lo, hi, mask)
+        out[i] = acc0
         count = 0
         for t in range(n_out):
-            count += hits[t]
-        events[i] = count
+            count += hits0[t] + hits1[t]
+        events[pair] = count
     return out, events.sum()
 
 
