@@ -215,9 +215,8 @@ class Counters:
                      output positions).
     skipped_macs:    MACs skipped because the weight is zero (macs - executed_macs).
     paths:           which kernel computed the sums (float32, float64, int64, per_mac_float32,
-                     per_mac_int32,
-                     per_mac_int64, and sparse_* for the zero-skipping kernel), with how many
-                     outputs each.
+                     per_mac_int32, per_mac_int64, and sparse_* for the zero-skipping kernel),
+                     with how many outputs each.
     weight_bytes:    bytes the layer's weights take in the dense, bitmask, csr and eie
                      encodings at the weight format's width (a property of the layer, not
                      summed over calls).

@@ -334,10 +334,11 @@ def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block
     output channel in canonical order; a zero weight adds nothing to an exact or a saturated
     sum). Each output's register starts at ``start[j]`` (the aligned bias, already inside the
     register); after every MAC it saturates, or wraps when ``wrap`` (``mask = 2^bits - 1``).
-    ``cols`` (K, M) is int32 (registers of <= 30 bits) or int64, bounded by ``x_max_abs``;
-    every product fits the register, so register + product fits the lane dtype. Groups of
-    weights that provably cannot overflow run as plain multiply-adds (see
-    :mod:`fxsim.kernels.tile`). Returns (acc int64 (J, M), overflow events).
+    ``cols`` (K, M) is in the lanes of :mod:`fxsim.kernels.tile` (float32, int32 or int64),
+    bounded by ``x_max_abs``; every product fits the register, and register + product is exact
+    in the lane dtype. Groups of weights that provably cannot overflow run as plain
+    multiply-adds (see :mod:`fxsim.kernels.tile`). Returns (acc int64 (J, M), overflow
+    events).
     """
     n_out = row_ptr.size - 1
     m_total = cols.shape[1]

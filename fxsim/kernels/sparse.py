@@ -220,8 +220,9 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
                    hi, mask, x_max_abs, tile, groups):
     """Zero-skipping per-MAC register: saturates (or wraps, with ``wrap``) after every MAC.
 
-    Same layout and tasks as :func:`sparse_sum`. Integer lanes (int32 or int64): every product
-    fits the register [lo, hi] and register + product fits the lane dtype (the caller checks);
+    Same layout and tasks as :func:`sparse_sum`. Lanes float32, int32 or int64 (see
+    :mod:`fxsim.kernels.tile`): every product fits the register [lo, hi] and register + product
+    is exact in the lane dtype (the caller checks);
     ``x_max_abs`` bounds the inputs. ``start`` (J,) holds each register's first value (the
     aligned, overflow-checked bias); ``mask`` is 2^bits - 1. Every output takes its MACs one
     after another in canonical order (see :mod:`fxsim.kernels.tile`). Returns

@@ -14,6 +14,11 @@ overflow events: the group runs as plain multiply-adds. Otherwise it runs MAC by
 overflow check. The tile's range is tracked conservatively (widened by each fast group's bound)
 and measured again only when the conservative range no longer proves a group safe.
 
+Lanes are float32 (a saturating register whose values, register + product, stay integers below
+2^24: every add and clamp is exact), int32 (registers of <= 30 bits) or int64. Two output
+channels whose stored weights share their offsets (a dense layer) can run together
+(:func:`per_mac_products_pair`), loading each input vector once for both.
+
 Numba's on-disk cache checks only the calling kernel's own source file: after editing this
 module in a development checkout, delete ``fxsim/kernels/__pycache__`` so that the kernels in
 dense.py and sparse.py are compiled again with the new code.
