@@ -482,19 +482,18 @@ class PreparedWeights:
         if plan.path.startswith("per_mac"):
             wrap = dp.acc_overflow is Overflow.WRAP
             block = dense.block_size(cols.shape[1], numba.get_num_threads())
-            if x_rows:
-                lanes = plan.cols_dtype
+            lanes = plan.cols_dtype
+            if dp.acc_bits <= 62:
                 lo, hi, mask = _register(dp.acc_bits, lanes)
+            if x_rows:
                 sums, events = dense.dot_per_mac_rows(cols, self._transposed_as(lanes),
                                                       plan.start, lo, hi, mask, wrap,
                                                       self.w_max_abs)
             elif dp.acc_bits <= 62 and self.density > _PAIRS_ABOVE:
-                lo, hi, mask = _register(dp.acc_bits, plan.cols_dtype)
                 sums, events = dense.dot_per_mac_pairs(plan.weights, cols, plan.start, lo, hi,
                                                        mask, wrap, block, plan.x_max_abs)
             elif dp.acc_bits <= 62:
-                cw, lanes = self.compressed, plan.cols_dtype
-                lo, hi, mask = _register(dp.acc_bits, lanes)
+                cw = self.compressed
                 sums, events = dense.dot_per_mac(cw.row_ptr, cw.col_idx, self._values_as(lanes),
                                                  cols, plan.start, lo, hi, mask, wrap, block,
                                                  plan.x_max_abs)
