@@ -18,7 +18,6 @@ otherwise the sequential per-MAC kernel runs.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import numba
@@ -67,9 +66,9 @@ _PAIRS_ABOVE = 0.7
 
 # Numba's parallel loops and OpenBLAS's GEMMs run on two thread pools, and a pool whose workers
 # went to sleep while the other one ran takes ~0.15-1 ms to wake. A linear layer whose output
-# has fewer elements than this requantises its GEMM's sums on the calling thread alone, which
-# wakes nobody (measured, 2 cores, batch 256: LeNet5 fc2 GEMM + requantisation 1.2 ms with
-# both pools, 0.05 ms with Numba on one thread; fc1 1.15 -> 0.94 ms).
+# has fewer elements than this requantises its GEMM's sums on the calling thread alone (the
+# kernels' serial builds), which wakes nobody (measured, 2 cores, batch 256: LeNet5 fc2 GEMM +
+# requantisation 1.2 ms with both pools, 0.05 ms on one thread; fc1 1.15 -> 0.94 ms).
 _ONE_THREAD_BELOW = 1 << 18
 
 
@@ -509,7 +508,9 @@ class PreparedWeights:
                 block = dense.block_size(cols.shape[1], numba.get_num_threads())
                 sums = dense.dot_int64(plan.weights, cols, block)
             elif x_rows:
-                sums = cols @ plan.weights.T
+                # BLAS on the contiguous (K, J) copy: numpy's transposed operand measured up to
+                # 2x slower (lenet5.fc2, 256 x 500 @ 500 x 10: 0.098 -> 0.041 ms; fc1 0.86 -> 0.77)
+                sums = cols @ self._transposed_as(plan.cols_dtype)
             else:
                 sums = plan.weights @ cols
             events = 0
@@ -525,10 +526,10 @@ class PreparedWeights:
             sums3 = sums.reshape(n_out, n_img, per_img).transpose(1, 0, 2)
             out3, bias_last = out, False
         after_blas = plan.path.startswith("float") and per_img == 1
-        with _one_thread(after_blas and out.size < _ONE_THREAD_BELOW):
-            acc_events, sat_events, highest, lowest = _finish(
-                sums3, bias, bias_last, acc_omode, shift, plan, dp, u, out3
-            )
+        acc_events, sat_events, highest, lowest = _finish(
+            sums3, bias, bias_last, acc_omode, shift, plan, dp, u, out3,
+            serial=after_blas and out.size < _ONE_THREAD_BELOW,
+        )
         return Counters(
             macs=out.size * fan_in,
             acc_overflows=int(events) + int(acc_events),
@@ -611,20 +612,6 @@ class PreparedWeights:
         return self._starts[dtype]
 
 
-@contextmanager
-def _one_thread(serial: bool):
-    """Run the Numba kernels inside on the calling thread only, when ``serial``."""
-    if not serial:
-        yield
-        return
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
-
-
 def _per_mac_lanes(acc_bits: int, product_max: int, wrap: bool):
     """The lane dtype of a per-MAC register of ``acc_bits`` whose products stay within
     ``product_max``: float32 for a saturating register whose every value (register +
@@ -670,10 +657,12 @@ def _check_int64_fits(plan: _Plan, cols: np.ndarray, bias: np.ndarray) -> None:
         )
 
 
-def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, u, out):
+def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, u, out,
+            serial: bool = False):
     """Accumulator overflow + requantisation of raw sums: the vectorised kernel when the shift
     and the bound allow it (a right shift of 1..62 bits whose rounding offset cannot overflow
-    int64, deterministic rounding), the general scalar one otherwise."""
+    int64, deterministic rounding), the general scalar one otherwise; on the calling thread
+    alone when ``serial``."""
     fmt = dp.output_fmt
     lo, hi, bits, signed = format_args(fmt)
     fast = (
@@ -682,13 +671,15 @@ def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, 
         and plan.acc_bound + (1 << shift) < 1 << 63
     )
     if not fast:
-        return dense.finish(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi,
-                            bits, signed, dp.rounding.code, dp.overflow.code, u, out)
+        kernel = dense.finish_serial if serial else dense.finish
+        return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi, bits,
+                      signed, dp.rounding.code, dp.overflow.code, u, out)
     base, neg_extra, parity = dense.rounding_offsets(dp.rounding.code, shift)
     sym_lo = lo + 1 if dp.overflow is Overflow.SAT_SYM and signed and bits > 1 else lo
     mask = (1 << bits) - 1 if bits < 64 else -1
-    return dense.finish_fast(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, base,
-                             neg_extra, parity, lo, hi, sym_lo, mask, dp.overflow.code, out)
+    kernel = dense.finish_fast_serial if serial else dense.finish_fast
+    return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, base, neg_extra,
+                  parity, lo, hi, sym_lo, mask, dp.overflow.code, out)
 
 
 # --------------------------------------------------------------------------------------------
