@@ -4,9 +4,11 @@ For every layer shape it times, on the same random codes:
   f32 gemm    float32 BLAS on the prebuilt im2col matrix (the bare GEMM, a lower bound)
   f32 layer   float32 layer as a CPU framework runs it: im2col + sgemm + NCHW layout
 Shapes: fxsim.bench.LAYERS (LeNet5 at batch 256, CifarNet at batch 128).
-  int final   fxsim.datapath, exact sum then one overflow (codes in, codes out); weights
-              prepared once with fxsim.datapath.prepare, as a model executor runs them
-  int per_mac the same with a narrow accumulator saturating after every MAC
+  int final   fxsim.datapath, exact sum then one overflow; codes in and out in the narrowest
+              dtype that holds the format (int8 for 8 bits), as fxsim's quantised layers pass
+              them on; weights prepared once with fxsim.datapath.prepare
+  int64 codes the same with int64 codes in and out (the default of the public functions)
+  int per_mac the same as "int final" with a narrow accumulator saturating after every MAC
 and prints a Markdown table of medians with throughput (GMAC/s) and ratios to the f32 layer.
 No assertions on time: the numbers go to docs/results/kernels.md.
 
@@ -26,7 +28,7 @@ import sys
 import fxsim  # noqa: F401  first: its thread settings must reach OpenBLAS before numpy loads
 import numpy as np
 
-from fxsim import QFormat, paper_format
+from fxsim import QFormat, code_dtype, paper_format
 from fxsim.bench import LAYERS, float_layer, median_time
 from fxsim.datapath import Datapath, prepare
 from fxsim.kernels.dense import im2col
@@ -39,6 +41,8 @@ def bench_shape(name, shape, fmt, acc_bits, repeats, rng):
     final = prepare(w, None, Datapath(fmt, fmt))
     per_mac = prepare(w, None, Datapath(fmt, fmt, acc_bits=acc_bits, acc_mode="per_mac"))
     xf, wf = x.astype(np.float32), w.astype(np.float32)
+    narrow = code_dtype(fmt)
+    x_narrow = x.astype(narrow)
     if kind == "conv":
         kh, kw = shape.w_shape[2:]
         cols = im2col(xf, kh, kw, (stride, stride), (padding, padding))
@@ -47,36 +51,42 @@ def bench_shape(name, shape, fmt, acc_bits, repeats, rng):
         def gemm():
             return w2 @ cols
 
-        def run(prepared):
-            return prepared.conv2d(x, stride=stride, padding=padding)
+        def run(prepared, codes=x_narrow, out_dtype=narrow):
+            return prepared.conv2d(codes, stride=stride, padding=padding, out_dtype=out_dtype)
     else:
         def gemm():
             return xf @ wf.T
 
-        def run(prepared):
-            return prepared.linear(x)
+        def run(prepared, codes=x_narrow, out_dtype=narrow):
+            return prepared.linear(codes, out_dtype=out_dtype)
 
-    _, c_final = run(final)
+    y_final, c_final = run(final)
+    y_wide, c_wide = run(final, x, None)
+    if not (np.array_equal(y_final, y_wide) and c_final == c_wide):
+        raise AssertionError(f"{name}: {narrow} and int64 codes give different results")
     _, c_mac = run(per_mac)
     macs = c_final.macs
     t_gemm = median_time(gemm, repeats)
     t_float = median_time(lambda: float_layer(shape, xf, wf), repeats)
     t_final = median_time(lambda: run(final), repeats)
+    t_wide = median_time(lambda: run(final, x, None), repeats)
     t_mac = median_time(lambda: run(per_mac), repeats)
     return {
         "layer": name,
         "macs": macs,
         "format": str(fmt),
+        "codes_dtype": str(narrow),
         "per_mac_acc_bits": acc_bits,
         "final_path": next(iter(c_final.paths)),
         "per_mac_path": next(iter(c_mac.paths)),
         "per_mac_overflow_events": c_mac.acc_overflows,
         "seconds": {"f32_gemm": t_gemm, "f32_layer": t_float, "int_final": t_final,
-                    "int_per_mac": t_mac},
+                    "int_final_int64_codes": t_wide, "int_per_mac": t_mac},
         "gmacs": {k: macs / t / 1e9 for k, t in
                   {"f32_gemm": t_gemm, "f32_layer": t_float, "int_final": t_final,
-                   "int_per_mac": t_mac}.items()},
+                   "int_final_int64_codes": t_wide, "int_per_mac": t_mac}.items()},
         "ratio_final_vs_f32_layer": t_float / t_final,
+        "ratio_final_int64_codes_vs_f32_layer": t_float / t_wide,
         "ratio_final_vs_f32_gemm": t_gemm / t_final,
         "ratio_per_mac_vs_f32_layer": t_float / t_mac,
     }
@@ -103,17 +113,18 @@ def main(argv=None):
         rng = np.random.default_rng([0, list(LAYERS).index(name)])  # the same codes, any selection
         rows.append(bench_shape(name, LAYERS[name], fmt, args.acc_bits, args.repeats, rng))
     header = ("| layer | MMAC | f32 gemm GMAC/s | f32 layer GMAC/s | int final GMAC/s (path) "
-              "| final / f32 layer | final / f32 gemm | per_mac GMAC/s (path) "
-              "| per_mac / f32 layer |")
-    print(f"\nformat {fmt}, per_mac accumulator {args.acc_bits} bits, medians of "
-          f"{args.repeats}, {os.cpu_count()} cores\n")
+              "| final / f32 layer | final / f32 gemm | int64 codes / f32 layer "
+              "| per_mac GMAC/s (path) | per_mac / f32 layer |")
+    print(f"\nformat {fmt} (codes as {code_dtype(fmt)}), per_mac accumulator {args.acc_bits} "
+          f"bits, medians of {args.repeats}, {os.cpu_count()} cores\n")
     print(header)
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
     for r in rows:
         g = r["gmacs"]
         print(f"| {r['layer']} | {r['macs'] / 1e6:.0f} | {g['f32_gemm']:.1f} | "
               f"{g['f32_layer']:.1f} | {g['int_final']:.1f} ({r['final_path']}) | "
               f"{r['ratio_final_vs_f32_layer']:.2f} | {r['ratio_final_vs_f32_gemm']:.2f} | "
+              f"{r['ratio_final_int64_codes_vs_f32_layer']:.2f} | "
               f"{g['int_per_mac']:.1f} ({r['per_mac_path']}) | "
               f"{r['ratio_per_mac_vs_f32_layer']:.2f} |")
     if args.json:

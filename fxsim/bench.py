@@ -16,7 +16,7 @@ import numpy as np
 
 from fxsim.datapath import Datapath, prepare
 from fxsim.errors import FxsimError
-from fxsim.fixedpoint import paper_format
+from fxsim.fixedpoint import code_dtype, paper_format
 from fxsim.kernels.dense import im2col
 from fxsim.kernels.sparse import random_mask
 
@@ -80,10 +80,11 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
     """Time dense int, sparse int and float32 BLAS per layer shape and weight density.
 
     Weights are pruned at random to exactly the density, inputs are random codes of the
-    paper's ``bits``-wide format. The accumulator is exact (``final``), or with
-    ``per_mac_bits`` a register of that width saturating after every MAC. The dense and sparse
-    outputs are compared bit for bit before timing. Returns one row per (layer, density) with
-    seconds, speed-ups and the kernel path each took.
+    paper's ``bits``-wide format, passed in and returned in the narrowest integer dtype that
+    holds it (:func:`fxsim.code_dtype`), as quantised models pass them. The accumulator is
+    exact (``final``), or with ``per_mac_bits`` a register of that width saturating after every
+    MAC. The dense and sparse outputs are compared bit for bit before timing. Returns one row
+    per (layer, density) with seconds, speed-ups and the kernel path each took.
     """
     names = list(LAYERS) if layers is None else list(layers)
     unknown = [n for n in names if n not in LAYERS]
@@ -91,6 +92,7 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
         raise FxsimError(f"unknown layer {unknown[0]!r}; choose from: {', '.join(LAYERS)}")
     densities = check_densities(densities)
     fmt = paper_format(bits)
+    codes = code_dtype(fmt)  # inputs and outputs in the narrowest dtype, as models pass them
     acc = {} if per_mac_bits is None else {"acc_bits": per_mac_bits, "acc_mode": "per_mac"}
     Datapath(fmt, fmt, **acc)  # a bad width fails here, before any work
     rng = np.random.default_rng(seed)
@@ -98,6 +100,7 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
     for name in names:
         shape = LAYERS[name]
         x = rng.integers(fmt.min_code, fmt.max_code, shape.x_shape, endpoint=True)
+        x_codes = x.astype(codes)
         w_full = rng.integers(fmt.min_code, fmt.max_code, shape.w_shape, endpoint=True)
         for density in densities:
             if progress:
@@ -109,10 +112,10 @@ def sparse_vs_dense(layers=None, densities=DENSITIES, bits: int = 8, repeats: in
                 for kernel in ("dense", "sparse")
             }
 
-            def run(layer, shape=shape, x=x):
+            def run(layer, shape=shape, x=x_codes, out_dtype=codes):
                 if shape.kind == "conv":
-                    return layer.conv2d(x, shape.stride, shape.padding)
-                return layer.linear(x)
+                    return layer.conv2d(x, shape.stride, shape.padding, out_dtype)
+                return layer.linear(x, out_dtype)
 
             y_dense, c_dense = run(layers_by_kernel["dense"])
             y_sparse, c_sparse = run(layers_by_kernel["sparse"])

@@ -29,6 +29,7 @@ from fxsim.fixedpoint import (
     QFormat,
     Rounding,
     check_codes,
+    code_dtype,
     format_args,
     min_max,
     requantize,
@@ -381,7 +382,7 @@ class PreparedWeights:
             path, dtype = "int64", np.int64
         return _Plan(path, self._matrix_as(dtype), None, 0, dtype, bound + bias_max, x_max_abs)
 
-    def conv2d(self, x_codes, stride=1, padding=0):
+    def conv2d(self, x_codes, stride=1, padding=0, out_dtype=None):
         """Run as a convolution; see :func:`conv2d`."""
         sh, sw = _pair(stride, "stride")
         ph, pw = _pair(padding, "padding")
@@ -402,7 +403,7 @@ class PreparedWeights:
                 f"a {kh}x{kw} kernel does not fit a {h}x{wd} input with padding {(ph, pw)}"
             )
         plan = self.plan(x_max_abs)
-        out = np.empty((n, n_out, oh * ow), np.int64)
+        out = np.empty((n, n_out, oh * ow), _output_dtype(out_dtype, dp.output_fmt))
         u = uniform_draws(dp.rounding, out.size, dp.seed)
         if self.use_sparse and _sparse_lanes(plan, dp) is not None:
             counters = self._run_sparse(plan, x, (sh, sw), (ph, pw), (oh, ow), out, u)
@@ -419,7 +420,7 @@ class PreparedWeights:
                                          batch_last=batch_last)
         return out.reshape(n, n_out, oh, ow), counters
 
-    def linear(self, x_codes):
+    def linear(self, x_codes, out_dtype=None):
         """Run as a fully connected layer; see :func:`linear`."""
         if self.weights.ndim != 2:
             raise ShapeError(f"linear needs (J, K) weights, got {self.weights.shape}")
@@ -438,7 +439,7 @@ class PreparedWeights:
                 f"weights expect {self.weights.shape[1]} inputs, x has {k} (shape {x.shape})"
             )
         plan = self.plan(x_max_abs)
-        out = np.empty((n, n_out, 1), np.int64)
+        out = np.empty((n, n_out, 1), _output_dtype(out_dtype, self.datapath.output_fmt))
         u = uniform_draws(self.datapath.rounding, out.size, self.datapath.seed)
         if self.use_sparse and _sparse_lanes(plan, self.datapath) is not None:
             x4 = x.reshape(n, k, 1, 1)  # a linear layer is a 1x1 convolution of a 1x1 image
@@ -688,12 +689,34 @@ def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, 
 
 
 def _as_codes(codes, fmt: QFormat, name: str, ndim: int) -> tuple[np.ndarray, int]:
-    """Validated int64 codes and their largest magnitude."""
+    """Validated, C-contiguous codes and their largest magnitude. Signed integer and
+    uint8-uint32 codes keep their dtype (the kernels cast them to their lanes as they read
+    them, so narrow codes are never widened to int64 in memory); others become int64."""
     arr = np.asarray(codes)
     if arr.ndim != ndim:
         raise ShapeError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     lo, hi = check_codes(arr, fmt, name)
-    return np.ascontiguousarray(arr, dtype=np.int64), max(abs(lo), abs(hi))
+    narrow = arr.dtype.kind == "i" or (arr.dtype.kind == "u" and arr.dtype.itemsize < 8)
+    return (np.ascontiguousarray(arr) if narrow else np.ascontiguousarray(arr, dtype=np.int64),
+            max(abs(lo), abs(hi)))
+
+
+def _output_dtype(out_dtype, fmt: QFormat) -> np.dtype:
+    """The dtype asked for the output codes: int64 by default, else a signed integer dtype
+    that holds every code of ``fmt``."""
+    if out_dtype is None:
+        return np.dtype(np.int64)
+    try:
+        dtype = np.dtype(out_dtype)
+    except TypeError as exc:
+        raise FormatError(f"out_dtype must be a numpy integer dtype, got {out_dtype!r}") from exc
+    info = np.iinfo(dtype) if dtype.kind == "i" else None
+    if info is None or fmt.min_code < info.min or fmt.max_code > info.max:
+        raise FormatError(
+            f"out_dtype {dtype} cannot hold the output format {fmt} (codes {fmt.min_code} .. "
+            f"{fmt.max_code}); use a signed integer dtype at least as wide as {code_dtype(fmt)}"
+        )
+    return dtype
 
 
 def _cast_codes(codes, fmt: QFormat, name: str, ndim: int, dtype) -> tuple[np.ndarray, int]:
@@ -714,6 +737,7 @@ def _aligned_bias(bias_codes, n_out: int, dp: Datapath) -> np.ndarray:
     if bias_codes is None:
         return np.zeros(n_out, np.int64)
     bias, _ = _as_codes(bias_codes, dp.bias_format, "bias", 1)
+    bias = bias.astype(np.int64, copy=False)
     if bias.shape != (n_out,):
         raise ShapeError(f"bias must have shape ({n_out},), got {bias.shape}")
     # a left shift into a 64-bit word with the accumulator's fraction: exact unless it overflows
@@ -741,23 +765,29 @@ def prepare(w_codes, bias_codes, datapath: Datapath, mask=None) -> PreparedWeigh
     return PreparedWeights(w_codes, bias_codes, datapath, mask)
 
 
-def conv2d(x_codes, w_codes, bias_codes, datapath: Datapath, stride=1, padding=0):
+def conv2d(x_codes, w_codes, bias_codes, datapath: Datapath, stride=1, padding=0,
+           out_dtype=None):
     """Bit-accurate 2-D convolution (cross-correlation) of integer codes.
 
-    x_codes (N, C, H, W) in ``datapath.act_fmt``; w_codes (J, C, KH, KW) in ``weight_fmt``;
-    bias_codes (J,) in ``bias_format`` or None; zero padding. Returns (y_codes (N, J, OH, OW)
-    int64 in ``output_fmt``, :class:`Counters`).
+    x_codes (N, C, H, W) in ``datapath.act_fmt``, any integer dtype (int8 codes are read as
+    they are, never widened in memory); w_codes (J, C, KH, KW) in ``weight_fmt``; bias_codes
+    (J,) in ``bias_format`` or None; zero padding. Returns (y_codes (N, J, OH, OW) in
+    ``output_fmt``, :class:`Counters`). The codes are int64 unless ``out_dtype`` names a signed
+    integer dtype that holds the output format (``fxsim.code_dtype(output_fmt)``: the
+    narrowest, what a chain of layers passes on).
     """
-    return PreparedWeights(w_codes, bias_codes, datapath).conv2d(x_codes, stride, padding)
+    return PreparedWeights(w_codes, bias_codes, datapath).conv2d(x_codes, stride, padding,
+                                                                 out_dtype)
 
 
-def linear(x_codes, w_codes, bias_codes, datapath: Datapath):
+def linear(x_codes, w_codes, bias_codes, datapath: Datapath, out_dtype=None):
     """Bit-accurate fully connected layer: y = x @ w.T + bias, in integers.
 
-    x_codes (N, K) in ``act_fmt``; w_codes (J, K) in ``weight_fmt``; bias_codes (J,) or None.
-    Returns (y_codes (N, J) int64 in ``output_fmt``, :class:`Counters`).
+    x_codes (N, K) in ``act_fmt`` (any integer dtype); w_codes (J, K) in ``weight_fmt``;
+    bias_codes (J,) or None. Returns (y_codes (N, J) in ``output_fmt``, int64 or ``out_dtype``
+    as in :func:`conv2d`, :class:`Counters`).
     """
-    return PreparedWeights(w_codes, bias_codes, datapath).linear(x_codes)
+    return PreparedWeights(w_codes, bias_codes, datapath).linear(x_codes, out_dtype)
 
 
 def _slice(u: np.ndarray, n0: int, n1: int, per_image: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 from fxsim.datapath import Datapath, PreparedWeights
 from fxsim.fixedpoint import (
     QFormat,
+    code_dtype,
     codes_on_grid,
     dequantize,
     quantize,
@@ -80,8 +81,10 @@ class _QuantMixin:
     def _input_codes(self, x):
         # Inputs come from a quantised layer or QuantizeInput, so they are normally on the grid
         # and need no rounding; anything else (an average pool) takes the general path.
+        # (in the narrowest dtype that holds the format, as the accelerator stores them: the
+        # kernels read int8 codes as they are, an eighth of the bytes of int64 ones)
         fmt = self.datapath.act_fmt
-        codes = codes_on_grid(x, fmt)
+        codes = codes_on_grid(x, fmt, code_dtype(fmt))
         return quantize(x, fmt) if codes is None else codes
 
     def _output(self, y_codes):
@@ -94,10 +97,11 @@ class _QuantMixin:
         return (y == fmt.max_value) | (y == fmt.min_value)
 
     def _forward(self, x, run):
-        """Quantise weights (cached) and input, ``run(prepared, codes)`` the integer kernel,
-        dequantise; the ctx keeps what the STE backward and the counters need."""
+        """Quantise weights (cached) and input, ``run(prepared, codes, out_dtype)`` the integer
+        kernel, dequantise; the ctx keeps what the STE backward and the counters need."""
         prepared, clipped = self._prepare()
-        y_codes, counters = run(prepared, self._input_codes(x))
+        out_dtype = code_dtype(self.datapath.output_fmt)
+        y_codes, counters = run(prepared, self._input_codes(x), out_dtype)
         y = self._output(y_codes)
         return y, {"x": x, "y": y, "prepared": prepared, "clipped": clipped,
                    "counters": counters}
@@ -128,7 +132,8 @@ class QuantConv2d(_QuantMixin, Layer):
         self.datapath, self.mask = datapath, mask
 
     def forward(self, x, train=False, rng=None):
-        return self._forward(x, lambda p, codes: p.conv2d(codes, self.stride, self.padding))
+        return self._forward(x, lambda p, codes, out_dtype: p.conv2d(codes, self.stride,
+                                                                     self.padding, out_dtype))
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
         dy, w, x = self._ste_inputs(dy, ctx)
@@ -149,7 +154,7 @@ class QuantLinear(_QuantMixin, Layer):
         self.datapath, self.mask = datapath, mask
 
     def forward(self, x, train=False, rng=None):
-        return self._forward(x, lambda p, codes: p.linear(codes))
+        return self._forward(x, lambda p, codes, out_dtype: p.linear(codes, out_dtype))
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
         dy, w, x = self._ste_inputs(dy, ctx)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxsim import QFormat
+from fxsim import QFormat, code_dtype
 from fxsim.datapath import Counters, Datapath, avg_pool2d, conv2d, linear, max_pool2d, relu
 from fxsim.errors import DatapathError, FormatError, RangeError, ShapeError
 from tests.reference import conv2d_ref, linear_ref, requantize_ref
@@ -45,6 +45,11 @@ def check_conv(dp, x, w, b, stride=1, padding=0):
         assert getattr(counters, key) == value, key
     assert counters.outputs == y.size
     assert counters.macs == y.size * w[0].size
+    # the same codes in the narrowest dtypes, as quantised layers pass them on
+    narrow, narrow_counters = conv2d(x.astype(code_dtype(dp.act_fmt)), w, b, dp, stride=stride,
+                                     padding=padding, out_dtype=code_dtype(dp.output_fmt))
+    assert narrow.dtype == code_dtype(dp.output_fmt) and narrow.tolist() == ref
+    assert narrow_counters == counters
     return counters
 
 
@@ -54,6 +59,10 @@ def check_linear(dp, x, w, b):
     assert y.tolist() == ref
     for key, value in ref_counters.items():
         assert getattr(counters, key) == value, key
+    narrow, narrow_counters = linear(x.astype(code_dtype(dp.act_fmt)), w, b, dp,
+                                     out_dtype=code_dtype(dp.output_fmt))
+    assert narrow.dtype == code_dtype(dp.output_fmt) and narrow.tolist() == ref
+    assert narrow_counters == counters
     return counters
 
 
@@ -373,6 +382,58 @@ def test_linear_takes_any_integer_codes_and_names_bad_ones():
     got, _ = linear(np.abs(x).astype(np.uint8), np.abs(w), None, Datapath(unsigned, unsigned))
     ref, _ = linear(np.abs(x), np.abs(w), None, Datapath(unsigned, unsigned))
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+@pytest.mark.parametrize("acc", [{}, {"acc_bits": 17, "acc_mode": "per_mac"},
+                                 {"acc_bits": 17, "acc_mode": "per_mac", "acc_overflow": "wrap"}])
+def test_narrow_codes_in_and_out_match_int64(kernel, acc):
+    """Codes in any integer dtype give the int64 codes' result bit for bit, on every kernel,
+    and come back in the dtype asked for (big enough to show saturation: random 8-bit codes
+    overflow a 17-bit register)."""
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, kernel=kernel, **acc)
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, (5, 3, 8, 8))
+    w = rng.integers(-128, 128, (6, 3, 3, 3)) * (rng.random((6, 3, 3, 3)) < 0.6)
+    b = rng.integers(-512, 512, 6)
+    want, want_counters = conv2d(x, w, b, dp, stride=(1, 2), padding=1)
+    assert want_counters.acc_overflows > 0 or not acc
+    xl = x.reshape(5, -1)
+    wl = rng.integers(-128, 128, (70, xl.shape[1]))
+    want_l, want_l_counters = linear(xl, wl, None, dp)
+    for dtype in (np.int8, np.int16, np.int32):
+        got, counters = conv2d(x.astype(dtype), w, b, dp, stride=(1, 2), padding=1,
+                               out_dtype=np.int8)
+        assert got.dtype == np.int8 and counters == want_counters
+        np.testing.assert_array_equal(got, want)
+        got, counters = linear(xl.astype(dtype), wl, None, dp, out_dtype=np.int16)
+        assert got.dtype == np.int16 and counters == want_l_counters
+        np.testing.assert_array_equal(got, want_l)
+    unsigned = QFormat(8, 2, signed=False)
+    udp = Datapath(unsigned, fmt, out_fmt=unsigned, kernel=kernel, **acc)
+    xu = rng.integers(0, 256, (5, 3, 8, 8))
+    want_u, _ = conv2d(xu, w, None, udp)
+    got_u, _ = conv2d(xu.astype(np.uint8), w, None, udp, out_dtype=code_dtype(unsigned))
+    assert got_u.dtype == np.int16
+    np.testing.assert_array_equal(got_u, want_u)
+
+
+def test_out_dtype_must_hold_the_output_format():
+    fmt = QFormat(8, 2)
+    wide = Datapath(fmt, fmt, out_fmt=QFormat(12, 4))
+    x = np.zeros((2, 5), np.int8)
+    w = np.ones((3, 5), np.int8)
+    with pytest.raises(FormatError, match="out_dtype int8 cannot hold the output format"):
+        linear(x, w, None, wide, out_dtype=np.int8)
+    with pytest.raises(FormatError, match="out_dtype float32 cannot hold"):
+        linear(x, w, None, wide, out_dtype=np.float32)
+    with pytest.raises(FormatError, match="out_dtype uint16 cannot hold"):
+        linear(x, w, None, wide, out_dtype=np.uint16)
+    with pytest.raises(FormatError, match="out_dtype must be a numpy integer dtype"):
+        conv2d(x.reshape(2, 5, 1, 1), w.reshape(3, 5, 1, 1), None, wide, out_dtype="no-such")
+    y, _ = linear(x, w, None, wide, out_dtype=np.int16)
+    assert y.dtype == np.int16
 
 
 def test_bad_datapaths_are_named():

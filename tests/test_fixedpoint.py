@@ -271,6 +271,34 @@ def test_requantize_extreme_codes_and_shifts(rounding, from_frac):
         assert got == expected
 
 
+@pytest.mark.parametrize(("bits", "int_bits", "signed", "dtype"), [
+    (1, 1, True, np.int8), (8, 2, True, np.int8), (8, 8, False, np.int16),
+    (7, 0, False, np.int8), (9, 3, True, np.int16), (16, 4, True, np.int16),
+    (16, 4, False, np.int32), (17, 0, True, np.int32), (32, 8, True, np.int32),
+    (31, 0, False, np.int32), (32, 0, False, np.int64), (33, 1, True, np.int64),
+    (64, 4, True, np.int64), (63, 0, False, np.int64),
+])  # fmt: skip
+def test_code_dtype_is_the_narrowest_signed_dtype_holding_the_format(bits, int_bits, signed,
+                                                                    dtype):
+    from fxsim import code_dtype
+
+    fmt = QFormat(bits, int_bits, signed)
+    assert code_dtype(fmt) == np.dtype(dtype)
+    info = np.iinfo(code_dtype(fmt))
+    assert info.min <= fmt.min_code and fmt.max_code <= info.max
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.uint32])
+def test_min_max_of_narrow_large_arrays(dtype):
+    from fxsim.fixedpoint import min_max
+
+    info = np.iinfo(dtype)
+    codes = np.random.default_rng(7).integers(info.min // 2, info.max // 2, 200_001).astype(dtype)
+    codes[123_457] = info.max
+    codes[99] = info.min
+    assert min_max(codes) == (int(info.min), int(info.max))
+
+
 @pytest.mark.parametrize("size", [1, 70_000, 1_000_003])
 def test_min_max_matches_numpy_on_large_arrays(size):
     from fxsim.fixedpoint import check_codes, min_max
@@ -289,12 +317,14 @@ def test_min_max_matches_numpy_on_large_arrays(size):
 @settings(max_examples=100, deadline=None)
 @given(fmt=formats(max_bits=24), data=st.data())
 def test_codes_on_grid_and_values_are_exact(fmt, data):
-    from fxsim.fixedpoint import codes_on_grid, values
+    from fxsim.fixedpoint import code_dtype, codes_on_grid, values
 
     codes = np.array(data.draw(st.lists(st.integers(fmt.min_code, fmt.max_code), min_size=1)))
     grid = values(codes, fmt, np.float32)
     assert np.array_equal(grid.astype(np.float64), dequantize(codes, fmt))
     assert np.array_equal(codes_on_grid(grid, fmt), codes)
+    narrow = codes_on_grid(grid, fmt, code_dtype(fmt))
+    assert narrow.dtype == code_dtype(fmt) and np.array_equal(narrow, codes)
     assert codes_on_grid(grid.astype(np.float64), fmt).tolist() == codes.tolist()
     off = grid.astype(np.float64) + fmt.step / 4
     assert codes_on_grid(off, fmt) is None  # off the grid: rounding is needed
