@@ -658,29 +658,32 @@ def _check_int64_fits(plan: _Plan, cols: np.ndarray, bias: np.ndarray) -> None:
         )
 
 
+def _fast_requant(acc_omode: int, shift: int, plan: _Plan, dp: Datapath) -> tuple | None:
+    """The argument tuple of the vectorised requantisation (:func:`dense.requantise_row`)
+    where the shift and the bound allow it (a right shift of 1..62 bits whose rounding offset
+    cannot overflow int64, deterministic rounding); None where the general scalar kernel must
+    run."""
+    if not (dp.rounding is not Rounding.STOCHASTIC and 1 <= shift <= 62
+            and plan.acc_bound + (1 << shift) < 1 << 63):
+        return None
+    lo, hi, bits, signed = format_args(dp.output_fmt)
+    return dense.fast_requant_args(dp.rounding.code, shift, lo, hi, bits, signed,
+                                   dp.overflow.code, dp.acc_bits or 0, acc_omode)
+
+
 def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, u, out,
             serial: bool = False):
-    """Accumulator overflow + requantisation of raw sums: the vectorised kernel when the shift
-    and the bound allow it (a right shift of 1..62 bits whose rounding offset cannot overflow
-    int64, deterministic rounding), the general scalar one otherwise; on the calling thread
+    """Accumulator overflow + requantisation of raw sums: the vectorised kernel where
+    :func:`_fast_requant` allows it, the general scalar one otherwise; on the calling thread
     alone when ``serial``."""
-    fmt = dp.output_fmt
-    lo, hi, bits, signed = format_args(fmt)
-    fast = (
-        dp.rounding is not Rounding.STOCHASTIC
-        and 1 <= shift <= 62
-        and plan.acc_bound + (1 << shift) < 1 << 63
-    )
-    if not fast:
+    rq = _fast_requant(acc_omode, shift, plan, dp)
+    if rq is None:
+        lo, hi, bits, signed = format_args(dp.output_fmt)
         kernel = dense.finish_serial if serial else dense.finish
         return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi, bits,
                       signed, dp.rounding.code, dp.overflow.code, u, out)
-    base, neg_extra, parity = dense.rounding_offsets(dp.rounding.code, shift)
-    sym_lo = lo + 1 if dp.overflow is Overflow.SAT_SYM and signed and bits > 1 else lo
-    mask = (1 << bits) - 1 if bits < 64 else -1
     kernel = dense.finish_fast_serial if serial else dense.finish_fast
-    return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, base, neg_extra,
-                  parity, lo, hi, sym_lo, mask, dp.overflow.code, out)
+    return kernel(sums, bias, bias_last, rq, out)
 
 
 # --------------------------------------------------------------------------------------------

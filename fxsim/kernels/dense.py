@@ -572,16 +572,13 @@ def rounding_offsets(rmode: int, shift: int) -> tuple[int, int, int]:
 
 
 @njit(inline="always")
-def _finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_extra, parity, lo,
-                 hi, sym_lo, mask, omode, out):
-    """:func:`_finish` for a right shift of 1..62 bits with a deterministic rounding mode.
-
-    Branch-free, in separate simple passes over each row, so that every loop vectorises. The
-    caller guarantees ``|sum + bias| + 2^shift < 2^63`` so the rounding offset cannot overflow.
-    ``mask`` is ``2^bits - 1`` (or -1 for 64 bits) and ``sym_lo`` is where negative overflow
-    saturates (``lo``, or ``lo + 1`` for sat_sym).
-    """
-    n_a, n_b, n_c = out.shape
+def requantise_row(acc, rq, dest):
+    """One row of int64 sums ``acc`` (overwritten) -> output codes in ``dest``, in separate
+    branch-free passes so that every loop vectorises: the final accumulator's overflow, then
+    rounding and output overflow. ``rq`` is :func:`fast_requant_args`' tuple. Returns
+    (accumulator overflow events, output saturations, largest and smallest sum before the
+    accumulator's overflow)."""
+    shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode = rq
     has_acc = acc_omode >= 0 and 0 < acc_bits < 64
     acc_lo = -(np.int64(1) << (acc_bits - 1)) if has_acc else np.int64(0)
     acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if has_acc else np.int64(0)
@@ -589,6 +586,40 @@ def _finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_ex
     acc_wrap = acc_omode == 1
     wrap = omode == 1
     zero = omode == 2
+    n = acc.size
+    top = np.int64(0)
+    bottom = np.int64(0)
+    for p in range(n):
+        top = max(top, acc[p])
+        bottom = min(bottom, acc[p])
+    n_acc = 0
+    if has_acc:
+        for p in range(n):
+            a = acc[p]
+            inside = (a >= acc_lo) & (a <= acc_hi)
+            n_acc += 1 - np.int64(inside)
+            wrapped = ((a - acc_lo) & acc_mask) + acc_lo
+            clamped = min(max(a, acc_lo), acc_hi)
+            acc[p] = a if inside else (wrapped if acc_wrap else clamped)
+    n_sat = 0
+    for p in range(n):
+        a = acc[p]
+        offset = base + np.int64(a < 0) * neg_extra + parity * ((a >> shift) & 1)
+        q = (a + offset) >> shift
+        inside = (q >= lo) & (q <= hi)
+        n_sat += 1 - np.int64(inside)
+        over = hi if q > hi else sym_lo
+        over = 0 if zero else over
+        over = (((q - lo) & mask) + lo) if wrap else over
+        dest[p] = q if inside else over
+    return n_acc, n_sat, top, bottom
+
+
+@njit(inline="always")
+def _finish_fast(sums, bias, bias_last, rq, out):
+    """:func:`_finish` for a right shift of 1..62 bits with a deterministic rounding mode
+    (``rq`` from :func:`fast_requant_args`), row by row with :func:`requantise_row`."""
+    n_a, n_b, n_c = out.shape
     tasks = n_a * n_b
     acc_events = np.zeros(tasks, np.int64)
     sat_events = np.zeros(tasks, np.int64)
@@ -604,36 +635,23 @@ def _finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_ex
         else:
             for p in range(n_c):
                 acc[p] = np.int64(sums[i, j, p]) + bias[j]
-        top = np.int64(0)
-        bottom = np.int64(0)
-        for p in range(n_c):
-            top = max(top, acc[p])
-            bottom = min(bottom, acc[p])
-        n_acc = 0
-        if has_acc:
-            for p in range(n_c):
-                a = acc[p]
-                inside = (a >= acc_lo) & (a <= acc_hi)
-                n_acc += 1 - np.int64(inside)
-                wrapped = ((a - acc_lo) & acc_mask) + acc_lo
-                clamped = min(max(a, acc_lo), acc_hi)
-                acc[p] = a if inside else (wrapped if acc_wrap else clamped)
-        n_sat = 0
-        for p in range(n_c):
-            a = acc[p]
-            offset = base + np.int64(a < 0) * neg_extra + parity * ((a >> shift) & 1)
-            q = (a + offset) >> shift
-            inside = (q >= lo) & (q <= hi)
-            n_sat += 1 - np.int64(inside)
-            over = hi if q > hi else sym_lo
-            over = 0 if zero else over
-            over = (((q - lo) & mask) + lo) if wrap else over
-            out[i, j, p] = q if inside else over
-        acc_events[task] = n_acc
-        sat_events[task] = n_sat
-        highest[task] = top
-        lowest[task] = bottom
+        acc_events[task], sat_events[task], highest[task], lowest[task] = requantise_row(
+            acc, rq, out[i, j])
     return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
+
+
+def fast_requant_args(rmode: int, shift: int, lo: int, hi: int, bits: int, signed: bool,
+                      omode: int, acc_bits: int, acc_omode: int) -> tuple:
+    """The int64 tuple :func:`requantise_row` takes, for a deterministic rounding mode
+    ``rmode`` and a right shift of 1..62 bits (the caller guarantees ``|sum + bias| + 2^shift
+    < 2^63``, so the rounding offset cannot overflow): (shift, rounding offsets, the output
+    range, where negative overflow saturates (``lo``, or ``lo + 1`` for sat_sym), 2^bits - 1
+    (or -1 for 64 bits), the output overflow mode, the final accumulator's width and overflow
+    mode (-1: none))."""
+    base, neg_extra, parity = rounding_offsets(rmode, shift)
+    sym_lo = lo + 1 if omode == 3 and signed and bits > 1 else lo
+    mask = (1 << bits) - 1 if bits < 64 else -1
+    return (shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode)
 
 
 # Each requantisation kernel is compiled twice from one inlined body: over Numba's threads, and
@@ -657,19 +675,15 @@ def finish_serial(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bit
 
 
 @njit(cache=True, parallel=True)
-def finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_extra, parity, lo,
-                hi, sym_lo, mask, omode, out):
+def finish_fast(sums, bias, bias_last, rq, out):
     """:func:`_finish_fast` over Numba's threads."""
-    return _finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_extra,
-                        parity, lo, hi, sym_lo, mask, omode, out)
+    return _finish_fast(sums, bias, bias_last, rq, out)
 
 
 @njit(cache=True)
-def finish_fast_serial(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_extra,
-                       parity, lo, hi, sym_lo, mask, omode, out):
+def finish_fast_serial(sums, bias, bias_last, rq, out):
     """:func:`_finish_fast` on the calling thread."""
-    return _finish_fast(sums, bias, bias_last, acc_bits, acc_omode, shift, base, neg_extra,
-                        parity, lo, hi, sym_lo, mask, omode, out)
+    return _finish_fast(sums, bias, bias_last, rq, out)
 
 
 @njit(cache=True, parallel=True)
