@@ -293,10 +293,14 @@ def test_min_max_of_narrow_large_arrays(dtype):
     from fxsim.fixedpoint import min_max
 
     info = np.iinfo(dtype)
-    codes = np.random.default_rng(7).integers(info.min // 2, info.max // 2, 200_001).astype(dtype)
-    codes[123_457] = info.max
-    codes[99] = info.min
-    assert min_max(codes) == (int(info.min), int(info.max))
+    size = 200_001
+    codes = np.random.default_rng(7).integers(info.min // 2, info.max // 2, size).astype(dtype)
+    # the extremes at the ends of the array and of the parallel chunks, and inside one
+    for low_at, high_at in [(0, size - 1), (size - 1, 0), (size // 64, size // 64 - 1),
+                            (99, 123_457)]:
+        both = codes.copy()
+        both[low_at], both[high_at] = info.min, info.max
+        assert min_max(both) == (int(info.min), int(info.max))
 
 
 @pytest.mark.parametrize("size", [1, 70_000, 1_000_003])
