@@ -376,8 +376,12 @@ def test_linear_takes_any_integer_codes_and_names_bad_ones():
         np.testing.assert_array_equal(got, want)
     bad = x.copy()
     bad[5, 2] = -129
-    with pytest.raises(RangeError, match=r"x: code -129 at index \(5, 2\)"):
-        linear(bad, w, None, dp)
+    for codes in (bad, bad.astype(np.int16)):
+        with pytest.raises(RangeError, match=r"x: code -129 at index \(5, 2\)"):
+            linear(codes, w, None, dp)
+    bad[5, 2], bad[6, 8] = 0, 128
+    with pytest.raises(RangeError, match=r"x: code 128 at index \(6, 8\)"):
+        linear(bad.astype(np.int16), w, None, dp)
     unsigned = QFormat(8, 2, signed=False)
     got, _ = linear(np.abs(x).astype(np.uint8), np.abs(w), None, Datapath(unsigned, unsigned))
     ref, _ = linear(np.abs(x), np.abs(w), None, Datapath(unsigned, unsigned))

@@ -801,6 +801,13 @@ def cast_min_max(flat, out):
     Serial on purpose: it runs between BLAS calls, where waking Numba's thread pool costs more
     than the pass (2 cores, 128k codes: 0.025 ms serial, 0.04-0.3 ms parallel).
     """
+    if flat.itemsize < 8:
+        # narrow codes: Numba's own min and max vectorise where the fused loop does not
+        # (204,800 int8 codes: 0.038 -> 0.019 ms); for int64 codes the fused loop is faster
+        lo, hi = np.int64(flat.min()), np.int64(flat.max())
+        for i in range(flat.size):
+            out[i] = flat[i]
+        return lo, hi
     lo = np.int64(flat[0])
     hi = lo
     for i in range(flat.size):
