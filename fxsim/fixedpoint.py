@@ -2,8 +2,9 @@
 
 A :class:`QFormat` is a two's-complement (or unsigned) word of ``bits`` bits of which ``int_bits``
 are integer bits, the sign bit included (the ap_fixed<W, I> convention). A value is stored as an
-integer *code*; ``value = code * 2**-frac_bits``. Codes are always ``int64`` arrays, so signed words
-go up to 64 bits and unsigned ones up to 63.
+integer *code*; ``value = code * 2**-frac_bits``. The conversions here return ``int64`` codes, so
+signed words go up to 64 bits and unsigned ones up to 63; the datapath also reads and writes
+codes in narrower integer dtypes (:func:`code_dtype`: int8 for an 8-bit format).
 
 Every conversion here is exact: a float64 is decomposed into its 53-bit integer mantissa and its
 exponent, and from there on only integers are shifted, rounded and saturated. The same scalar
