@@ -659,7 +659,7 @@ def _check_int64_fits(plan: _Plan, cols: np.ndarray, bias: np.ndarray) -> None:
 
 
 def _fast_requant(acc_omode: int, shift: int, plan: _Plan, dp: Datapath) -> tuple | None:
-    """The argument tuple of the vectorised requantisation (:func:`dense.requantise_row`)
+    """The argument tuple of the vectorised requantisation (:func:`dense.fast_requant_args`)
     where the shift and the bound allow it (a right shift of 1..62 bits whose rounding offset
     cannot overflow int64, deterministic rounding); None where the general scalar kernel must
     run."""

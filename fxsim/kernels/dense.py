@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from fxsim.fixedpoint import apply_overflow, requantize_one
+from fxsim.fixedpoint import SAT_SYM, apply_overflow, requantize_one
 from fxsim.kernels.tile import per_mac_products, per_mac_products_pair
 
 # Output positions handled per task by the blocked kernels: a (K, block) slice of cols stays in
@@ -572,7 +572,7 @@ def rounding_offsets(rmode: int, shift: int) -> tuple[int, int, int]:
 
 
 @njit(inline="always")
-def requantise_row(acc, rq, dest):
+def _requantise_row(acc, rq, dest):
     """One row of int64 sums ``acc`` (overwritten) -> output codes in ``dest``, in separate
     branch-free passes so that every loop vectorises: the final accumulator's overflow, then
     rounding and output overflow. ``rq`` is :func:`fast_requant_args`' tuple. Returns
@@ -618,7 +618,7 @@ def requantise_row(acc, rq, dest):
 @njit(inline="always")
 def _finish_fast(sums, bias, bias_last, rq, out):
     """:func:`_finish` for a right shift of 1..62 bits with a deterministic rounding mode
-    (``rq`` from :func:`fast_requant_args`), row by row with :func:`requantise_row`."""
+    (``rq`` from :func:`fast_requant_args`), row by row with :func:`_requantise_row`."""
     n_a, n_b, n_c = out.shape
     tasks = n_a * n_b
     acc_events = np.zeros(tasks, np.int64)
@@ -635,21 +635,21 @@ def _finish_fast(sums, bias, bias_last, rq, out):
         else:
             for p in range(n_c):
                 acc[p] = np.int64(sums[i, j, p]) + bias[j]
-        acc_events[task], sat_events[task], highest[task], lowest[task] = requantise_row(
+        acc_events[task], sat_events[task], highest[task], lowest[task] = _requantise_row(
             acc, rq, out[i, j])
     return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
 
 
 def fast_requant_args(rmode: int, shift: int, lo: int, hi: int, bits: int, signed: bool,
                       omode: int, acc_bits: int, acc_omode: int) -> tuple:
-    """The int64 tuple :func:`requantise_row` takes, for a deterministic rounding mode
+    """The int64 tuple :func:`_requantise_row` takes, for a deterministic rounding mode
     ``rmode`` and a right shift of 1..62 bits (the caller guarantees ``|sum + bias| + 2^shift
     < 2^63``, so the rounding offset cannot overflow): (shift, rounding offsets, the output
     range, where negative overflow saturates (``lo``, or ``lo + 1`` for sat_sym), 2^bits - 1
     (or -1 for 64 bits), the output overflow mode, the final accumulator's width and overflow
     mode (-1: none))."""
     base, neg_extra, parity = rounding_offsets(rmode, shift)
-    sym_lo = lo + 1 if omode == 3 and signed and bits > 1 else lo
+    sym_lo = lo + 1 if omode == SAT_SYM and signed and bits > 1 else lo
     mask = (1 << bits) - 1 if bits < 64 else -1
     return (shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode)
 
