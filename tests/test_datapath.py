@@ -423,6 +423,38 @@ def test_narrow_codes_in_and_out_match_int64(kernel, acc):
     np.testing.assert_array_equal(got_u, want_u)
 
 
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+@pytest.mark.parametrize("acc", [{"acc_bits": 16}, {"acc_bits": 16, "acc_mode": "per_mac"}])
+@pytest.mark.parametrize(("batch", "out_fmt", "by_words"), [
+    (8, QFormat(8, 3), True), (16, QFormat(12, 2), True), (13, QFormat(8, 3), False)])
+def test_batch_last_codes_transposed_by_words_match_reference(kernel, acc, batch, out_fmt,
+                                                              by_words, monkeypatch):
+    """Batch-last sums (small convolution outputs, the zero-skipping kernel, linear layers over
+    the batch) are requantised in their own order and transposed as codes; batches that fill
+    whole 8-byte words of int8 / int16 codes move a word at a time. Both against the plain
+    Python reference, with final-accumulator or per-MAC overflow and output saturation."""
+    from fxsim.kernels import dense
+
+    calls = []
+    words = dense._transpose_words
+    monkeypatch.setattr(dense, "_transpose_words", lambda *a: calls.append(1) or words(*a))
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, out_fmt=out_fmt, kernel=kernel, rounding="rnd_conv", **acc)
+    rng = np.random.default_rng(batch)
+    x = random_codes(rng, fmt, (batch, 2, 6, 6))
+    w = random_codes(rng, fmt, (4, 2, 3, 3), zero_fraction=0.3)  # 4 x 36 rows of codes
+    b = random_codes(rng, dp.bias_format, (4,)) >> 3
+    counters = check_conv(dp, x, w, b, stride=1, padding=1)
+    assert counters.acc_overflows > 0 and counters.out_saturations > 0
+    assert bool(calls) == by_words
+    calls.clear()
+    wl = random_codes(rng, fmt, (8, 72), zero_fraction=0.3)
+    bl = random_codes(rng, dp.bias_format, (8,)) >> 3
+    lin = check_linear(dp, x.reshape(batch, -1)[:, :72], wl, bl)
+    assert lin.acc_overflows > 0 and lin.out_saturations > 0
+    assert bool(calls) == (by_words and (kernel == "sparse" or "acc_mode" in acc))
+
+
 def test_out_dtype_must_hold_the_output_format():
     fmt = QFormat(8, 2)
     wide = Datapath(fmt, fmt, out_fmt=QFormat(12, 4))

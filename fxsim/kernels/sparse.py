@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxsim.errors import ShapeError
-from fxsim.kernels.dense import batch_last_row, phase_width
+from fxsim.kernels.dense import batch_last_row, phase_width, requantise_row
 from fxsim.kernels.tile import add_products, per_mac_products
 
 
@@ -186,8 +186,32 @@ def _task(task, per_row, seg, n_img, stride_h, row_len, tile):
     return oy * stride_h * row_len * n_img + t0, oy * seg + t0, min(tile, seg - t0)
 
 
+# The fused requantisation's arguments when a kernel returns raw sums instead (codes empty).
+NO_REQUANT = (0,) * 11
+
+
+@njit(cache=True, inline="always")
+def _emit(acc, j, dst, width, sums, codes, wide, bias, rq, counts):
+    """A finished tile of channel j's lanes: its raw sums into ``sums[j, dst:]``, or, when
+    ``codes`` is not empty, requantised while still in L1 (plus ``bias[j]``, see
+    :func:`fxsim.kernels.dense.requantise_row`) into ``codes[j, dst:]``, with the events and
+    extremes added into ``counts`` (acc overflows, saturations, max, min)."""
+    if codes.shape[0] == 0:
+        sums[j, dst : dst + width] = acc
+        return
+    b = bias[j]
+    for t in range(width):
+        wide[t] = np.int64(acc[t]) + b
+    n_acc, n_sat, top, bottom = requantise_row(wide[:width], rq, codes[j, dst : dst + width])
+    counts[0] += n_acc
+    counts[1] += n_sat
+    counts[2] = max(counts[2], top)
+    counts[3] = min(counts[3], bottom)
+
+
 @njit(cache=True, parallel=True)
-def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len, tile, groups):
+def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len, tile, groups, bias, rq,
+               codes):
     """Exact zero-skipping sums ``sums[j, p, n]`` over the stored weights of row j.
 
     ``xt`` (R, N) is the laid-out input and ``values`` the stored weights, both in the lane
@@ -195,38 +219,14 @@ def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len, tile, grou
     (so the order of additions does not matter). A task is a tile of ``tile`` lanes (see
     :func:`tile_lanes`) of one output row; for every output channel each stored weight is a
     vector update reading ``tile`` contiguous inputs (:func:`fxsim.kernels.tile.add_products`).
-    Returns sums (J, P, N).
-    """
-    n_out = row_ptr.size - 1
-    n_img = xt.shape[1]
-    oh, ow = out_hw
-    xflat = xt.reshape(-1)
-    seg = ow * n_img
-    per_row = (seg + tile - 1) // tile
-    sums = np.empty((n_out, oh * ow * n_img), xt.dtype)
-    for task in prange(oh * per_row * groups):
-        src, dst, width = _task(task // groups, per_row, seg, n_img, stride_h, row_len, tile)
-        group = task % groups
-        acc = np.empty(width, xt.dtype)
-        for j in range(n_out * group // groups, n_out * (group + 1) // groups):
-            acc[:] = 0
-            add_products(acc, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img, src)
-            sums[j, dst : dst + width] = acc
-    return sums.reshape(n_out, oh * ow, n_img)
 
-
-@njit(cache=True, parallel=True)
-def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start, wrap, lo,
-                   hi, mask, x_max_abs, tile, groups):
-    """Zero-skipping per-MAC register: saturates (or wraps, with ``wrap``) after every MAC.
-
-    Same layout and tasks as :func:`sparse_sum`. Lanes float32, int32 or int64 (see
-    :mod:`fxsim.kernels.tile`): every product fits the register [lo, hi] and register + product
-    is exact in the lane dtype (the caller checks);
-    ``x_max_abs`` bounds the inputs. ``start`` (J,) holds each register's first value (the
-    aligned, overflow-checked bias); ``mask`` is 2^bits - 1. Every output takes its MACs one
-    after another in canonical order (see :mod:`fxsim.kernels.tile`). Returns
-    (sums (J, P, N) int64, overflow events).
+    With ``codes`` (J, P * N) of an integer dtype, each finished tile is requantised at once
+    (``bias`` (J,) int64 added, ``rq`` from :func:`fxsim.kernels.dense.fast_requant_args`)
+    into ``codes`` in the same (j, p, n) order, and the sums are never stored (LeNet5 conv2 at
+    density 0.1: see docs/results/sparse.md). With ``codes`` of shape (0, 0) (and
+    :data:`NO_REQUANT`) the raw sums are returned for the general requantisation.
+    Returns (sums (J, P, N), or (J, 0, N) when fused; the fused counters: accumulator
+    overflow events, output saturations, largest and smallest sum).
     """
     n_out = row_ptr.size - 1
     n_img = xt.shape[1]
@@ -235,21 +235,64 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
     seg = ow * n_img
     per_row = (seg + tile - 1) // tile
     n_tasks = oh * per_row * groups
-    sums = np.empty((n_out, oh * ow * n_img), np.int64)
-    events = np.zeros(n_tasks, np.int64)
+    fused = codes.shape[0] > 0
+    sums = np.empty((n_out, 0 if fused else oh * ow * n_img), xt.dtype)
+    counts = np.zeros((n_tasks, 4), np.int64)
     for task in prange(n_tasks):
         src, dst, width = _task(task // groups, per_row, seg, n_img, stride_h, row_len, tile)
         group = task % groups
         acc = np.empty(width, xt.dtype)
+        wide = np.empty(width if fused else 0, np.int64)
+        for j in range(n_out * group // groups, n_out * (group + 1) // groups):
+            acc[:] = 0
+            add_products(acc, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img, src)
+            _emit(acc, j, dst, width, sums, codes, wide, bias, rq, counts[task])
+    return (sums.reshape(n_out, 0 if fused else oh * ow, n_img), counts[:, 0].sum(),
+            counts[:, 1].sum(), counts[:, 2].max(), counts[:, 3].min())
+
+
+@njit(cache=True, parallel=True)
+def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start, wrap, lo,
+                   hi, mask, x_max_abs, tile, groups, rq, codes):
+    """Zero-skipping per-MAC register: saturates (or wraps, with ``wrap``) after every MAC.
+
+    Same layout and tasks as :func:`sparse_sum`. Lanes float32, int32 or int64 (see
+    :mod:`fxsim.kernels.tile`): every product fits the register [lo, hi] and register + product
+    is exact in the lane dtype (the caller checks);
+    ``x_max_abs`` bounds the inputs. ``start`` (J,) holds each register's first value (the
+    aligned, overflow-checked bias); ``mask`` is 2^bits - 1. Every output takes its MACs one
+    after another in canonical order (see :mod:`fxsim.kernels.tile`). With ``codes`` the
+    registers are requantised as they finish, as in :func:`sparse_sum` (no bias: it is the
+    register's start). Returns (sums (J, P, N) int64, or (J, 0, N) when fused; overflow
+    events; the fused counters as in :func:`sparse_sum`).
+    """
+    n_out = row_ptr.size - 1
+    n_img = xt.shape[1]
+    oh, ow = out_hw
+    xflat = xt.reshape(-1)
+    seg = ow * n_img
+    per_row = (seg + tile - 1) // tile
+    n_tasks = oh * per_row * groups
+    fused = codes.shape[0] > 0
+    sums = np.empty((n_out, 0 if fused else oh * ow * n_img), np.int64)
+    no_bias = np.zeros(n_out, np.int64)
+    events = np.zeros(n_tasks, np.int64)
+    counts = np.zeros((n_tasks, 4), np.int64)
+    for task in prange(n_tasks):
+        src, dst, width = _task(task // groups, per_row, seg, n_img, stride_h, row_len, tile)
+        group = task % groups
+        acc = np.empty(width, xt.dtype)
+        wide = np.empty(width if fused else 0, np.int64)
         hits = np.zeros(width, np.int32)  # per lane and channel: at most nnz(row) events
         count = 0
         for j in range(n_out * group // groups, n_out * (group + 1) // groups):
             acc[:] = start[j]
             per_mac_products(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img,
                              src, x_max_abs, wrap, lo, hi, mask)
-            sums[j, dst : dst + width] = acc
+            _emit(acc, j, dst, width, sums, codes, wide, no_bias, rq, counts[task])
             for t in range(width):
                 count += hits[t]
             hits[:] = 0
         events[task] = count
-    return sums.reshape(n_out, oh * ow, n_img), events.sum()
+    return (sums.reshape(n_out, 0 if fused else oh * ow, n_img), events.sum(), counts[:, 0].sum(),
+            counts[:, 1].sum(), counts[:, 2].max(), counts[:, 3].min())
