@@ -455,6 +455,25 @@ def test_batch_last_codes_transposed_by_words_match_reference(kernel, acc, batch
     assert bool(calls) == (by_words and (kernel == "sparse" or "acc_mode" in acc))
 
 
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+@pytest.mark.parametrize("stride", [1, 2, 3, (1, 2)])
+def test_one_pixel_images_with_any_stride(kernel, stride):
+    """A 1 x 1 image (say after global pooling) with a stride above 1: the input layout once
+    took a linear layer's shortcut here and ignored the column stride (wrong codes at stride 2,
+    a crash at 3)."""
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, kernel=kernel)
+    rng = np.random.default_rng(1)
+    x = random_codes(rng, fmt, (8, 3, 1, 1))
+    w = random_codes(rng, fmt, (4, 3, 1, 1))
+    b = random_codes(rng, dp.bias_format, (4,)) >> 4
+    sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
+    y, _ = conv2d(x, w, b, dp, stride=stride)
+    ref, _ = conv2d_ref(x.tolist(), w.tolist(), aligned_bias(b, dp), as_ref(dp), sh, 0)
+    assert sw == sh or y.shape == (8, 4, 1, 1)  # one output column whatever the stride
+    assert y.tolist() == ref
+
+
 def test_out_dtype_must_hold_the_output_format():
     fmt = QFormat(8, 2)
     wide = Datapath(fmt, fmt, out_fmt=QFormat(12, 4))

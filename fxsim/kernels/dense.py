@@ -158,6 +158,27 @@ def _layout(x, ph, pw, sw, wq, out):
     return out
 
 
+@njit(cache=True, parallel=True)
+def _layout_pixels(pixels, chans, h, w, ph, pw, sw, wq, out):
+    """:func:`_layout` from pixel-major codes ``pixels`` (C * H * W, N): every output row is
+    a contiguous (vectorised) cast of one input row, or zeros."""
+    hp = h + 2 * ph
+    for row in prange(chans * hp):
+        c = row // hp
+        iy = row % hp - ph
+        for phase in range(sw):
+            for q in range(wq):
+                dst = out[(row * sw + phase) * wq + q]
+                ix = q * sw + phase - pw
+                if iy < 0 or iy >= h or ix < 0 or ix >= w:
+                    dst[:] = 0
+                else:
+                    src = pixels[(c * h + iy) * w + ix]
+                    for n in range(dst.size):
+                        dst[n] = src[n]
+    return out
+
+
 def phase_width(padded_w: int, stride_w: int) -> int:
     """Columns per phase of a padded input row split by column index modulo the stride."""
     return -(-padded_w // stride_w)
@@ -174,12 +195,20 @@ def layout_input(x: np.ndarray, padding, dtype, stride_w: int = 1) -> np.ndarray
     """
     n, c, h, w = x.shape
     ph, pw = padding
-    if h == w == 1 and ph == pw == 0:  # a linear layer's input: (N, C) transposed
+    if h == w == 1 and ph == pw == 0 and stride_w == 1:  # a linear layer's input: (N, C).T
         return transpose2d(x.reshape(n, c), dtype)
     hp = h + 2 * ph
     wq = phase_width(w + 2 * pw, stride_w)
     out = np.empty((c * hp * stride_w * wq, n), dtype)
-    return _layout(np.ascontiguousarray(x), ph, pw, stride_w, wq, out)
+    x = np.ascontiguousarray(x)
+    per_word = 8 // x.itemsize if x.itemsize <= 2 else 0
+    if per_word and n % per_word == 0 and (c * h * w) % per_word == 0:
+        # narrow codes: transpose them a word at a time, then cast contiguous batch vectors
+        # (2 cores, int8 codes to float32: a 32-image chunk of CifarNet conv1's input 0.53 ->
+        # 0.38 ms, LeNet5 conv2's 256 images 0.22 -> 0.13 ms, against gathering each image)
+        pixels = transpose2d(x.reshape(n, c * h * w))
+        return _layout_pixels(pixels, c, h, w, ph, pw, stride_w, wq, out)
+    return _layout(x, ph, pw, stride_w, wq, out)
 
 
 def input_row_length(padded_w: int, stride_w: int) -> int:
