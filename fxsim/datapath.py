@@ -677,7 +677,8 @@ def _fast_requant(acc_omode: int, shift: int, plan: _Plan, dp: Datapath) -> tupl
         return None
     lo, hi, bits, signed = format_args(dp.output_fmt)
     return dense.fast_requant_args(dp.rounding.code, shift, lo, hi, bits, signed,
-                                   dp.overflow.code, dp.acc_bits or 0, acc_omode)
+                                   dp.overflow.code, dp.acc_bits or 0, acc_omode,
+                                   plan.acc_bound)
 
 
 def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, u, out,

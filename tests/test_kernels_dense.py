@@ -1,6 +1,7 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 from fxsim.kernels import dense
 
@@ -55,3 +56,54 @@ def test_layout_input_puts_every_pixel_in_its_row(batch, chans, h, w, padding, s
                 row = got[((c * hp + iy) * stride_w + ix % stride_w) * wq + ix // stride_w]
                 want = padded[:, c, iy, ix] if ix < wp else 0
                 np.testing.assert_array_equal(row, want)
+
+
+@njit
+def _lanes_and_row(lanes, bias, rq, wide_rq, out_lanes, out_row):
+    wide = np.empty(lanes.size, np.int64)
+    got = dense.requantise_lanes(lanes, bias, rq, wide, out_lanes)
+    acc = np.empty(lanes.size, np.int64)
+    for t in range(lanes.size):
+        acc[t] = np.int64(lanes[t]) + bias
+    want = dense.requantise_row(acc, wide_rq, out_row)
+    return got, want
+
+
+@settings(max_examples=150, deadline=None)
+@given(rmode=st.integers(0, 6), omode=st.sampled_from([0, 3]), shift=st.integers(1, 12),
+       out_bits=st.integers(2, 16), lane_bits=st.integers(2, 24),
+       dtype=st.sampled_from([np.float32, np.int32, np.int64]), seed=st.integers(0, 2**32 - 1))
+def test_int32_requantisation_matches_the_int64_one(rmode, omode, shift, out_bits, lane_bits,
+                                                    dtype, seed):
+    """The int32 saturating kernel (no final accumulator, every value and offset below 2^31)
+    gives the int64 kernel's codes and counters for every deterministic rounding mode."""
+    rng = np.random.default_rng(seed)
+    lo, hi = -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1
+    lanes = rng.integers(-(1 << lane_bits), 1 << lane_bits, 300).astype(dtype)
+    lanes[:2] = [-(1 << lane_bits), (1 << lane_bits) - 1]  # the bound itself
+    bias = int(rng.integers(-(1 << 20), 1 << 20))
+    # exact ties (odd multiples of half a step after the bias): where rounding modes differ
+    ties = ((rng.integers(-40, 40, 60) * 2 + 1) << (shift - 1)) - bias
+    lanes[2:62] = np.clip(ties, -(1 << lane_bits), (1 << lane_bits) - 1)
+    bound = (1 << lane_bits) + abs(bias)
+    rq = dense.fast_requant_args(rmode, shift, lo, hi, out_bits, True, omode, 0, -1, bound)
+    assert rq[11] == 1
+    wide_rq = (*rq[:11], 0)
+    out_lanes = np.empty(lanes.size, np.int16)
+    out_row = np.empty(lanes.size, np.int16)
+    got, want = _lanes_and_row(lanes, bias, rq, wide_rq, out_lanes, out_row)
+    assert got == want
+    np.testing.assert_array_equal(out_lanes, out_row)
+
+
+def test_int32_requantisation_only_where_it_is_exact():
+    args = dict(rmode=6, shift=4, lo=-128, hi=127, bits=8, signed=True)
+
+    def narrow(omode=0, acc_bits=0, acc_omode=-1, acc_bound=1 << 20):
+        return dense.fast_requant_args(**args, omode=omode, acc_bits=acc_bits,
+                                       acc_omode=acc_omode, acc_bound=acc_bound)[11]
+
+    assert narrow() == 1 and narrow(omode=3) == 1
+    assert narrow(acc_bound=(1 << 31) - 17) == 1 and narrow(acc_bound=(1 << 31) - 16) == 0
+    assert narrow(omode=1) == 0 and narrow(omode=2) == 0  # wrap, sat_zero
+    assert narrow(acc_bits=24, acc_omode=0) == 0  # a final accumulator to overflow first

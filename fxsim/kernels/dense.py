@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from fxsim.fixedpoint import SAT_SYM, apply_overflow, requantize_one
+from fxsim.fixedpoint import SAT, SAT_SYM, apply_overflow, requantize_one
 from fxsim.kernels.tile import per_mac_products, per_mac_products_pair
 
 # Output positions handled per task by the blocked kernels: a (K, block) slice of cols stays in
@@ -686,7 +686,7 @@ def requantise_row(acc, rq, dest):
     rounding and output overflow. ``rq`` is :func:`fast_requant_args`' tuple. Returns
     (accumulator overflow events, output saturations, largest and smallest sum before the
     accumulator's overflow)."""
-    shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode = rq
+    shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode = rq[:11]
     has_acc = acc_omode >= 0 and 0 < acc_bits < 64
     acc_lo = -(np.int64(1) << (acc_bits - 1)) if has_acc else np.int64(0)
     acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if has_acc else np.int64(0)
@@ -722,6 +722,62 @@ def requantise_row(acc, rq, dest):
         over = (((q - lo) & mask) + lo) if wrap else over
         dest[p] = q if inside else over
     return n_acc, n_sat, top, bottom
+
+
+@njit(inline="always")
+def _requantise_sat32(lanes, bias, rq, dest):
+    """:func:`requantise_lanes`' int32 kernel: every value and rounding offset fits int32
+    (``rq[11]``), no final accumulator, saturating output. One pass, twice the lanes of int64
+    and no loop-invariant mode tests: 1,024 float32 sums to int8 codes on one core, 0.55 ->
+    0.29 ns each (trn), 0.55 -> 0.37 (rnd_conv). Every operation is cast back to int32 at once,
+    since Numba widens int32 arithmetic to int64 (which halves the vector lanes)."""
+    i32 = np.int32
+    shift, base, neg_extra, parity, lo, hi, sym_lo = (
+        i32(rq[0]), i32(rq[1]), i32(rq[2]), i32(rq[3]), i32(rq[4]), i32(rq[5]), i32(rq[6]))
+    b = i32(bias)
+    top = i32(0)
+    bottom = i32(0)
+    n_sat = i32(0)
+    if parity == 0 and neg_extra == 0:  # trn, rnd, rnd_min_inf
+        for p in range(lanes.size):
+            a = i32(i32(lanes[p]) + b)
+            top = max(top, a)
+            bottom = min(bottom, a)
+            q = i32(i32(a + base) >> shift)
+            n_sat = i32(n_sat + i32(q > hi) + i32(q < lo))
+            dest[p] = hi if q > hi else (sym_lo if q < lo else q)
+    elif neg_extra == 0:  # rnd_conv
+        for p in range(lanes.size):
+            a = i32(i32(lanes[p]) + b)
+            top = max(top, a)
+            bottom = min(bottom, a)
+            q = i32(i32(a + i32(base + i32(i32(a >> shift) & parity))) >> shift)
+            n_sat = i32(n_sat + i32(q > hi) + i32(q < lo))
+            dest[p] = hi if q > hi else (sym_lo if q < lo else q)
+    else:  # trn_zero, rnd_zero, rnd_inf
+        for p in range(lanes.size):
+            a = i32(i32(lanes[p]) + b)
+            top = max(top, a)
+            bottom = min(bottom, a)
+            offset = i32(base + (neg_extra if a < 0 else i32(0)) + i32(i32(a >> shift) & parity))
+            q = i32(i32(a + offset) >> shift)
+            n_sat = i32(n_sat + i32(q > hi) + i32(q < lo))
+            dest[p] = hi if q > hi else (sym_lo if q < lo else q)
+    return 0, np.int64(n_sat), np.int64(top), np.int64(bottom)
+
+
+@njit(inline="always")
+def requantise_lanes(lanes, bias, rq, wide, dest):
+    """``lanes`` (exact sums in any numeric dtype) + ``bias`` -> output codes in ``dest``:
+    the int32 kernel where ``rq`` allows it, else through the int64 buffer ``wide`` (at least
+    as long as ``lanes``) and :func:`requantise_row`. Returns what :func:`requantise_row`
+    returns."""
+    if rq[11]:
+        return _requantise_sat32(lanes, bias, rq, dest)
+    acc = wide[: lanes.size]
+    for t in range(lanes.size):
+        acc[t] = np.int64(lanes[t]) + bias
+    return requantise_row(acc, rq, dest)
 
 
 @njit(inline="always")
@@ -775,10 +831,8 @@ def finish_fast_rows(sums, bias, rows_per_bias, rq, out):
         top = np.int64(0)
         bottom = np.int64(0)
         for row in range(n_rows * block // blocks, n_rows * (block + 1) // blocks):
-            b = bias[row // rows_per_bias]
-            for t in range(n_cols):
-                acc[t] = np.int64(sums[row, t]) + b
-            row_acc, row_sat, row_top, row_bottom = requantise_row(acc, rq, out[row])
+            row_acc, row_sat, row_top, row_bottom = requantise_lanes(
+                sums[row], bias[row // rows_per_bias], rq, acc, out[row])
             n_acc += row_acc
             n_sat += row_sat
             top = max(top, row_top)
@@ -791,17 +845,22 @@ def finish_fast_rows(sums, bias, rows_per_bias, rq, out):
 
 
 def fast_requant_args(rmode: int, shift: int, lo: int, hi: int, bits: int, signed: bool,
-                      omode: int, acc_bits: int, acc_omode: int) -> tuple:
-    """The int64 tuple :func:`requantise_row` takes, for a deterministic rounding mode
-    ``rmode`` and a right shift of 1..62 bits (the caller guarantees ``|sum + bias| + 2^shift
-    < 2^63``, so the rounding offset cannot overflow): (shift, rounding offsets, the output
-    range, where negative overflow saturates (``lo``, or ``lo + 1`` for sat_sym), 2^bits - 1
-    (or -1 for 64 bits), the output overflow mode, the final accumulator's width and overflow
-    mode (-1: none))."""
+                      omode: int, acc_bits: int, acc_omode: int, acc_bound: int) -> tuple:
+    """The int64 tuple :func:`requantise_row` and :func:`requantise_lanes` take, for a
+    deterministic rounding mode ``rmode`` and a right shift of 1..62 bits (the caller
+    guarantees ``acc_bound``, a bound on ``|sum + bias|``, with ``acc_bound + 2^shift < 2^63``,
+    so the rounding offset cannot overflow): (shift, rounding offsets, the output range, where
+    negative overflow saturates (``lo``, or ``lo + 1`` for sat_sym), 2^bits - 1 (or -1 for 64
+    bits), the output overflow mode, the final accumulator's width and overflow mode (-1:
+    none), and 1 where the int32 saturating kernel applies (no final accumulator, a saturating
+    output, ``acc_bound + 2^shift < 2^31``: see :func:`requantise_lanes`), else 0)."""
     base, neg_extra, parity = rounding_offsets(rmode, shift)
     sym_lo = lo + 1 if omode == SAT_SYM and signed and bits > 1 else lo
     mask = (1 << bits) - 1 if bits < 64 else -1
-    return (shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode)
+    narrow = int(acc_omode < 0 and omode in (SAT, SAT_SYM) and acc_bound + (1 << shift) < 1 << 31
+                 and lo >= -(1 << 31) and hi < 1 << 31)
+    return (shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode,
+            narrow)
 
 
 # Each requantisation kernel is compiled twice from one inlined body: over Numba's threads, and

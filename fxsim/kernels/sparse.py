@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxsim.errors import ShapeError
-from fxsim.kernels.dense import batch_last_row, phase_width, requantise_row
+from fxsim.kernels.dense import batch_last_row, phase_width, requantise_lanes
 from fxsim.kernels.tile import add_products, per_mac_products
 
 
@@ -187,22 +187,20 @@ def _task(task, per_row, seg, n_img, stride_h, row_len, tile):
 
 
 # The fused requantisation's arguments when a kernel returns raw sums instead (codes empty).
-NO_REQUANT = (0,) * 11
+NO_REQUANT = (0,) * 12
 
 
 @njit(cache=True, inline="always")
 def _emit(acc, j, dst, width, sums, codes, wide, bias, rq, counts):
     """A finished tile of channel j's lanes: its raw sums into ``sums[j, dst:]``, or, when
     ``codes`` is not empty, requantised while still in L1 (plus ``bias[j]``, see
-    :func:`fxsim.kernels.dense.requantise_row`) into ``codes[j, dst:]``, with the events and
+    :func:`fxsim.kernels.dense.requantise_lanes`) into ``codes[j, dst:]``, with the events and
     extremes added into ``counts`` (acc overflows, saturations, max, min)."""
     if codes.shape[0] == 0:
         sums[j, dst : dst + width] = acc
         return
-    b = bias[j]
-    for t in range(width):
-        wide[t] = np.int64(acc[t]) + b
-    n_acc, n_sat, top, bottom = requantise_row(wide[:width], rq, codes[j, dst : dst + width])
+    n_acc, n_sat, top, bottom = requantise_lanes(acc, bias[j], rq, wide,
+                                                 codes[j, dst : dst + width])
     counts[0] += n_acc
     counts[1] += n_sat
     counts[2] = max(counts[2], top)
