@@ -549,7 +549,7 @@ class PreparedWeights:
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         row_len = dense.input_row_length(wp, stride[1])
         # a linear layer's (J, K) weights read input row k directly
-        bases = sparse.conv_bases(cw, (hp, wp), stride[1]) if len(cw.shape) == 4 else cw.col_idx
+        bases = self._bases_for((hp, wp), stride[1])
         values = self._values_as(lanes)
         _, n_out, per_img = out.shape
         if per_mac:
@@ -611,6 +611,17 @@ class PreparedWeights:
                 paths={path: chunk_out.size},
             )
         return counters
+
+    def _bases_for(self, padded_hw, stride_w: int) -> np.ndarray:
+        """Each stored weight's input row in the zero-skipping kernel's layout, per input
+        geometry (kept: the same layer sees the same image size call after call)."""
+        cw = self.compressed
+        if len(cw.shape) == 2:  # a linear layer's (J, K) weights read input row k directly
+            return cw.col_idx
+        key = ("bases", padded_hw, stride_w)
+        if key not in self._casts:
+            self._casts[key] = sparse.conv_bases(cw, padded_hw, stride_w)
+        return self._casts[key]
 
     def _starts_for(self, dtype):
         """The per_mac register's first value per output (the bias, overflow-checked)."""

@@ -59,7 +59,7 @@ class CompressedWeights:
 
     @property
     def fan_in(self) -> int:
-        return int(np.prod(self.shape[1:]))
+        return math.prod(self.shape[1:])  # Python ints: this is read on every call
 
     @property
     def nnz(self) -> int:
