@@ -548,7 +548,6 @@ class PreparedWeights:
         n, c, h, w = x.shape
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         row_len = dense.input_row_length(wp, stride[1])
-        # a linear layer's (J, K) weights read input row k directly
         bases = self._bases_for((hp, wp), stride[1])
         values = self._values_as(lanes)
         _, n_out, per_img = out.shape
@@ -563,12 +562,9 @@ class PreparedWeights:
             acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
         shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
         # requantise each finished tile inside the kernel where the vectorised requantisation
-        # applies and the codes are cheap to transpose (narrow, or one position per image): they
-        # come out batch-last, (J, P, N), and are transposed as codes. Wide codes with many
-        # positions are requantised in the output's order instead (2 cores, lenet5.conv1 at
-        # density 0.1 with int64 codes: 2.5-2.7 ms that way, 3.7 ms fused and transposed)
-        rq = _fast_requant(acc_omode, shift, plan, dp)
-        rq = rq if out.itemsize <= 2 or per_img == 1 else None
+        # applies and the codes are cheap to transpose: they come out batch-last, (J, P, N), and
+        # are transposed as codes
+        rq = _fast_requant(acc_omode, shift, plan, dp) if _codes_transpose_cheaply(out) else None
         no_codes = np.empty((0, 0), out.dtype)
         # the laid-out input and the sums of a chunk stay in L2 / L3 and are reused from the heap
         per_chunk = _images_per_chunk(max(c * hp * row_len, n_out * per_img))
@@ -707,6 +703,15 @@ def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, 
     return kernel(sums, bias, bias_last, rq, out)
 
 
+def _codes_transpose_cheaply(out: np.ndarray) -> bool:
+    """Whether batch-last codes for ``out`` (N, J, P) are worth requantising in their own order
+    and transposing: 1- and 2-byte codes move a word at a time, and with one position per image
+    (a linear layer) the transpose is small. Wide codes with many positions are requantised in
+    the output's order instead (2 cores, lenet5.conv1 sparse at density 0.1 with int64 codes:
+    2.5-2.7 ms that way, 3.7 ms transposed)."""
+    return out.itemsize <= 2 or out.shape[2] == 1
+
+
 def _finish_batch_last(sums, bias, acc_omode, shift, plan: _Plan, dp: Datapath, u, out):
     """:func:`_finish` for batch-last sums (J, P * N) (or (J, P, N)) into ``out`` (N, J, P).
 
@@ -715,10 +720,10 @@ def _finish_batch_last(sums, bias, acc_omode, shift, plan: _Plan, dp: Datapath, 
     (:func:`dense.finish_fast_rows`, :func:`dense.transpose2d`): reading the sums in the
     output's order strides them by N and does not vectorise (2 cores, (50, 64, 256) float32
     sums to int8 codes 0.45 -> 0.33 ms, (64, 900, 128) 5.5 -> 2.9 ms, (500, 1, 256) 0.56 ->
-    0.09 ms; with int64 codes the transpose costs more than it saves unless P = 1)."""
+    0.09 ms)."""
     n_img, n_out, per_img = out.shape
-    rq = _fast_requant(acc_omode, shift, plan, dp)
-    if rq is not None and (out.itemsize <= 2 or per_img == 1):
+    rq = _fast_requant(acc_omode, shift, plan, dp) if _codes_transpose_cheaply(out) else None
+    if rq is not None:
         codes = np.empty((n_out * per_img, n_img), out.dtype)
         result = dense.finish_fast_rows(sums.reshape(n_out * per_img, n_img), bias, per_img,
                                         rq, codes)
