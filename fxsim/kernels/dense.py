@@ -766,12 +766,14 @@ def _requantise_sat32(lanes, bias, rq, dest):
     return 0, np.int64(n_sat), np.int64(top), np.int64(bottom)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def requantise_lanes(lanes, bias, rq, wide, dest):
     """``lanes`` (exact sums in any numeric dtype) + ``bias`` -> output codes in ``dest``:
     the int32 kernel where ``rq`` allows it, else through the int64 buffer ``wide`` (at least
     as long as ``lanes``) and :func:`requantise_row`. Returns what :func:`requantise_row`
-    returns."""
+    returns. Not inlined: the sparse kernels and :func:`finish_fast_rows` call it once per
+    row or tile (hundreds of lanes), and one compiled copy per (lane, code) dtype pair keeps
+    their many specialisations small to compile."""
     if rq[11]:
         return _requantise_sat32(lanes, bias, rq, dest)
     acc = wide[: lanes.size]
