@@ -425,6 +425,9 @@ class PreparedWeights:
         if self.weights.ndim != 2:
             raise ShapeError(f"linear needs (J, K) weights, got {self.weights.shape}")
         fmt = self.datapath.act_fmt
+        few = self._linear_few_outputs(x_codes, out_dtype)
+        if few is not None:
+            return few
         if self.plan(max(-fmt.min_code, fmt.max_code)).path == "float32" and not self.use_sparse:
             # any input in the format keeps the bound under 2^24: check and cast in one serial
             # pass before the GEMM (Numba-only paths keep the parallel check: measured, the
@@ -465,6 +468,52 @@ class PreparedWeights:
             chunk_u = _slice(u, n0, n1, n_out)
             counters += self._accumulate(plan, cols, out[n0:n1], chunk_u, x_rows)
         return out.reshape(n, n_out), counters
+
+    def _linear_few_outputs(self, x_codes, out_dtype):
+        """A linear layer with few outputs in one fused pass (cast, exact sums, requantisation:
+        :func:`dense.linear_few_outputs`, or :func:`sparse.linear_few_outputs` on the
+        zero-skipping path), where every input the format allows keeps the sums exact in float
+        lanes and the vectorised requantisation applies; None where it does not apply (the
+        general path then also reports bad input)."""
+        dp = self.datapath
+        fmt = dp.act_fmt
+        x = np.asarray(x_codes)
+        n_out, fan_in = self.matrix.shape
+        if (self.weights.ndim != 2 or n_out > dense.FEW_OUTPUTS or x.ndim != 2 or x.size == 0
+                or x.shape[1] != fan_in or x.dtype.kind not in "iu" or x.dtype == np.uint64):
+            return None
+        plan = self.plan(max(-fmt.min_code, fmt.max_code))  # the worst case the format allows
+        if plan.path not in ("float32", "float64"):
+            return None
+        acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
+        rq = _fast_requant(acc_omode, dp.acc_frac_bits - dp.output_fmt.frac_bits, plan, dp)
+        if rq is None:
+            return None
+        x = np.ascontiguousarray(x)
+        out = np.empty((x.shape[0], n_out), _output_dtype(out_dtype, dp.output_fmt))
+        if self.use_sparse:
+            cw = self.compressed
+            path, executed = f"sparse_{plan.path}", cw.nnz * x.shape[0]
+            result = sparse.linear_few_outputs(x, cw.row_ptr, cw.col_idx,
+                                               self._values_as(plan.cols_dtype), self.bias, rq,
+                                               out)
+        else:
+            path, executed = plan.path, out.size * fan_in
+            result = dense.linear_few_outputs(x, plan.weights, self.bias, rq, out)
+        acc_events, sat_events, highest, lowest, x_lo, x_hi = result
+        if x_lo < fmt.min_code or x_hi > fmt.max_code:
+            check_codes(x, fmt, "x")  # raises, naming the first code out of range
+        return out, Counters(
+            macs=out.size * fan_in,
+            acc_overflows=int(acc_events),
+            out_saturations=int(sat_events),
+            max_abs_acc=max(int(highest), -int(lowest)),
+            outputs=out.size,
+            executed_macs=executed,
+            skipped_macs=out.size * fan_in - executed,
+            paths={path: out.size},
+            weight_bytes=self.weight_bytes(),
+        )
 
     def _accumulate(self, plan: _Plan, cols: np.ndarray, out: np.ndarray, u: np.ndarray,
                     x_rows: bool = False, batch_last: bool = False):

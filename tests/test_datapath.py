@@ -448,11 +448,51 @@ def test_batch_last_codes_transposed_by_words_match_reference(kernel, acc, batch
     assert counters.acc_overflows > 0 and counters.out_saturations > 0
     assert bool(calls) == by_words
     calls.clear()
-    wl = random_codes(rng, fmt, (8, 72), zero_fraction=0.3)
-    bl = random_codes(rng, dp.bias_format, (8,)) >> 3
+    # more outputs than dense.FEW_OUTPUTS: the fused few-output kernels transpose nothing
+    wl = random_codes(rng, fmt, (32, 72), zero_fraction=0.3)
+    bl = random_codes(rng, dp.bias_format, (32,)) >> 3
     lin = check_linear(dp, x.reshape(batch, -1)[:, :72], wl, bl)
     assert lin.acc_overflows > 0 and lin.out_saturations > 0
     assert bool(calls) == (by_words and (kernel == "sparse" or "acc_mode" in acc))
+
+
+@settings(max_examples=120, deadline=None)
+@given(dp=datapaths(max_bits=16), kernel=st.sampled_from(["dense", "sparse"]),
+       seed=st.integers(0, 2**32 - 1), batch=st.sampled_from([1, 3, 4, 5, 31, 32, 33, 70]),
+       fan_in=st.integers(1, 40), n_out=st.sampled_from([1, 5, 24, 25]),
+       zeros=st.sampled_from([0, 0.5, 0.95]))
+def test_few_output_linear_kernels_match_reference(dp, kernel, seed, batch, fan_in, n_out, zeros):
+    """Linear layers with at most dense.FEW_OUTPUTS outputs run fused (cast, exact sums and
+    requantisation in one pass; images in blocks of 4 dense, 32 zero-skipping, so batches on
+    both sides of a block) wherever the bound and the rounding allow: bit for bit and counter
+    for counter the Python reference, and the kernel really ran where it applies."""
+    from fxsim.datapath import _fast_requant, prepare
+    from fxsim.kernels import dense, sparse
+
+    module = sparse if kernel == "sparse" else dense
+    calls = []
+    fused = module.linear_few_outputs
+    dp = Datapath(dp.act_fmt, dp.weight_fmt, out_fmt=dp.out_fmt, acc_bits=dp.acc_bits,
+                  acc_overflow=dp.acc_overflow, acc_mode=dp.acc_mode, rounding=dp.rounding,
+                  overflow=dp.overflow, kernel=kernel)
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (batch, fan_in))
+    w = random_codes(rng, dp.weight_fmt, (n_out, fan_in), zeros)
+    b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "linear_few_outputs", lambda *a: calls.append(1) or fused(*a))
+        counters = check_linear(dp, x, w, b)
+    prepared = prepare(w, b, dp)
+    fmt = dp.act_fmt
+    plan = prepared.plan(max(-fmt.min_code, fmt.max_code))
+    acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
+    applies = (n_out <= dense.FEW_OUTPUTS and plan.path in ("float32", "float64")
+               and _fast_requant(acc_omode, dp.acc_frac_bits - dp.output_fmt.frac_bits, plan,
+                                 dp) is not None)
+    assert bool(calls) == applies
+    if applies and kernel == "sparse":
+        assert counters.executed_macs == np.count_nonzero(w) * batch
+        assert counters.executed_macs + counters.skipped_macs == counters.macs
 
 
 @pytest.mark.parametrize("kernel", ["dense", "sparse"])
