@@ -420,7 +420,19 @@ def _min_max(flat):
         chunk = flat[size * t // n_tasks : size * (t + 1) // n_tasks]
         lows[t] = chunk.min()
         highs[t] = chunk.max()
-    return lows.min(), highs.max()
+    return _extremes(lows, highs)
+
+
+@njit(cache=True)
+def _extremes(lows, highs):
+    """(min of lows, max of highs), serially: in a parallel kernel each array reduction is a
+    thread launch of its own (~1.6 us on 2 cores)."""
+    lo = lows[0]
+    hi = highs[0]
+    for t in range(1, lows.size):
+        lo = min(lo, lows[t])
+        hi = max(hi, highs[t])
+    return lo, hi
 
 
 def min_max(codes: np.ndarray) -> tuple[int, int]:

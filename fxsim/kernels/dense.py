@@ -457,7 +457,7 @@ def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block
     m_total = cols.shape[1]
     out = np.empty((n_out, m_total), np.int64)
     n_blocks = (m_total + block - 1) // block
-    events = np.zeros(n_blocks, np.int64)
+    events = np.empty(n_blocks, np.int64)  # every task fills its entry
     for b in prange(n_blocks):
         m0 = b * block
         width = min(block, m_total - m0)
@@ -475,7 +475,7 @@ def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block
                 count += hits[t]
             hits[:] = 0
         events[b] = count
-    return out, events.sum()
+    return out, total(events)
 
 
 @njit(cache=True, parallel=True)
@@ -491,7 +491,7 @@ def dot_per_mac_pairs(w, cols, start, lo, hi, mask, wrap, block, x_max_abs):
     out = np.empty((n_out, m_total), np.int64)
     offsets = np.arange(fan_in)
     n_blocks = (m_total + block - 1) // block
-    events = np.zeros(n_blocks, np.int64)
+    events = np.empty(n_blocks, np.int64)  # every task fills its entry
     for b in prange(n_blocks):
         m0 = b * block
         width = min(block, m_total - m0)
@@ -518,7 +518,7 @@ def dot_per_mac_pairs(w, cols, start, lo, hi, mask, wrap, block, x_max_abs):
             hits0[:] = 0
             hits1[:] = 0
         events[b] = count
-    return out, events.sum()
+    return out, total(events)
 
 
 @njit(cache=True, parallel=True)
@@ -540,7 +540,7 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
     wflat = wt.reshape(-1)
     out = np.empty((n_img, n_out), np.int64)
     n_pairs = (n_img + 1) // 2
-    events = np.zeros(n_pairs, np.int64)
+    events = np.empty(n_pairs, np.int64)  # every task fills its entry
     for pair in prange(n_pairs):
         i = 2 * pair
         acc0 = start.copy()
@@ -562,7 +562,7 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
         for t in range(n_out):
             count += hits0[t] + hits1[t]
         events[pair] = count
-    return out, events.sum()
+    return out, total(events)
 
 
 @njit(cache=True, parallel=True)
@@ -580,7 +580,7 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
     hi = np.int64((1 << (acc_bits - 1)) - 1) if acc_bits < 64 else np.int64((1 << 63) - 1)
     out = np.empty((n_out, m_total), np.int64)
     n_blocks = (m_total + block - 1) // block
-    events = np.zeros(n_blocks, np.int64)
+    events = np.empty(n_blocks, np.int64)  # every task fills its entry
     omode = 1 if wrap else 0
     for b in prange(n_blocks):
         m0 = b * block
@@ -604,7 +604,7 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
                     acc[t] = c
             out[j, m0 : m0 + width] = acc
         events[b] = count
-    return out, events.sum()
+    return out, total(events)
 
 
 @njit(inline="always")
@@ -627,10 +627,10 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
     acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if 0 < acc_bits < 64 else np.int64((1 << 63) - 1)
     stochastic = u.size > 0
     tasks = n_a * n_b
-    acc_events = np.zeros(tasks, np.int64)
-    sat_events = np.zeros(tasks, np.int64)
-    highest = np.zeros(tasks, np.int64)
-    lowest = np.zeros(tasks, np.int64)
+    acc_events = np.empty(tasks, np.int64)
+    sat_events = np.empty(tasks, np.int64)
+    highest = np.empty(tasks, np.int64)
+    lowest = np.empty(tasks, np.int64)
     for task in prange(tasks):
         # channel-major: neighbouring tasks read neighbouring images of a transposed input
         i = task % n_a
@@ -655,7 +655,7 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
         sat_events[task] = n_sat
         highest[task] = top
         lowest[task] = bottom
-    return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
+    return totals(acc_events, sat_events, highest, lowest)
 
 
 def rounding_offsets(rmode: int, shift: int) -> tuple[int, int, int]:
@@ -788,10 +788,10 @@ def _finish_fast(sums, bias, bias_last, rq, out):
     (``rq`` from :func:`fast_requant_args`), row by row with :func:`requantise_row`."""
     n_a, n_b, n_c = out.shape
     tasks = n_a * n_b
-    acc_events = np.zeros(tasks, np.int64)
-    sat_events = np.zeros(tasks, np.int64)
-    highest = np.zeros(tasks, np.int64)
-    lowest = np.zeros(tasks, np.int64)
+    acc_events = np.empty(tasks, np.int64)
+    sat_events = np.empty(tasks, np.int64)
+    highest = np.empty(tasks, np.int64)
+    lowest = np.empty(tasks, np.int64)
     for task in prange(tasks):
         i = task % n_a  # channel-major, as in finish
         j = task // n_a
@@ -804,7 +804,7 @@ def _finish_fast(sums, bias, bias_last, rq, out):
                 acc[p] = np.int64(sums[i, j, p]) + bias[j]
         acc_events[task], sat_events[task], highest[task], lowest[task] = requantise_row(
             acc, rq, out[i, j])
-    return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
+    return totals(acc_events, sat_events, highest, lowest)
 
 
 # Tasks of finish_fast_rows: enough for any thread count this runs on to share them evenly.
@@ -822,10 +822,10 @@ def finish_fast_rows(sums, bias, rows_per_bias, rq, out):
     of rows, each with one int64 buffer."""
     n_rows, n_cols = sums.shape
     blocks = max(1, min(n_rows, _ROW_BLOCKS))
-    acc_events = np.zeros(blocks, np.int64)
-    sat_events = np.zeros(blocks, np.int64)
-    highest = np.zeros(blocks, np.int64)
-    lowest = np.zeros(blocks, np.int64)
+    acc_events = np.empty(blocks, np.int64)
+    sat_events = np.empty(blocks, np.int64)
+    highest = np.empty(blocks, np.int64)
+    lowest = np.empty(blocks, np.int64)
     for block in prange(blocks):
         acc = np.empty(n_cols, np.int64)
         n_acc = 0
@@ -843,7 +843,7 @@ def finish_fast_rows(sums, bias, rows_per_bias, rq, out):
         sat_events[block] = n_sat
         highest[block] = top
         lowest[block] = bottom
-    return acc_events.sum(), sat_events.sum(), highest.max(), lowest.min()
+    return totals(acc_events, sat_events, highest, lowest)
 
 
 def fast_requant_args(rmode: int, shift: int, lo: int, hi: int, bits: int, signed: bool,
@@ -979,16 +979,8 @@ def task_totals(stats):
     of its columns. A separate serial function on purpose: in a ``parallel=True`` kernel every
     array reduction (and ``np.zeros``) becomes a parallel region of its own, ~1.6 us each to
     start on 2 cores (a fc2-sized layer: 6 reductions were 8 of its 14 us at one image)."""
-    n_acc = np.int64(0)
-    n_sat = np.int64(0)
-    top = stats[0, 2]
-    bottom = stats[0, 3]
-    for t in range(stats.shape[0]):
-        n_acc += stats[t, 0]
-        n_sat += stats[t, 1]
-        top = max(top, stats[t, 2])
-        bottom = min(bottom, stats[t, 3])
-    if stats.shape[1] == 4:
+    n_acc, n_sat, top, bottom = totals(stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3])
+    if stats.shape[1] == 4 or stats.shape[0] == 0:
         return n_acc, n_sat, top, bottom, np.int64(0), np.int64(0)
     low = stats[0, 4]
     high = stats[0, 5]
@@ -996,6 +988,31 @@ def task_totals(stats):
         low = min(low, stats[t, 4])
         high = max(high, stats[t, 5])
     return n_acc, n_sat, top, bottom, low, high
+
+
+@njit(cache=True)
+def totals(acc_events, sat_events, highest, lowest):
+    """(sum, sum, max, min) of per-task counters, serially (see :func:`task_totals`). Every
+    task's largest and smallest sum start from 0, so 0 is the neutral start here too."""
+    n_acc = np.int64(0)
+    n_sat = np.int64(0)
+    top = np.int64(0)
+    bottom = np.int64(0)
+    for t in range(acc_events.size):
+        n_acc += acc_events[t]
+        n_sat += sat_events[t]
+        top = max(top, highest[t])
+        bottom = min(bottom, lowest[t])
+    return n_acc, n_sat, top, bottom
+
+
+@njit(cache=True)
+def total(values):
+    """The sum of per-task counts, serially (see :func:`task_totals`)."""
+    count = np.int64(0)
+    for t in range(values.size):
+        count += values[t]
+    return count
 
 
 @njit(cache=True, parallel=True)

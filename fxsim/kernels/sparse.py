@@ -33,6 +33,7 @@ from fxsim.kernels.dense import (
     requantise_lanes,
     requantise_row,
     task_totals,
+    total,
 )
 from fxsim.kernels.tile import add_products, per_mac_products
 
@@ -241,8 +242,9 @@ def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len, tile, grou
     n_tasks = oh * per_row * groups
     fused = codes.shape[0] > 0
     sums = np.empty((n_out, 0 if fused else oh * ow * n_img), xt.dtype)
-    counts = np.zeros((n_tasks, 4), np.int64)
+    counts = np.empty((n_tasks, 4), np.int64)
     for task in prange(n_tasks):
+        counts[task, :] = 0
         src, dst, width = _task(task // groups, per_row, seg, n_img, stride_h, row_len, tile)
         group = task % groups
         acc = np.empty(width, xt.dtype)
@@ -251,8 +253,8 @@ def sparse_sum(xt, row_ptr, bases, values, out_hw, stride_h, row_len, tile, grou
             acc[:] = 0
             add_products(acc, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img, src)
             _emit(acc, j, dst, width, sums, codes, wide, bias, rq, counts[task])
-    return (sums.reshape(n_out, 0 if fused else oh * ow, n_img), counts[:, 0].sum(),
-            counts[:, 1].sum(), counts[:, 2].max(), counts[:, 3].min())
+    n_acc, n_sat, top, bottom, _, _ = task_totals(counts)
+    return sums.reshape(n_out, 0 if fused else oh * ow, n_img), n_acc, n_sat, top, bottom
 
 
 @njit(cache=True, parallel=True)
@@ -279,10 +281,11 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
     n_tasks = oh * per_row * groups
     fused = codes.shape[0] > 0
     sums = np.empty((n_out, 0 if fused else oh * ow * n_img), np.int64)
-    no_bias = np.zeros(n_out, np.int64)
-    events = np.zeros(n_tasks, np.int64)
-    counts = np.zeros((n_tasks, 4), np.int64)
+    no_bias = _zeros(n_out)
+    events = np.empty(n_tasks, np.int64)  # every task fills its entry
+    counts = np.empty((n_tasks, 4), np.int64)
     for task in prange(n_tasks):
+        counts[task, :] = 0
         src, dst, width = _task(task // groups, per_row, seg, n_img, stride_h, row_len, tile)
         group = task % groups
         acc = np.empty(width, xt.dtype)
@@ -298,8 +301,15 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
                 count += hits[t]
             hits[:] = 0
         events[task] = count
-    return (sums.reshape(n_out, 0 if fused else oh * ow, n_img), events.sum(), counts[:, 0].sum(),
-            counts[:, 1].sum(), counts[:, 2].max(), counts[:, 3].min())
+    n_acc, n_sat, top, bottom, _, _ = task_totals(counts)
+    return (sums.reshape(n_out, 0 if fused else oh * ow, n_img), total(events), n_acc, n_sat,
+            top, bottom)
+
+
+@njit(cache=True)
+def _zeros(n):
+    """np.zeros(n) built serially: in a parallel kernel it would be a thread launch of its own."""
+    return np.zeros(n, np.int64)
 
 
 # Images per task of linear_few_outputs: each stored weight is one multiply-add of this many
