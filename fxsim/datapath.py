@@ -72,6 +72,9 @@ _PAIRS_ABOVE = 0.7
 # requantisation 1.2 ms with both pools, 0.05 ms on one thread; fc1 1.15 -> 0.94 ms).
 _ONE_THREAD_BELOW = 1 << 18
 
+# Kernel plans a prepared layer keeps, one per input bound seen (see PreparedWeights.plan).
+_PLANS_KEPT = 64
+
 
 @dataclass(frozen=True)
 class Datapath:
@@ -320,6 +323,7 @@ class PreparedWeights:
         self._weight_bytes: dict | None = None
         self._casts: dict = {}
         self._starts: dict = {}
+        self._plans: dict = {}
 
     @property
     def compressed(self) -> sparse.CompressedWeights:
@@ -362,7 +366,17 @@ class PreparedWeights:
         return self._casts[dtype]
 
     def plan(self, x_max_abs: int) -> _Plan:
-        """Choose the kernel for inputs bounded by ``x_max_abs``, from the bound alone."""
+        """Choose the kernel for inputs bounded by ``x_max_abs``, from the bound alone (kept per
+        bound: a layer sees few distinct input maxima, and choosing costs ~10 us of Python,
+        which mattered for small layers such as LeNet5's fc2, 40 us in all)."""
+        plan = self._plans.get(x_max_abs)
+        if plan is None:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[x_max_abs] = self._choose_plan(x_max_abs)
+        return plan
+
+    def _choose_plan(self, x_max_abs: int) -> _Plan:
         dp = self.datapath
         bound = x_max_abs * self.row_abs_max  # no partial sum of products exceeds this
         bias_max = self.bias_max_abs
