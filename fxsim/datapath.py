@@ -762,8 +762,12 @@ def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, 
         kernel = dense.finish_serial if serial else dense.finish
         return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi, bits,
                       signed, dp.rounding.code, dp.overflow.code, u, out)
+    lane_bias = 1 if bias_last else 0
+    if bias_last and rq[11] and sums.flags.c_contiguous:
+        # the int32 kernel, with the bias as int32 (exact: rq[11] bounds |sum + bias| < 2^31)
+        bias, lane_bias = bias.astype(np.int32), 2
     kernel = dense.finish_fast_serial if serial else dense.finish_fast
-    return kernel(sums, bias, bias_last, rq, out)
+    return kernel(sums, bias, lane_bias, rq, out)
 
 
 def _codes_transpose_cheaply(out: np.ndarray) -> bool:

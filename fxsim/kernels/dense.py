@@ -18,7 +18,8 @@ in canonical order.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from fxsim.fixedpoint import SAT, SAT_SYM, apply_overflow, requantize_one
 from fxsim.kernels.tile import per_mac_products, per_mac_products_pair
@@ -734,13 +735,12 @@ def _requantise_sat32(lanes, bias, rq, dest):
     i32 = np.int32
     shift, base, neg_extra, parity, lo, hi, sym_lo = (
         i32(rq[0]), i32(rq[1]), i32(rq[2]), i32(rq[3]), i32(rq[4]), i32(rq[5]), i32(rq[6]))
-    b = i32(bias)
     top = i32(0)
     bottom = i32(0)
     n_sat = i32(0)
     if parity == 0 and neg_extra == 0:  # trn, rnd, rnd_min_inf
         for p in range(lanes.size):
-            a = i32(i32(lanes[p]) + b)
+            a = i32(i32(lanes[p]) + i32(bias_at(bias, p)))
             top = max(top, a)
             bottom = min(bottom, a)
             q = i32(i32(a + base) >> shift)
@@ -748,7 +748,7 @@ def _requantise_sat32(lanes, bias, rq, dest):
             dest[p] = hi if q > hi else (sym_lo if q < lo else q)
     elif neg_extra == 0:  # rnd_conv
         for p in range(lanes.size):
-            a = i32(i32(lanes[p]) + b)
+            a = i32(i32(lanes[p]) + i32(bias_at(bias, p)))
             top = max(top, a)
             bottom = min(bottom, a)
             q = i32(i32(a + i32(base + i32(i32(a >> shift) & parity))) >> shift)
@@ -756,7 +756,7 @@ def _requantise_sat32(lanes, bias, rq, dest):
             dest[p] = hi if q > hi else (sym_lo if q < lo else q)
     else:  # trn_zero, rnd_zero, rnd_inf
         for p in range(lanes.size):
-            a = i32(i32(lanes[p]) + b)
+            a = i32(i32(lanes[p]) + i32(bias_at(bias, p)))
             top = max(top, a)
             bottom = min(bottom, a)
             offset = i32(base + (neg_extra if a < 0 else i32(0)) + i32(i32(a >> shift) & parity))
@@ -766,9 +766,24 @@ def _requantise_sat32(lanes, bias, rq, dest):
     return 0, np.int64(n_sat), np.int64(top), np.int64(bottom)
 
 
+def bias_at(bias, p):
+    """The bias of lane ``p``: ``bias[p]`` for an array of them (one per lane), else the one
+    scalar bias of every lane."""
+    return bias[p] if isinstance(bias, np.ndarray) else bias
+
+
+@overload(bias_at, inline="always")
+def _bias_at(bias, p):
+    if isinstance(bias, types.Array):
+        return lambda bias, p: bias[p]
+    return lambda bias, p: bias
+
+
 @njit(cache=True)
 def requantise_lanes(lanes, bias, rq, wide, dest):
-    """``lanes`` (exact sums in any numeric dtype) + ``bias`` -> output codes in ``dest``:
+    """``lanes`` (exact sums in any numeric dtype) + ``bias`` (one int64 for every lane, or an
+    array of one per lane: int32 where ``rq`` allows the int32 kernel, so that its lanes stay
+    int32) -> output codes in ``dest``:
     the int32 kernel where ``rq`` allows it, else through the int64 buffer ``wide`` (at least
     as long as ``lanes``) and :func:`requantise_row`. Returns what :func:`requantise_row`
     returns. Not inlined: the sparse kernels and :func:`finish_fast_rows` call it once per
@@ -778,14 +793,19 @@ def requantise_lanes(lanes, bias, rq, wide, dest):
         return _requantise_sat32(lanes, bias, rq, dest)
     acc = wide[: lanes.size]
     for t in range(lanes.size):
-        acc[t] = np.int64(lanes[t]) + bias
+        acc[t] = np.int64(lanes[t]) + bias_at(bias, t)
     return requantise_row(acc, rq, dest)
 
 
 @njit(inline="always")
-def _finish_fast(sums, bias, bias_last, rq, out):
+def _finish_fast(sums, bias, lane_bias, rq, out):
     """:func:`_finish` for a right shift of 1..62 bits with a deterministic rounding mode
-    (``rq`` from :func:`fast_requant_args`), row by row with :func:`requantise_row`."""
+    (``rq`` from :func:`fast_requant_args`), row by row. ``lane_bias`` 0: ``bias`` (int64) is
+    indexed by the middle axis, one per row, 1: by the last axis, one per lane, 2: the same
+    through :func:`requantise_lanes` (the int32 kernel: ``rq`` allows it, ``bias`` is int32 and
+    the rows are contiguous: 256 x 500 float32 sums to int8 codes on one core 0.088 -> 0.052
+    ms). Rows with one bias take the int64 pass (on the transposed view a convolution's sums
+    are, the int32 kernel does not vectorise: docs/results/kernels.md)."""
     n_a, n_b, n_c = out.shape
     tasks = n_a * n_b
     acc_events = np.empty(tasks, np.int64)
@@ -796,14 +816,17 @@ def _finish_fast(sums, bias, bias_last, rq, out):
         i = task % n_a  # channel-major, as in finish
         j = task // n_a
         acc = np.empty(n_c, np.int64)
-        if bias_last:
-            for p in range(n_c):
-                acc[p] = np.int64(sums[i, j, p]) + bias[p]
+        if lane_bias == 2:
+            row = requantise_lanes(sums[i, j], bias, rq, acc, out[i, j])
         else:
-            for p in range(n_c):
-                acc[p] = np.int64(sums[i, j, p]) + bias[j]
-        acc_events[task], sat_events[task], highest[task], lowest[task] = requantise_row(
-            acc, rq, out[i, j])
+            if lane_bias == 1:
+                for p in range(n_c):
+                    acc[p] = np.int64(sums[i, j, p]) + bias[p]
+            else:
+                for p in range(n_c):
+                    acc[p] = np.int64(sums[i, j, p]) + bias[j]
+            row = requantise_row(acc, rq, out[i, j])
+        acc_events[task], sat_events[task], highest[task], lowest[task] = row
     return totals(acc_events, sat_events, highest, lowest)
 
 
@@ -886,15 +909,15 @@ def finish_serial(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bit
 
 
 @njit(cache=True, parallel=True)
-def finish_fast(sums, bias, bias_last, rq, out):
+def finish_fast(sums, bias, lane_bias, rq, out):
     """:func:`_finish_fast` over Numba's threads."""
-    return _finish_fast(sums, bias, bias_last, rq, out)
+    return _finish_fast(sums, bias, lane_bias, rq, out)
 
 
 @njit(cache=True)
-def finish_fast_serial(sums, bias, bias_last, rq, out):
+def finish_fast_serial(sums, bias, lane_bias, rq, out):
     """:func:`_finish_fast` on the calling thread."""
-    return _finish_fast(sums, bias, bias_last, rq, out)
+    return _finish_fast(sums, bias, lane_bias, rq, out)
 
 
 # A linear layer with at most this many outputs (on a float path, with the vectorised
