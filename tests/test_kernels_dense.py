@@ -60,24 +60,13 @@ def test_layout_input_puts_every_pixel_in_its_row(batch, chans, h, w, padding, s
 
 @njit
 def _lanes_and_row(lanes, bias, rq, wide_rq, out_lanes, out_row):
-    """requantise_lanes with a scalar bias, and the int64 row kernel on the biased sums."""
+    """requantise_lanes with ``bias`` (one for every lane, or an array of one per lane), and
+    the int64 row kernel on the same biased sums."""
     wide = np.empty(lanes.size, np.int64)
     got = dense.requantise_lanes(lanes, bias, rq, wide, out_lanes)
     acc = np.empty(lanes.size, np.int64)
     for t in range(lanes.size):
-        acc[t] = np.int64(lanes[t]) + bias
-    want = dense.requantise_row(acc, wide_rq, out_row)
-    return got, want
-
-
-@njit
-def _lanes_and_row_lane_bias(lanes, biases, rq, wide_rq, out_lanes, out_row):
-    """The same with one bias per lane (an array, as a linear layer's rows have)."""
-    wide = np.empty(lanes.size, np.int64)
-    got = dense.requantise_lanes(lanes, biases, rq, wide, out_lanes)
-    acc = np.empty(lanes.size, np.int64)
-    for t in range(lanes.size):
-        acc[t] = np.int64(lanes[t]) + np.int64(biases[t])
+        acc[t] = np.int64(lanes[t]) + np.int64(dense.bias_at(bias, t))
     want = dense.requantise_row(acc, wide_rq, out_row)
     return got, want
 
@@ -113,8 +102,8 @@ def test_int32_requantisation_matches_the_int64_one(rmode, omode, shift, out_bit
     lanes = (lanes.astype(np.int64) + bias - biases).clip(-(1 << lane_bits),
                                                           (1 << lane_bits) - 1).astype(dtype)
     for kernel_rq, bias_dtype in ((rq, np.int32), (wide_rq, np.int64)):
-        got, want = _lanes_and_row_lane_bias(lanes, biases.astype(bias_dtype), kernel_rq,
-                                             wide_rq, out_lanes, out_row)
+        got, want = _lanes_and_row(lanes, biases.astype(bias_dtype), kernel_rq, wide_rq,
+                                   out_lanes, out_row)
         assert got == want
         np.testing.assert_array_equal(out_lanes, out_row)
 

@@ -946,6 +946,22 @@ def _cast_rows(x, i0, rows, buf):
     return lo, hi
 
 
+@njit(inline="always")
+def finish_images(acc, rows, n_out, i0, rq, flat, stats, x_lo, x_hi):
+    """The end of a few-output linear task: its ``rows`` images' biased sums ``acc`` (rows x
+    n_out, image-major) requantised into ``flat`` (the (N, J) codes, flattened) from image
+    ``i0`` on, and the task's ``stats`` row filled (accumulator overflows, saturations, largest
+    and smallest sum, smallest and largest input code) for :func:`task_totals`."""
+    n_acc, n_sat, top, bottom = requantise_row(
+        acc[: rows * n_out], rq, flat[i0 * n_out : (i0 + rows) * n_out])
+    stats[0] = n_acc
+    stats[1] = n_sat
+    stats[2] = top
+    stats[3] = bottom
+    stats[4] = x_lo
+    stats[5] = x_hi
+
+
 @njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
 def linear_few_outputs(x, w, bias, rq, out):
     """``out = requantise(x @ w.T + bias)`` for a linear layer with few outputs, in one pass.
@@ -985,14 +1001,7 @@ def linear_few_outputs(x, w, bias, rq, out):
             acc[n_out + j] = np.int64(s1) + bias[j]
             acc[2 * n_out + j] = np.int64(s2) + bias[j]
             acc[3 * n_out + j] = np.int64(s3) + bias[j]
-        n_acc, n_sat, top, bottom = requantise_row(
-            acc[: rows * n_out], rq, flat[i0 * n_out : (i0 + rows) * n_out])
-        stats[task, 0] = n_acc
-        stats[task, 1] = n_sat
-        stats[task, 2] = top
-        stats[task, 3] = bottom
-        stats[task, 4] = x_lo
-        stats[task, 5] = x_hi
+        finish_images(acc, rows, n_out, i0, rq, flat, stats[task], x_lo, x_hi)
     return task_totals(stats)
 
 

@@ -29,9 +29,9 @@ from numba import njit, prange
 from fxsim.errors import ShapeError
 from fxsim.kernels.dense import (
     batch_last_row,
+    finish_images,
     phase_width,
     requantise_lanes,
-    requantise_row,
     task_totals,
     total,
 )
@@ -371,12 +371,5 @@ def linear_few_outputs(x, row_ptr, col_idx, values, bias, rq, out):
                     lanes[t] += v0 * b0[t]
             for r in range(rows):
                 acc[r * n_out + j] = np.int64(lanes[r]) + bias[j]
-        n_acc, n_sat, top, bottom = requantise_row(
-            acc[: rows * n_out], rq, flat[i0 * n_out : (i0 + rows) * n_out])
-        stats[task, 0] = n_acc
-        stats[task, 1] = n_sat
-        stats[task, 2] = top
-        stats[task, 3] = bottom
-        stats[task, 4] = x_lo
-        stats[task, 5] = x_hi
+        finish_images(acc, rows, n_out, i0, rq, flat, stats[task], x_lo, x_hi)
     return task_totals(stats)
