@@ -493,8 +493,8 @@ class PreparedWeights:
         fmt = dp.act_fmt
         x = np.asarray(x_codes)
         n_out, fan_in = self.matrix.shape
-        if (self.weights.ndim != 2 or n_out > dense.FEW_OUTPUTS or x.ndim != 2 or x.size == 0
-                or x.shape[1] != fan_in or x.dtype.kind not in "iu" or x.dtype == np.uint64):
+        if (n_out > dense.FEW_OUTPUTS or x.ndim != 2 or x.size == 0 or x.shape[1] != fan_in
+                or x.dtype.kind not in "iu" or x.dtype == np.uint64):
             return None
         plan = self.plan(max(-fmt.min_code, fmt.max_code))  # the worst case the format allows
         if plan.path not in ("float32", "float64"):

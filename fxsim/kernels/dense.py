@@ -932,18 +932,25 @@ _FEW_IMAGES = 4
 
 
 @njit(inline="always")
-def _cast_rows(x, i0, rows, buf):
-    """Images ``i0 .. i0 + rows - 1`` of the codes ``x`` into the rows of ``buf`` (the lane
-    dtype; the rows beyond stay as they are); returns the smallest and largest code read."""
+def rows_range(x, i0, rows):
+    """The smallest and largest code of images ``i0 .. i0 + rows - 1`` of ``x`` (N, K), a
+    vectorised min and max per image."""
     lo = np.int64(x[i0, 0])
     hi = lo
     for r in range(rows):
+        lo = min(lo, np.int64(x[i0 + r].min()))
+        hi = max(hi, np.int64(x[i0 + r].max()))
+    return lo, hi
+
+
+@njit(inline="always")
+def _cast_rows(x, i0, rows, buf):
+    """Images ``i0 .. i0 + rows - 1`` of the codes ``x`` into the rows of ``buf`` (the lane
+    dtype; the rows beyond stay as they are)."""
+    for r in range(rows):
         row = x[i0 + r]
-        lo = min(lo, np.int64(row.min()))
-        hi = max(hi, np.int64(row.max()))
         for k in range(row.size):
             buf[r, k] = row[k]
-    return lo, hi
 
 
 @njit(inline="always")
@@ -986,7 +993,8 @@ def linear_few_outputs(x, w, bias, rq, out):
         i0 = task * _FEW_IMAGES
         rows = min(_FEW_IMAGES, n_img - i0)
         buf = np.zeros((_FEW_IMAGES, fan_in), w.dtype)
-        x_lo, x_hi = _cast_rows(x, i0, rows, buf)
+        x_lo, x_hi = rows_range(x, i0, rows)
+        _cast_rows(x, i0, rows, buf)
         x0, x1, x2, x3 = buf[0], buf[1], buf[2], buf[3]
         acc = np.empty(_FEW_IMAGES * n_out, np.int64)
         for j in range(n_out):

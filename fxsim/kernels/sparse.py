@@ -32,6 +32,7 @@ from fxsim.kernels.dense import (
     finish_images,
     phase_width,
     requantise_lanes,
+    rows_range,
     task_totals,
     total,
 )
@@ -341,11 +342,7 @@ def linear_few_outputs(x, row_ptr, col_idx, values, bias, rq, out):
     for task in prange(tasks):
         i0 = task * _FEW_IMAGES
         rows = min(_FEW_IMAGES, n_img - i0)
-        x_lo = np.int64(x[i0, 0])
-        x_hi = x_lo
-        for r in range(rows):
-            x_lo = min(x_lo, np.int64(x[i0 + r].min()))
-            x_hi = max(x_hi, np.int64(x[i0 + r].max()))
+        x_lo, x_hi = rows_range(x, i0, rows)
         buf = np.zeros((fan_in, _FEW_IMAGES), values.dtype)
         for k in range(fan_in):
             dst = buf[k]
