@@ -636,8 +636,13 @@ class PreparedWeights:
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             xt = dense.layout_input(x[n0:n1], padding, lanes, stride[1])
-            tile, groups = sparse.tile_lanes(out_hw[0], out_hw[1] * (n1 - n0),
-                                             numba.get_num_threads(), cw.fan_in, xt.itemsize)
+            if per_mac:
+                tile, groups = sparse.tile_lanes(out_hw[0], out_hw[1] * (n1 - n0),
+                                                 numba.get_num_threads(), cw.fan_in, xt.itemsize)
+            else:
+                tile, groups, columns = sparse.sum_tiles(out_hw[0], out_hw[1] * (n1 - n0),
+                                                         numba.get_num_threads(), cw, n1 - n0,
+                                                         xt.itemsize)
             codes = no_codes if rq is None else np.empty((n_out, per_img * (n1 - n0)), out.dtype)
             rq_args = sparse.NO_REQUANT if rq is None else rq
             if per_mac:
@@ -645,9 +650,9 @@ class PreparedWeights:
                     xt, cw.row_ptr, bases, values, out_hw, stride[0], row_len, start, wrap, lo,
                     hi, mask, plan.x_max_abs, tile, groups, rq_args, codes)
             else:
-                sums, *fused = sparse.sparse_sum(xt, cw.row_ptr, bases, values, out_hw,
-                                                 stride[0], row_len, tile, groups, bias,
-                                                 rq_args, codes)
+                sums, *fused = sparse.sparse_sum(
+                    xt, self._chunks_for(columns), bases, values, out_hw, stride[0], row_len,
+                    tile, groups, bias, rq_args, codes)
                 events = 0
             chunk_out = out[n0:n1]
             if rq is not None:
@@ -680,6 +685,14 @@ class PreparedWeights:
         key = ("bases", padded_hw, stride_w)
         if key not in self._casts:
             self._casts[key] = sparse.conv_bases(cw, padded_hw, stride_w)
+        return self._casts[key]
+
+    def _chunks_for(self, columns: int) -> np.ndarray:
+        """The stored weights' chunk pointers for :func:`sparse.sparse_sum` (kept per chunk
+        width)."""
+        key = ("chunks", columns)
+        if key not in self._casts:
+            self._casts[key] = self.compressed.chunk_pointers(columns)
         return self._casts[key]
 
     def _starts_for(self, dtype):

@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -6,6 +8,7 @@ from hypothesis import strategies as st
 from fxsim import QFormat, code_dtype
 from fxsim.datapath import Datapath, prepare
 from fxsim.errors import ShapeError
+from fxsim.kernels import sparse
 from fxsim.kernels.sparse import CompressedWeights, random_mask
 
 ROUNDINGS = ["trn", "trn_zero", "rnd", "rnd_zero", "rnd_min_inf", "rnd_inf", "rnd_conv"]
@@ -54,6 +57,18 @@ def check_mac_counters(c_s, w, positions):
     assert c_s.density == pytest.approx(nnz / w.size)
 
 
+@contextlib.contextmanager
+def fan_in_chunks(small: bool):
+    """With ``small``, the exact sums' kernel takes the fan-in one input channel (or input) per
+    chunk, as few stored weights as the density allows; else chunks sized for speed (at these
+    layer sizes: the whole fan-in at once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if small:
+            patch.setattr(sparse, "CHUNK_BYTES", 1)
+            patch.setattr(sparse, "CHUNK_ENTRIES", 1)
+        yield
+
+
 @st.composite
 def layer_cases(draw):
     act = QFormat(draw(st.integers(2, 12)), draw(st.integers(0, 5)))
@@ -90,27 +105,33 @@ def make_weights(rng, dp, shape, mask_kind):
 @settings(max_examples=120, deadline=None)
 @given(case=layer_cases(), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-       kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), batch=st.integers(1, 70))
-def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel, batch):
+       kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), batch=st.integers(1, 70),
+       small_chunks=st.booleans())
+def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel, batch,
+                                               small_chunks):
     # up to 70 images x 21 output columns: output rows longer than one task's tile of lanes
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
     w, mask = make_weights(rng, dp, (4, 3, *kernel), mask_kind)
     b = random_bias(rng, dp, 4)
     x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, 3, 6, 17), endpoint=True)
-    _, c_s = run_both(dp, w, b, x, mask, conv=True, stride=stride, padding=padding)
+    with fan_in_chunks(small_chunks):
+        _, c_s = run_both(dp, w, b, x, mask, conv=True, stride=stride, padding=padding)
     check_mac_counters(c_s, w, c_s.outputs // 4)
 
 
 @settings(max_examples=120, deadline=None)
-@given(case=layer_cases(), fan_in=st.integers(1, 50), batch=st.integers(1, 70))
-def test_sparse_linear_is_bit_identical_to_dense(case, fan_in, batch):
+@given(case=layer_cases(), fan_in=st.integers(1, 50), batch=st.integers(1, 70),
+       outputs=st.sampled_from([6, 30]), small_chunks=st.booleans())
+def test_sparse_linear_is_bit_identical_to_dense(case, fan_in, batch, outputs, small_chunks):
+    # 6 outputs: the fused few-output kernels; 30: the general ones (FEW_OUTPUTS = 24)
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
-    w, mask = make_weights(rng, dp, (6, fan_in), mask_kind)
-    b = random_bias(rng, dp, 6)
+    w, mask = make_weights(rng, dp, (outputs, fan_in), mask_kind)
+    b = random_bias(rng, dp, outputs)
     x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, fan_in), endpoint=True)
-    _, c_s = run_both(dp, w, b, x, mask, conv=False)
+    with fan_in_chunks(small_chunks):
+        _, c_s = run_both(dp, w, b, x, mask, conv=False)
     check_mac_counters(c_s, w, batch)
 
 
@@ -239,6 +260,34 @@ def test_output_rows_split_over_several_tiles(acc):
     _, c_s = run_both(dp, w, random_bias(rng, dp, 4), x, mask, conv=True)
     assert MAX_TILE < 90 * 17  # each output row (17 columns x 90 images) is several tasks
     check_mac_counters(c_s, w, c_s.outputs // 4)
+
+
+def test_chunk_pointers_split_every_row_at_the_chunk_boundaries():
+    rng = np.random.default_rng(5)
+    w = np.where(rng.random((7, 3, 2, 5)) < 0.4, rng.integers(1, 9, (7, 3, 2, 5)), 0)
+    w[2] = 0  # a row with nothing stored
+    cw = CompressedWeights(w)
+    for columns in (1, 4, 10, 29, 30, 31):
+        ptr = cw.chunk_pointers(columns)
+        bounds = [*range(0, 30, columns), 30]
+        assert ptr.shape == (7, len(bounds)) and ptr.dtype == np.int64
+        for j in range(7):
+            row = cw.col_idx[cw.row_ptr[j] : cw.row_ptr[j + 1]]
+            expected = [cw.row_ptr[j] + int(np.sum(row < b)) for b in bounds]
+            assert ptr[j].tolist() == expected
+
+
+def test_sum_tiles_chunk_dense_rows_and_keep_sparse_ones_whole():
+    from fxsim.kernels.sparse import ACC_BYTES, CHUNK_ENTRIES, sum_tiles, tile_lanes
+
+    rng = np.random.default_rng(6)
+    full = CompressedWeights(rng.integers(1, 9, (192, 192, 3, 3)))  # CifarNet conv6, density 1
+    tile, groups, columns = sum_tiles(8, 8 * 128, 2, full, 128, 4)
+    assert columns % 9 == 0 and 9 <= columns < full.fan_in and groups == 1
+    assert full.n_out * tile * 4 <= ACC_BYTES < full.n_out * 2 * tile * 4  # sums stay in L2
+    assert columns * full.nnz / full.n_out / full.fan_in >= CHUNK_ENTRIES
+    pruned = CompressedWeights(np.where(rng.random((50, 20, 5, 5)) < 0.01, 3, 0))
+    assert sum_tiles(8, 8 * 256, 2, pruned, 256, 4) == (*tile_lanes(8, 8 * 256, 2, 500, 4), 500)
 
 
 def test_tile_lanes_fit_l2_and_give_every_thread_work():
