@@ -469,9 +469,8 @@ def test_few_output_linear_kernels_match_reference(dp, kernel, seed, batch, fan_
     from fxsim.datapath import _fast_requant, prepare
     from fxsim.kernels import dense, sparse
 
-    module = sparse if kernel == "sparse" else dense
     calls = []
-    fused = module.linear_few_outputs
+    fused = {module: module.linear_few_outputs for module in (dense, sparse)}
     dp = Datapath(dp.act_fmt, dp.weight_fmt, out_fmt=dp.out_fmt, acc_bits=dp.acc_bits,
                   acc_overflow=dp.acc_overflow, acc_mode=dp.acc_mode, rounding=dp.rounding,
                   overflow=dp.overflow, kernel=kernel)
@@ -480,7 +479,9 @@ def test_few_output_linear_kernels_match_reference(dp, kernel, seed, batch, fan_
     w = random_codes(rng, dp.weight_fmt, (n_out, fan_in), zeros)
     b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "linear_few_outputs", lambda *a: calls.append(1) or fused(*a))
+        for module, kernel_fn in fused.items():
+            patch.setattr(module, "linear_few_outputs",
+                          lambda *a, m=module, f=kernel_fn: calls.append(m) or f(*a))
         counters = check_linear(dp, x, w, b)
     prepared = prepare(w, b, dp)
     fmt = dp.act_fmt
@@ -490,6 +491,9 @@ def test_few_output_linear_kernels_match_reference(dp, kernel, seed, batch, fan_
                and _fast_requant(acc_omode, dp.acc_frac_bits - dp.output_fmt.frac_bits, plan,
                                  dp) is not None)
     assert bool(calls) == applies
+    # zero-skipping: at most a quarter of the weights zero, all outputs run as one dense block
+    skips = np.count_nonzero(w) * sparse.QUAD < sparse.QUAD_COST * w.size
+    assert set(calls) <= {sparse if kernel == "sparse" and skips else dense}
     if applies and kernel == "sparse":
         assert counters.executed_macs == np.count_nonzero(w) * batch
         assert counters.executed_macs + counters.skipped_macs == counters.macs

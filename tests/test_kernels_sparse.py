@@ -58,14 +58,17 @@ def check_mac_counters(c_s, w, positions):
 
 
 @contextlib.contextmanager
-def fan_in_chunks(small: bool):
-    """With ``small``, the exact sums' kernel takes the fan-in one input channel (or input) per
-    chunk, as few stored weights as the density allows; else chunks sized for speed (at these
-    layer sizes: the whole fan-in at once)."""
+def kernel_variant(small_chunks: bool, quads: str):
+    """With ``small_chunks``, the exact sums' kernel takes the fan-in one input channel (or
+    input) per chunk, as few stored weights as the density allows; else chunks sized for speed
+    (at these layer sizes: the whole fan-in at once). ``quads``: "all" runs every block of four
+    output channels over its union of columns, "none" none, "auto" where it pays."""
     with pytest.MonkeyPatch.context() as patch:
-        if small:
+        if small_chunks:
             patch.setattr(sparse, "CHUNK_BYTES", 1)
             patch.setattr(sparse, "CHUNK_ENTRIES", 1)
+        if quads != "auto":
+            patch.setattr(sparse, "QUAD_COST", 0 if quads == "all" else 10**9)
         yield
 
 
@@ -106,31 +109,33 @@ def make_weights(rng, dp, shape, mask_kind):
 @given(case=layer_cases(), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), batch=st.integers(1, 70),
-       small_chunks=st.booleans())
+       small_chunks=st.booleans(), quads=st.sampled_from(["auto", "all", "none"]))
 def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel, batch,
-                                               small_chunks):
+                                               small_chunks, quads):
     # up to 70 images x 21 output columns: output rows longer than one task's tile of lanes
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
-    w, mask = make_weights(rng, dp, (4, 3, *kernel), mask_kind)
-    b = random_bias(rng, dp, 4)
+    w, mask = make_weights(rng, dp, (6, 3, *kernel), mask_kind)  # a block of 4 channels + 2
+    b = random_bias(rng, dp, 6)
     x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, 3, 6, 17), endpoint=True)
-    with fan_in_chunks(small_chunks):
+    with kernel_variant(small_chunks, quads):
         _, c_s = run_both(dp, w, b, x, mask, conv=True, stride=stride, padding=padding)
-    check_mac_counters(c_s, w, c_s.outputs // 4)
+    check_mac_counters(c_s, w, c_s.outputs // 6)
 
 
 @settings(max_examples=120, deadline=None)
 @given(case=layer_cases(), fan_in=st.integers(1, 50), batch=st.integers(1, 70),
-       outputs=st.sampled_from([6, 30]), small_chunks=st.booleans())
-def test_sparse_linear_is_bit_identical_to_dense(case, fan_in, batch, outputs, small_chunks):
+       outputs=st.sampled_from([6, 30]), small_chunks=st.booleans(),
+       quads=st.sampled_from(["auto", "all", "none"]))
+def test_sparse_linear_is_bit_identical_to_dense(case, fan_in, batch, outputs, small_chunks,
+                                                 quads):
     # 6 outputs: the fused few-output kernels; 30: the general ones (FEW_OUTPUTS = 24)
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
     w, mask = make_weights(rng, dp, (outputs, fan_in), mask_kind)
     b = random_bias(rng, dp, outputs)
     x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, fan_in), endpoint=True)
-    with fan_in_chunks(small_chunks):
+    with kernel_variant(small_chunks, quads):
         _, c_s = run_both(dp, w, b, x, mask, conv=False)
     check_mac_counters(c_s, w, batch)
 
@@ -275,6 +280,29 @@ def test_chunk_pointers_split_every_row_at_the_chunk_boundaries():
             row = cw.col_idx[cw.row_ptr[j] : cw.row_ptr[j + 1]]
             expected = [cw.row_ptr[j] + int(np.sum(row < b)) for b in bounds]
             assert ptr[j].tolist() == expected
+
+
+def test_quads_hold_every_weight_of_the_blocks_that_run_as_one():
+    rng = np.random.default_rng(7)
+    w = rng.integers(-9, 9, (11, 40)) * (rng.random((11, 40)) < 0.9)
+    w[4:8] *= rng.random((4, 40)) < 0.3  # block 1: too sparse to run as one
+    w[8:] = rng.integers(1, 9, (3, 40))  # the last block: 3 dense rows (+ 1 empty) still pay
+    cw = CompressedWeights(w)
+    for columns in (7, 40):
+        blocked, ptr, cols, values = cw.quads(columns)
+        assert blocked.tolist() == [True, False, True]
+        bounds = [*range(0, 40, columns), 40]
+        for b in range(3):
+            block = np.zeros((4, 40), np.int64)
+            for c in range(len(bounds) - 1):
+                entries = slice(ptr[b, c], ptr[b, c + 1])
+                assert np.all((cols[entries] >= bounds[c]) & (cols[entries] < bounds[c + 1]))
+                assert np.all(np.diff(cols[entries]) > 0)
+                block[:, cols[entries]] = values[entries].T
+            expected = np.zeros((4, 40), np.int64)
+            rows = w[4 * b : 4 * b + 4]
+            expected[: len(rows)] = rows
+            assert np.array_equal(block, expected if blocked[b] else 0 * expected), b
 
 
 def test_sum_tiles_chunk_dense_rows_and_keep_sparse_ones_whole():

@@ -205,6 +205,50 @@ def add_products_pair(acc0, acc1, xflat, first, last, offsets, values0, values1,
             acc1[t] += v0 * x0[t]
 
 
+@njit(cache=True, inline="always")
+def _four(values, idx):
+    """Row ``idx`` of a (U, 4) array as four scalars (kept in registers by the loop using them:
+    read from the array inside it, they would be loaded again after every store)."""
+    return values[idx, 0], values[idx, 1], values[idx, 2], values[idx, 3]
+
+
+@njit(cache=True, fastmath={"contract"})
+def add_products_quad(acc0, acc1, acc2, acc3, xflat, first, last, offsets, values, mult, src):
+    """:func:`add_products` for four output channels at once over entries ``first .. last - 1``
+    of a shared column list: entry ``idx`` reads ``xflat[offsets[idx] * mult + src :]`` and
+    adds ``values[idx, i]`` times it to channel i (``values`` (U, 4), zero where a channel has
+    no weight: exact, the sums being exact in any order). Four entries per pass: each input
+    vector is loaded once for four channels, 16 multiply-adds per 4 input and 4 accumulator
+    loads (2 cores, CifarNet conv2 at density 1, 32 images: 10.7 -> 6.6 ms)."""
+    width = acc0.size
+    idx = first
+    while idx + 4 <= last:
+        x0 = xflat[offsets[idx] * mult + src :][:width]
+        x1 = xflat[offsets[idx + 1] * mult + src :][:width]
+        x2 = xflat[offsets[idx + 2] * mult + src :][:width]
+        x3 = xflat[offsets[idx + 3] * mult + src :][:width]
+        a0, a1, a2, a3 = _four(values, idx)
+        b0, b1, b2, b3 = _four(values, idx + 1)
+        c0, c1, c2, c3 = _four(values, idx + 2)
+        d0, d1, d2, d3 = _four(values, idx + 3)
+        for t in range(width):
+            p, q, r, u = x0[t], x1[t], x2[t], x3[t]
+            acc0[t] += a0 * p + b0 * q + c0 * r + d0 * u
+            acc1[t] += a1 * p + b1 * q + c1 * r + d1 * u
+            acc2[t] += a2 * p + b2 * q + c2 * r + d2 * u
+            acc3[t] += a3 * p + b3 * q + c3 * r + d3 * u
+        idx += 4
+    for rest in range(idx, last):
+        x0 = xflat[offsets[rest] * mult + src :][:width]
+        a0, a1, a2, a3 = _four(values, rest)
+        for t in range(width):
+            p = x0[t]
+            acc0[t] += a0 * p
+            acc1[t] += a1 * p
+            acc2[t] += a2 * p
+            acc3[t] += a3 * p
+
+
 @njit(cache=True)
 def per_mac_products_pair(acc0, acc1, hits0, hits1, xflat, first, last, offsets, values0,
                           values1, mult, src, x_max_abs, wrap, lo, hi, mask):
