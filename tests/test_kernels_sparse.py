@@ -9,6 +9,7 @@ from fxsim import QFormat, code_dtype
 from fxsim.datapath import Datapath, prepare
 from fxsim.errors import ShapeError
 from fxsim.kernels import sparse
+from fxsim.kernels.dense import FEW_OUTPUTS
 from fxsim.kernels.sparse import CompressedWeights, random_mask
 
 ROUNDINGS = ["trn", "trn_zero", "rnd", "rnd_zero", "rnd_min_inf", "rnd_inf", "rnd_conv"]
@@ -31,6 +32,13 @@ def run_both(dp, w, b, x, mask, conv, stride=1, padding=0):
     assert np.array_equal(y_d, y_s)
     for key in COUNTERS:
         assert getattr(c_d, key) == getattr(c_s, key), key
+    # int8 codes, as a quantised model passes them: the exact float32 sums read them as they
+    # are (only there, and not for the few-output kernels: each input dtype compiles more)
+    few = not conv and w.shape[0] <= FEW_OUTPUTS
+    if "sparse_float32" in c_s.paths and code_dtype(dp.act_fmt) == np.int8 and not few:
+        x8 = x.astype(np.int8)
+        y8, c8 = (sparse_layer.conv2d(x8, stride, padding) if conv else sparse_layer.linear(x8))
+        assert np.array_equal(y8, y_d) and c8 == c_s
     # narrow codes out: the zero-skipping kernel then requantises inside (fused) and transposes.
     # int8 only (outputs of up to 8 bits): each codes dtype compiles every lane variant of the
     # kernels again, and CI compiles cold; test_datapath covers int16 codes on this path

@@ -258,10 +258,12 @@ ACC_BYTES = 1 << 20
 
 
 def sum_tiles(out_rows: int, row_lanes: int, threads: int, cw: CompressedWeights, n_img: int,
-              itemsize: int) -> tuple[int, int, int]:
+              itemsize: int, input_itemsize: int | None = None) -> tuple[int, int, int]:
     """(lanes per task, output-channel groups, fan-in columns per chunk) for
     :func:`sparse_sum` over ``out_rows`` output rows of ``row_lanes`` lanes (``n_img`` images
-    per output pixel)."""
+    per output pixel), sums of ``itemsize`` bytes, inputs of ``input_itemsize`` (default the
+    same)."""
+    input_itemsize = input_itemsize or itemsize
     channels = cw.shape[1]
     window = cw.fan_in // channels if channels else 1
     kh, kw = cw.shape[2:] if len(cw.shape) == 4 else (1, 1)
@@ -271,10 +273,10 @@ def sum_tiles(out_rows: int, row_lanes: int, threads: int, cw: CompressedWeights
     while tile > MIN_TILE and (cw.n_out * tile * itemsize > ACC_BYTES or tile >= 2 * row_lanes):
         tile //= 2
     # bytes of input one channel's kernel rows cover across a tile: kw shifts of a row overlap
-    channel_bytes = kh * (tile + (kw - 1) * n_img) * itemsize
+    channel_bytes = kh * (tile + (kw - 1) * n_img) * input_itemsize
     per_chunk = max(CHUNK_BYTES // channel_bytes, by_entries, 1)
     if per_chunk >= channels:  # one chunk: the tile's inputs for the whole fan-in in L2
-        tile, groups = tile_lanes(out_rows, row_lanes, threads, cw.fan_in, itemsize)
+        tile, groups = tile_lanes(out_rows, row_lanes, threads, cw.fan_in, input_itemsize)
         return tile, groups, cw.fan_in
     tasks = out_rows * -(-row_lanes // tile)
     return tile, max(1, -(-threads // max(1, tasks))), per_chunk * window
@@ -315,10 +317,11 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
                tile, groups):
     """Exact zero-skipping sums ``sums[j, p, n]`` over the stored weights of row j.
 
-    ``xt`` (R, N) is the laid-out input and ``values`` the stored weights, both in the lane
-    dtype (float32, float64 or int64), where the caller's bound makes every partial sum exact
-    (so the order of additions does not matter). ``chunks`` (J, C + 1) splits each row's stored
-    weights at fan-in boundaries (:meth:`CompressedWeights.chunk_pointers`; one chunk: the
+    ``xt`` (R, N) is the laid-out input and ``values`` the stored weights in the lane dtype
+    (float32, float64 or int64), where the caller's bound makes every partial sum exact (so the
+    order of additions does not matter); ``xt`` in the lane dtype too, or, with float32 lanes,
+    as int8 or int16 codes, converted as they are read. ``chunks`` (J, C + 1) splits each row's
+    stored weights at fan-in boundaries (:meth:`CompressedWeights.chunk_pointers`; one chunk: the
     row pointers). ``quads`` = (blocked, ptr, bases, values) from
     :meth:`CompressedWeights.quads` (bases of the columns, values in the lane dtype): blocks
     of four channels that run over their union of columns as one. A task is a tile of
@@ -346,7 +349,7 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
     per_row = (seg + tile - 1) // tile
     n_tasks = oh * per_row * groups
     fused = codes.shape[0] > 0
-    sums = np.empty((n_out, 0 if fused else oh * ow * n_img), xt.dtype)
+    sums = np.empty((n_out, 0 if fused else oh * ow * n_img), values.dtype)
     counts = np.empty((n_tasks, 4), np.int64)
     for task in prange(n_tasks):
         counts[task, :] = 0
@@ -354,7 +357,7 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
         group = task % groups
         b0, b1 = n_blocks * group // groups, n_blocks * (group + 1) // groups
         j0, j1 = b0 * QUAD, min(n_out, b1 * QUAD)
-        acc = np.zeros(((b1 - b0) * QUAD, width), xt.dtype)
+        acc = np.zeros(((b1 - b0) * QUAD, width), values.dtype)
         wide = np.empty(width if fused else 0, np.int64)
         for chunk in range(n_chunks):
             for b in range(b0, b1):
