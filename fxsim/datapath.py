@@ -65,6 +65,13 @@ _BATCH_LAST_BELOW = 256
 # fewer than about a third of the weights are zero.
 _PAIRS_ABOVE = 0.7
 
+# The zero-skipping exact sums read int8 input codes as they are below this density (see
+# PreparedWeights._run_sparse). Measured, 2 cores, medians of 7 interleaved runs, float32 ->
+# int8 inputs: density 0.05: cifarnet.conv2 7.7 -> 6.9 ms, lenet5.conv2 1.39 -> 1.12; 0.1:
+# cifarnet.conv1 16.5 -> 15.5, conv6 9.4 -> 8.5; 0.15: conv6 10.4 -> 11.6, lenet5.conv2
+# 2.33 -> 2.13; 0.5: conv6 30.7 -> 34.4, cifarnet.conv1 47.9 -> 54.6.
+_INT8_INPUTS_BELOW = 0.125
+
 # Numba's parallel loops and OpenBLAS's GEMMs run on two thread pools, and a pool whose workers
 # went to sleep while the other one ran takes ~0.15-1 ms to wake. A linear layer whose output
 # has fewer elements than this requantises its GEMM's sums on the calling thread alone (the
@@ -640,12 +647,13 @@ class PreparedWeights:
         per_chunk = _images_per_chunk(max(c * hp * row_len, n_out * per_img))
         counters = Counters(weight_bytes=self.weight_bytes())
         path = f"sparse_{plan.path}"
-        # exact sums in float32 lanes read int8 codes as they come (as a quantised model passes
-        # them) and convert them in the kernel: a quarter of the bytes to lay out and to stream
-        # from L2 (2 cores, density 0.1: cifarnet.conv1 17.9 -> 15.9 ms, conv2 11.4 -> 10.1,
-        # lenet5.fc1 0.63 -> 0.57; density 1 unchanged). Not for int16 codes, nor wider ones
-        # narrowed: each input dtype is another compilation of the kernel, for little gain.
-        int8_in = not per_mac and lanes is np.float32 and x.dtype == np.int8
+        # at low density, exact sums in float32 lanes read int8 codes as they come (as a
+        # quantised model passes them) and convert them in the kernel: a quarter of the bytes
+        # to lay out and to stream from L2, where the kernel waits on L2. Denser, it waits on
+        # arithmetic, and the conversions cost more than they save. Not for int16 codes, nor
+        # wider ones narrowed: each input dtype is another compilation of the kernel.
+        int8_in = (not per_mac and lanes is np.float32 and x.dtype == np.int8
+                   and cw.density < _INT8_INPUTS_BELOW)
         store = np.int8 if int8_in else lanes
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxsim import QFormat, code_dtype
+from fxsim import QFormat, code_dtype, datapath
 from fxsim.datapath import Datapath, prepare
 from fxsim.errors import ShapeError
 from fxsim.kernels import sparse
@@ -33,11 +33,15 @@ def run_both(dp, w, b, x, mask, conv, stride=1, padding=0):
     for key in COUNTERS:
         assert getattr(c_d, key) == getattr(c_s, key), key
     # int8 codes, as a quantised model passes them: the exact float32 sums read them as they
-    # are (only there, and not for the few-output kernels: each input dtype compiles more)
+    # are at low density, here at any (only there, and not for the few-output kernels: each
+    # input dtype compiles more)
     few = not conv and w.shape[0] <= FEW_OUTPUTS
     if "sparse_float32" in c_s.paths and code_dtype(dp.act_fmt) == np.int8 and not few:
         x8 = x.astype(np.int8)
-        y8, c8 = (sparse_layer.conv2d(x8, stride, padding) if conv else sparse_layer.linear(x8))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(datapath, "_INT8_INPUTS_BELOW", 2.0)
+            y8, c8 = (sparse_layer.conv2d(x8, stride, padding) if conv
+                      else sparse_layer.linear(x8))
         assert np.array_equal(y8, y_d) and c8 == c_s
     # narrow codes out: the zero-skipping kernel then requantises inside (fused) and transposes.
     # int8 only (outputs of up to 8 bits): each codes dtype compiles every lane variant of the
