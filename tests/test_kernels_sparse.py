@@ -78,6 +78,7 @@ def kernel_variant(small_chunks: bool, quads: str):
     with pytest.MonkeyPatch.context() as patch:
         if small_chunks:
             patch.setattr(sparse, "CHUNK_BYTES", 1)
+            patch.setattr(sparse, "QUAD_CHUNK_BYTES", 1)
             patch.setattr(sparse, "CHUNK_ENTRIES", 1)
         if quads != "auto":
             patch.setattr(sparse, "QUAD_COST", 0 if quads == "all" else 10**9)
