@@ -513,7 +513,7 @@ class PreparedWeights:
         x = np.ascontiguousarray(x)
         out = np.empty((x.shape[0], n_out), _output_dtype(out_dtype, dp.output_fmt))
         cw = self.compressed if self.use_sparse else None
-        if cw is not None and cw.nnz * sparse.QUAD < sparse.QUAD_COST * n_out * fan_in:
+        if cw is not None and not cw.fills_blocks():
             path, executed = f"sparse_{plan.path}", cw.nnz * x.shape[0]
             result = sparse.linear_few_outputs(x, cw.row_ptr, cw.col_idx,
                                                self._values_as(plan.cols_dtype), self.bias, rq,
@@ -521,8 +521,8 @@ class PreparedWeights:
         elif cw is not None:
             # the zero-skipping datapath where at most a quarter of the weights are zero: all
             # outputs run as one block over every input, as the blocks of four channels of
-            # sparse.sparse_sum do (same rule, sparse.QUAD_COST), pruned weights as zeros
-            # (lenet5.fc2 at density 1: 0.09 -> 0.045 ms)
+            # sparse.sparse_sum do (same rule), pruned weights as zeros (lenet5.fc2 at density
+            # 1: 0.09 -> 0.045 ms)
             path, executed = f"sparse_{plan.path}", cw.nnz * x.shape[0]
             result = dense.linear_few_outputs(x, plan.weights, self.bias, rq, out)
         else:

@@ -78,11 +78,21 @@ class CompressedWeights:
         total = self.n_out * self.fan_in
         return self.nnz / total if total else 0.0
 
+    def fills_blocks(self) -> bool:
+        """Whether at most a quarter of the weights are zero, where running output channels in
+        blocks over the union of their columns (filler zeros included) costs less than one by
+        one (see :data:`QUAD_COST`; :meth:`quads` decides per block of four)."""
+        return self.nnz * QUAD >= QUAD_COST * self.n_out * self.fan_in
+
+    def _chunk_bounds(self, columns: int) -> np.ndarray:
+        """0, columns, 2 * columns, ..., fan_in: the fan-in cut into chunks."""
+        return np.append(np.arange(0, self.fan_in, columns), self.fan_in)
+
     def chunk_pointers(self, columns: int) -> np.ndarray:
         """(J, chunks + 1) int64: where each row's stored weights cross every multiple of
         ``columns`` in the fan-in. Row j's weights in chunk c are ``ptr[j, c] .. ptr[j, c + 1] -
         1``; chunk 0 starts at ``row_ptr[j]``, the last ends at ``row_ptr[j + 1]``."""
-        bounds = np.append(np.arange(0, self.fan_in, columns), self.fan_in)
+        bounds = self._chunk_bounds(columns)
         rows = np.arange(self.n_out, dtype=np.int64)
         # (row, column) as one key, ascending over the whole CSR (rows in order, columns
         # ascending within a row)
@@ -98,7 +108,7 @@ class CompressedWeights:
         c] .. ptr[b, c + 1] - 1`` (none for a block that is not blocked); ``cols`` (U,) int64
         their columns, ascending per block; ``values`` (U, 4) int64 the four channels' weights
         there, 0 where a channel stores none (and for the rows past J of the last block)."""
-        bounds = np.append(np.arange(0, self.fan_in, columns), self.fan_in)
+        bounds = self._chunk_bounds(columns)
         n_blocks = -(-self.n_out // QUAD)
         blocked = np.zeros(n_blocks, bool)
         ptr = np.zeros((n_blocks, bounds.size), np.int64)
@@ -244,6 +254,10 @@ def tile_lanes(out_rows: int, row_lanes: int, threads: int, fan_in: int,
 # cifarnet.conv6 74.0 -> 52.4 ms, cifarnet.conv2 51.9 -> 48.7, lenet5.fc1 2.48 -> 2.15;
 # density 0.5: conv6 41.0 -> 29.1, fc1 1.82 -> 1.52; density 0.1: conv6 9.8 -> 8.8, the others
 # equal within noise. 16 or 64 KiB chunks, or 16 or 32 entries, were no better.
+CHUNK_BYTES = 32 << 10
+CHUNK_ENTRIES = 8
+ACC_BYTES = 1 << 20
+
 # Output channels per block, and when a block runs as one: its union of columns U costs about
 # QUAD_COST single-channel entries each (measured at density 1, where U is a quarter of the
 # entries: 2.5-3.1), so a block runs as one where U * QUAD_COST <= its stored weights, in
@@ -252,13 +266,10 @@ def tile_lanes(out_rows: int, row_lanes: int, threads: int, fan_in: int,
 # lenet5.fc1 2.12 -> 1.34 ms, cifarnet.conv2 (32 images) 10.7 -> 6.6 ms.
 QUAD = 4
 QUAD_COST = 3
-CHUNK_BYTES = 32 << 10
 # Chunks where most channels run in blocks of four. Measured, 2 cores, density 1, medians of 7
 # interleaved runs, 32 KiB -> 256 KiB: cifarnet.conv6 39.5 -> 35.4 ms, lenet5.fc1 1.81 -> 1.70,
 # lenet5.conv2 6.33 -> 5.92; at density 0.5 (no blocks) 256 KiB was slower: conv6 32.2 -> 35.1.
 QUAD_CHUNK_BYTES = 256 << 10
-CHUNK_ENTRIES = 8
-ACC_BYTES = 1 << 20
 
 
 def sum_tiles(out_rows: int, row_lanes: int, threads: int, cw: CompressedWeights, n_img: int,
@@ -278,10 +289,9 @@ def sum_tiles(out_rows: int, row_lanes: int, threads: int, cw: CompressedWeights
         tile //= 2
     # bytes of input one channel's kernel rows cover across a tile: kw shifts of a row overlap
     channel_bytes = kh * (tile + (kw - 1) * n_img) * input_itemsize
-    # dense enough for blocks of four channels (sparse_sum's quads, about this density): each
+    # dense enough for blocks of four channels (most of sparse_sum's blocks run as one): each
     # pass updates four tiles of sums, and chunks 8x larger measured best
-    quads = cw.nnz * QUAD >= QUAD_COST * cw.n_out * cw.fan_in
-    chunk_bytes = QUAD_CHUNK_BYTES if quads else CHUNK_BYTES
+    chunk_bytes = QUAD_CHUNK_BYTES if cw.fills_blocks() else CHUNK_BYTES
     per_chunk = max(chunk_bytes // channel_bytes, by_entries, 1)
     if input_itemsize < itemsize:
         # narrow inputs (low density, see fxsim.datapath._INT8_INPUTS_BELOW): the whole
