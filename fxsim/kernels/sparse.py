@@ -12,7 +12,10 @@ that a stored weight at (c, kh, kw) meets the inputs of output columns 0, 1, 2, 
 rows: one output row is one contiguous run of ``OW * N`` values for every stored weight, and
 one stored weight is one long vector update. A linear layer is the case Hp = Wp = 1, one
 position, base = input index. Time is proportional to the stored weights times the output
-positions: skipping is real, not simulated.
+positions: skipping is real, not simulated. Only where it is cheaper, at densities above ~0.75,
+do blocks of four output channels run over the union of their columns with filler zeros
+(:meth:`CompressedWeights.quads`), as index-sharing accelerators do; the counters report the
+zero-skipping datapath's MACs either way.
 
 Every output sees its MACs in canonical order (stored weights are visited in index order), so
 the per-MAC saturating and wrapping accumulators give exactly the dense kernels' results;
