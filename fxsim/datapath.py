@@ -515,7 +515,8 @@ class PreparedWeights:
         cw = self.compressed if self.use_sparse else None
         if cw is not None and not cw.fills_blocks():
             path, executed = f"sparse_{plan.path}", cw.nnz * x.shape[0]
-            result = sparse.linear_few_outputs(x, cw.row_ptr, cw.col_idx,
+            used, col_pos = self._used_inputs()
+            result = sparse.linear_few_outputs(x, cw.row_ptr, col_pos, used,
                                                self._values_as(plan.cols_dtype), self.bias, rq,
                                                out)
         elif cw is not None:
@@ -720,6 +721,14 @@ class PreparedWeights:
             bases = sparse.conv_bases(cw.shape, cols, padded_hw, stride_w)
             self._casts[key] = (blocked, ptr, bases, values.astype(dtype))
         return self._casts[key]
+
+    def _used_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the inputs some stored weight reads, ascending; each stored weight's position among
+        them) for :func:`sparse.linear_few_outputs` (kept)."""
+        if "used" not in self._casts:
+            used = np.unique(self.compressed.col_idx)
+            self._casts["used"] = (used, np.searchsorted(used, self.compressed.col_idx))
+        return self._casts["used"]
 
     def _chunks_for(self, columns: int) -> np.ndarray:
         """The stored weights' chunk pointers for :func:`sparse.sparse_sum` (kept per chunk

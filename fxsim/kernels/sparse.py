@@ -465,20 +465,22 @@ _FEW_IMAGES = 32
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def linear_few_outputs(x, row_ptr, col_idx, values, bias, rq, out):
+def linear_few_outputs(x, row_ptr, col_pos, used, values, bias, rq, out):
     """The zero-skipping twin of :func:`fxsim.kernels.dense.linear_few_outputs`: a linear
-    layer with few outputs, its stored weights ``values`` (CSR ``row_ptr``, ``col_idx``; lane
-    dtype, sums exact in any order) applied to :data:`_FEW_IMAGES` images at a time.
+    layer with few outputs, its stored weights ``values`` (CSR ``row_ptr``; lane dtype, sums
+    exact in any order) applied to :data:`_FEW_IMAGES` images at a time.
 
-    ``x`` (N, K) integer codes of any dtype (N, K >= 1). A task casts its images into a
-    (K, 32) buffer of lanes (one row per input; read a column at a time, from the 32 rows' cache
-    lines, which stay in L1), and each stored weight of output j is one 32-lane multiply-add:
-    work in proportion to the stored weights, plus one requantisation of the task's sums.
+    ``x`` (N, K) integer codes of any dtype (N, K >= 1); ``used`` (U,) the inputs some stored
+    weight reads, ascending, and ``col_pos`` (nnz,) each stored weight's position in ``used``.
+    A task casts its images' used inputs into a (U, 32) buffer of lanes (one row per input;
+    read a column at a time, from the 32 rows' cache lines, which stay in L1), and each stored
+    weight of output j is one 32-lane multiply-add: work in proportion to the stored weights
+    and the inputs they read, plus one requantisation of the task's sums.
     ``bias`` (J,) int64, ``rq`` from :func:`fxsim.kernels.dense.fast_requant_args`, ``out``
     (N, J) codes. Returns (accumulator overflow events, output saturations, largest and
     smallest sum, smallest and largest input code).
     """
-    n_img, fan_in = x.shape
+    n_img = x.shape[0]
     n_out = row_ptr.size - 1
     tasks = (n_img + _FEW_IMAGES - 1) // _FEW_IMAGES
     stats = np.empty((tasks, 6), np.int64)  # every task fills its row
@@ -487,9 +489,10 @@ def linear_few_outputs(x, row_ptr, col_idx, values, bias, rq, out):
         i0 = task * _FEW_IMAGES
         rows = min(_FEW_IMAGES, n_img - i0)
         x_lo, x_hi = rows_range(x, i0, rows)
-        buf = np.zeros((fan_in, _FEW_IMAGES), values.dtype)
-        for k in range(fan_in):
-            dst = buf[k]
+        buf = np.zeros((used.size, _FEW_IMAGES), values.dtype)
+        for u in range(used.size):
+            dst = buf[u]
+            k = used[u]
             for r in range(rows):
                 dst[r] = x[i0 + r, k]
         lanes = np.empty(_FEW_IMAGES, values.dtype)
@@ -500,14 +503,14 @@ def linear_few_outputs(x, row_ptr, col_idx, values, bias, rq, out):
             last = row_ptr[j + 1]
             while idx + 4 <= last:
                 v0, v1, v2, v3 = values[idx], values[idx + 1], values[idx + 2], values[idx + 3]
-                b0, b1 = buf[col_idx[idx]], buf[col_idx[idx + 1]]
-                b2, b3 = buf[col_idx[idx + 2]], buf[col_idx[idx + 3]]
+                b0, b1 = buf[col_pos[idx]], buf[col_pos[idx + 1]]
+                b2, b3 = buf[col_pos[idx + 2]], buf[col_pos[idx + 3]]
                 for t in range(_FEW_IMAGES):
                     lanes[t] += v0 * b0[t] + v1 * b1[t] + v2 * b2[t] + v3 * b3[t]
                 idx += 4
             for rest in range(idx, last):
                 v0 = values[rest]
-                b0 = buf[col_idx[rest]]
+                b0 = buf[col_pos[rest]]
                 for t in range(_FEW_IMAGES):
                     lanes[t] += v0 * b0[t]
             for r in range(rows):
