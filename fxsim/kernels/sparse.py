@@ -296,12 +296,11 @@ def sum_tiles(out_rows: int, row_lanes: int, threads: int, cw: CompressedWeights
     # pass updates four tiles of sums, and chunks 8x larger measured best
     chunk_bytes = QUAD_CHUNK_BYTES if cw.fills_blocks() else CHUNK_BYTES
     per_chunk = max(chunk_bytes // channel_bytes, by_entries, 1)
-    if input_itemsize < itemsize:
-        # narrow inputs (low density, see fxsim.datapath._INT8_INPUTS_BELOW): the whole
-        # fan-in in one chunk measured best (2 cores, density 0.1, 8 stored weights per row
-        # and chunk -> one chunk: cifarnet.conv1 16.5 -> 15.3 ms, conv6 9.0 -> 8.2)
-        per_chunk = channels
-    if per_chunk >= channels:  # one chunk: the tile's inputs for the whole fan-in in L2
+    # one chunk, the tile's inputs for the whole fan-in in L2: where chunks would hold every
+    # channel anyway, and for narrow inputs (low density, see fxsim.datapath.
+    # _INT8_INPUTS_BELOW), where it measured best (2 cores, density 0.1, 8 stored weights per
+    # row and chunk -> one chunk: cifarnet.conv1 16.5 -> 15.3 ms, conv6 9.0 -> 8.2)
+    if per_chunk >= channels or input_itemsize < itemsize:
         tile, groups = tile_lanes(out_rows, row_lanes, threads, cw.fan_in, input_itemsize)
         return tile, groups, cw.fan_in
     tasks = out_rows * -(-row_lanes // tile)
