@@ -932,6 +932,21 @@ _FEW_IMAGES = 4
 
 
 @njit(inline="always")
+def image_tasks(n_img, per_task, out):
+    """A few-output linear kernel's tasks of ``per_task`` images each: (task count, a stats
+    row per task for :func:`finish_images` to fill, ``out`` flat)."""
+    tasks = (n_img + per_task - 1) // per_task
+    return tasks, np.empty((tasks, 6), np.int64), out.reshape(-1)
+
+
+@njit(inline="always")
+def task_images(task, per_task, n_img):
+    """(first image, image count) of task ``task`` of :func:`image_tasks`."""
+    i0 = task * per_task
+    return i0, min(per_task, n_img - i0)
+
+
+@njit(inline="always")
 def rows_range(x, i0, rows):
     """The smallest and largest code of images ``i0 .. i0 + rows - 1`` of ``x`` (N, K), a
     vectorised min and max per image."""
@@ -986,12 +1001,9 @@ def linear_few_outputs(x, w, bias, rq, out):
     """
     n_img, fan_in = x.shape
     n_out = w.shape[0]
-    tasks = (n_img + _FEW_IMAGES - 1) // _FEW_IMAGES
-    stats = np.empty((tasks, 6), np.int64)  # every task fills its row
-    flat = out.reshape(-1)
+    tasks, stats, flat = image_tasks(n_img, _FEW_IMAGES, out)
     for task in prange(tasks):
-        i0 = task * _FEW_IMAGES
-        rows = min(_FEW_IMAGES, n_img - i0)
+        i0, rows = task_images(task, _FEW_IMAGES, n_img)
         buf = np.zeros((_FEW_IMAGES, fan_in), w.dtype)
         x_lo, x_hi = rows_range(x, i0, rows)
         _cast_rows(x, i0, rows, buf)

@@ -33,9 +33,11 @@ from fxsim.errors import ShapeError
 from fxsim.kernels.dense import (
     batch_last_row,
     finish_images,
+    image_tasks,
     phase_width,
     requantise_lanes,
     rows_range,
+    task_images,
     task_totals,
     total,
 )
@@ -481,12 +483,9 @@ def linear_few_outputs(x, row_ptr, col_pos, used, values, bias, rq, out):
     """
     n_img = x.shape[0]
     n_out = row_ptr.size - 1
-    tasks = (n_img + _FEW_IMAGES - 1) // _FEW_IMAGES
-    stats = np.empty((tasks, 6), np.int64)  # every task fills its row
-    flat = out.reshape(-1)
+    tasks, stats, flat = image_tasks(n_img, _FEW_IMAGES, out)
     for task in prange(tasks):
-        i0 = task * _FEW_IMAGES
-        rows = min(_FEW_IMAGES, n_img - i0)
+        i0, rows = task_images(task, _FEW_IMAGES, n_img)
         x_lo, x_hi = rows_range(x, i0, rows)
         buf = np.zeros((used.size, _FEW_IMAGES), values.dtype)
         for u in range(used.size):
