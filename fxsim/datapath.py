@@ -426,8 +426,15 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, oh * ow), _output_dtype(out_dtype, dp.output_fmt))
         u = uniform_draws(dp.rounding, out.size, dp.seed)
-        if self.use_sparse and _sparse_lanes(plan, dp) is not None:
-            counters = self._run_sparse(plan, x, (sh, sw), (ph, pw), (oh, ow), out, u)
+        lanes = _sparse_lanes(plan, dp)
+        if lanes is not None and (self.use_sparse or lanes[1]):
+            # a per-MAC register of <= 62 bits runs on the zero-skipping kernel's layout even
+            # when dense: no im2col, and a tile reads rows of the laid-out input instead of a
+            # copy of its im2col columns (2 cores, 8-bit codes, 20-bit register, 2 runs:
+            # cifarnet.conv1 27-28 -> 56 GMAC/s, conv2 31 -> 45, conv6 20 -> 23-24, lenet5.conv2
+            # 32-33 -> 62-63)
+            counters = self._run_sparse(plan, x, (sh, sw), (ph, pw), (oh, ow), out, u,
+                                        every_weight=not self.use_sparse)
             return out.reshape(n, n_out, oh, ow), counters
         per_chunk = _images_per_chunk(c * kh * kw * oh * ow)
         per_image = n_out * oh * ow
@@ -465,23 +472,27 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, 1), _output_dtype(out_dtype, self.datapath.output_fmt))
         u = uniform_draws(self.datapath.rounding, out.size, self.datapath.seed)
-        if self.use_sparse and _sparse_lanes(plan, self.datapath) is not None:
+        lanes = _sparse_lanes(plan, self.datapath)
+        # per-MAC registers of <= 62 bits run vectorised over the output features, unless many
+        # weights are zero: that kernel skips zero inputs but not zero weights (lenet5.fc1,
+        # 20-bit register, batch 256: it takes 4.4-6.9 ms at any density; the one over the
+        # batch, which skips zero weights, 12 ms dense, 6.4 at density 0.5, 3.0 at 0.2), or
+        # there are too few outputs to fill its vectors (lenet5.fc2, 10 outputs: 0.67-4.9 ms
+        # over the outputs, 0.3 over the batch); those run over the batch on the zero-skipping
+        # kernel's layout, as convolutions do
+        over_outputs = (plan.path.startswith("per_mac") and self.datapath.acc_bits <= 62
+                        and self.density > 0.35 and n_out >= 64)
+        if lanes is not None and (self.use_sparse or (lanes[1] and not over_outputs)):
             x4 = x.reshape(n, k, 1, 1)  # a linear layer is a 1x1 convolution of a 1x1 image
-            counters = self._run_sparse(plan, x4, (1, 1), (0, 0), (1, 1), out, u)
+            counters = self._run_sparse(plan, x4, (1, 1), (0, 0), (1, 1), out, u,
+                                        every_weight=not self.use_sparse)
             return out.reshape(n, n_out), counters
         per_chunk = _images_per_chunk(k)
         counters = Counters(weight_bytes=self.weight_bytes())
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
-            # float paths multiply x @ w.T; per-MAC registers of <= 62 bits run vectorised over
-            # the output features, unless many weights are zero: that kernel skips zero inputs
-            # but not zero weights (lenet5.fc1, 20-bit register, batch 256: it takes 4.4-6.9 ms
-            # at any density; the one over the batch, which skips zero weights, 12 ms dense,
-            # 6.4 at density 0.5, 3.0 at 0.2), or there are too few outputs to fill its
-            # vectors (lenet5.fc2, 10 outputs: 0.67-4.9 ms over the outputs, 0.3 over the batch)
-            x_rows = plan.path.startswith("float") or (
-                plan.path.startswith("per_mac") and self.datapath.acc_bits <= 62
-                and self.density > 0.35 and n_out >= 64)
+            # float paths multiply x @ w.T
+            x_rows = plan.path.startswith("float") or over_outputs
             if x_rows:
                 cols = x[n0:n1].astype(plan.cols_dtype, copy=False)  # (N, K)
             else:
@@ -618,16 +629,29 @@ class PreparedWeights:
             paths={plan.path: out.size},
         )
 
-    def _run_sparse(self, plan: _Plan, x, stride, padding, out_hw, out, u) -> Counters:
-        """The zero-skipping kernel over chunks of images; fills ``out`` (N, J, P)."""
+    def _run_sparse(self, plan: _Plan, x, stride, padding, out_hw, out, u,
+                    every_weight: bool = False) -> Counters:
+        """The zero-skipping kernel over chunks of images; fills ``out`` (N, J, P).
+
+        ``every_weight``: a dense layer with a per-MAC register on the same kernel and layout,
+        counted as the dense datapath (every MAC executed): mostly nonzero weights run every
+        weight, zeros included, two output channels per pass; sparser ones skip zero weights
+        (which changes no register) but are still counted."""
         dp = self.datapath
         lanes, per_mac = _sparse_lanes(plan, dp)
         cw = self.compressed
         n, c, h, w = x.shape
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         row_len = dense.input_row_length(wp, stride[1])
-        bases = self._bases_for((hp, wp), stride[1])
-        values = self._values_as(lanes)
+        paired = every_weight and self.density > _PAIRS_ABOVE
+        if paired:
+            bases = self._bases_for((hp, wp), stride[1], every_weight=True)
+            values = self._matrix_as(lanes).reshape(-1)
+            row_ptr = np.arange(0, self.matrix.size + 1, max(1, self.matrix.shape[1]))
+        else:
+            bases = self._bases_for((hp, wp), stride[1])
+            values = self._values_as(lanes)
+            row_ptr = cw.row_ptr
         _, n_out, per_img = out.shape
         if per_mac:
             start, overflowed = self._starts_for(lanes)
@@ -647,7 +671,7 @@ class PreparedWeights:
         # the laid-out input and the sums of a chunk stay in L2 / L3 and are reused from the heap
         per_chunk = _images_per_chunk(max(c * hp * row_len, n_out * per_img))
         counters = Counters(weight_bytes=self.weight_bytes())
-        path = f"sparse_{plan.path}"
+        path = plan.path if every_weight else f"sparse_{plan.path}"
         # at low density, exact sums in float32 lanes read int8 codes as they come (as a
         # quantised model passes them) and convert them in the kernel: a quarter of the bytes
         # to lay out and to stream from L2, where the kernel waits on L2. Denser, it waits on
@@ -670,8 +694,8 @@ class PreparedWeights:
             rq_args = sparse.NO_REQUANT if rq is None else rq
             if per_mac:
                 sums, events, *fused = sparse.sparse_per_mac(
-                    xt, cw.row_ptr, bases, values, out_hw, stride[0], row_len, start, wrap, lo,
-                    hi, mask, plan.x_max_abs, tile, groups, rq_args, codes)
+                    xt, row_ptr, bases, values, out_hw, stride[0], row_len, start, wrap, lo,
+                    hi, mask, plan.x_max_abs, tile, groups, rq_args, codes, paired)
             else:
                 quads = self._quads_for(columns, (hp, wp), stride[1], lanes)
                 sums, *fused = sparse.sparse_sum(
@@ -687,7 +711,7 @@ class PreparedWeights:
                 acc_events, sat_events, highest, lowest = _finish_batch_last(
                     sums, bias, acc_omode, shift, plan, dp, _slice(u, n0, n1, n_out * per_img),
                     chunk_out)
-            executed = cw.nnz * per_img * (n1 - n0)
+            executed = (self.matrix.size if every_weight else cw.nnz) * per_img * (n1 - n0)
             counters += Counters(
                 macs=chunk_out.size * cw.fan_in,
                 acc_overflows=int(events) + int(acc_events) + first_events * (n1 - n0),
@@ -700,15 +724,17 @@ class PreparedWeights:
             )
         return counters
 
-    def _bases_for(self, padded_hw, stride_w: int) -> np.ndarray:
-        """Each stored weight's input row in the zero-skipping kernel's layout, per input
-        geometry (kept: the same layer sees the same image size call after call)."""
+    def _bases_for(self, padded_hw, stride_w: int, every_weight: bool = False) -> np.ndarray:
+        """Each stored weight's input row in the zero-skipping kernel's layout (with
+        ``every_weight``: each column of the fan-in's), per input geometry (kept: the same layer
+        sees the same image size call after call)."""
         cw = self.compressed
-        if len(cw.shape) == 2:  # a linear layer's (J, K) weights read input row k directly
-            return cw.col_idx
-        key = ("bases", padded_hw, stride_w)
+        key = ("bases", padded_hw, stride_w, every_weight)
         if key not in self._casts:
-            self._casts[key] = sparse.conv_bases(cw.shape, cw.col_idx, padded_hw, stride_w)
+            cols = np.arange(cw.fan_in) if every_weight else cw.col_idx
+            # a linear layer's (J, K) weights read input row k directly
+            self._casts[key] = (cols if len(cw.shape) == 2 else
+                                sparse.conv_bases(cw.shape, cols, padded_hw, stride_w))
         return self._casts[key]
 
     def _quads_for(self, columns: int, padded_hw, stride_w: int, dtype) -> tuple:

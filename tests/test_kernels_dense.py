@@ -36,17 +36,21 @@ def test_transpose2d_is_the_transpose(rows, cols, dtype, into, seed):
 @given(batch=st.sampled_from([1, 3, 4, 8, 16]), chans=st.integers(1, 3), h=st.integers(1, 6),
        w=st.integers(1, 9), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        stride_w=st.integers(1, 3), dtype=st.sampled_from([np.int8, np.int16, np.int64]),
-       seed=st.integers(0, 2**32 - 1))
+       kept=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_layout_input_puts_every_pixel_in_its_row(batch, chans, h, w, padding, stride_w,
-                                                   dtype, seed):
+                                                   dtype, kept, seed):
     """Narrow codes go through a word-at-a-time transpose when the batch and the image fill
-    whole words; every path must give the documented layout: row ((c * Hp + iy) * sw + ix %
-    sw) * Wq + ix // sw holds padded pixel (c, iy, ix) of every image, zeros in the padding."""
+    whole words, and are cast to float32 lanes or kept as they are (``kept``: the int8 inputs
+    of the zero-skipping kernel at low density); every path must give the documented layout:
+    row ((c * Hp + iy) * sw + ix % sw) * Wq + ix // sw holds padded pixel (c, iy, ix) of every
+    image, zeros in the padding."""
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, (batch, chans, h, w)).astype(dtype)
     ph, pw = padding
-    got = dense.layout_input(x, padding, np.float32, stride_w)
-    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))).astype(np.float32)
+    store = dtype if kept else np.float32
+    got = dense.layout_input(x, padding, store, stride_w)
+    assert got.dtype == store
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))).astype(store)
     hp, wp = h + 2 * ph, w + 2 * pw
     wq = dense.phase_width(wp, stride_w)
     assert got.shape == (chans * hp * stride_w * wq, batch)

@@ -41,7 +41,12 @@ from fxsim.kernels.dense import (
     task_totals,
     total,
 )
-from fxsim.kernels.tile import add_products, add_products_quad, per_mac_products
+from fxsim.kernels.tile import (
+    add_products,
+    add_products_quad,
+    per_mac_products,
+    per_mac_products_pair,
+)
 
 
 class CompressedWeights:
@@ -405,7 +410,7 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
 
 @njit(cache=True, parallel=True)
 def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start, wrap, lo,
-                   hi, mask, x_max_abs, tile, groups, rq, codes):
+                   hi, mask, x_max_abs, tile, groups, rq, codes, paired=False):
     """Zero-skipping per-MAC register: saturates (or wraps, with ``wrap``) after every MAC.
 
     Same layout and tasks as :func:`sparse_sum`. Lanes float32, int32 or int64 (see
@@ -417,6 +422,12 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
     registers are requantised as they finish, as in :func:`sparse_sum` (no bias: it is the
     register's start). Returns (sums (J, P, N) int64, or (J, 0, N) when fused; overflow
     events; the fused counters as in :func:`sparse_sum`).
+
+    ``paired``: every row stores all K weights of the fan-in, zeros included (``values`` (J *
+    K,), ``row_ptr`` = 0, K, 2K, ...), and ``bases`` (K,) is shared by all rows: the dense
+    per-MAC convolution, two output channels per pass over the tile's inputs
+    (:func:`fxsim.kernels.tile.per_mac_products_pair`; a zero product leaves a register,
+    saturated or not, unchanged).
     """
     n_out = row_ptr.size - 1
     n_img = xt.shape[1]
@@ -438,14 +449,38 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
         wide = np.empty(width if fused else 0, np.int64)
         hits = np.zeros(width, np.int32)  # per lane and channel: at most nnz(row) events
         count = 0
-        for j in range(n_out * group // groups, n_out * (group + 1) // groups):
-            acc[:] = start[j]
-            per_mac_products(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], bases, values, n_img,
-                             src, x_max_abs, wrap, lo, hi, mask)
-            _emit(acc, j, dst, width, sums, codes, wide, no_bias, rq, counts[task])
-            for t in range(width):
-                count += hits[t]
-            hits[:] = 0
+        if paired:
+            acc1 = np.empty(width, xt.dtype)
+            hits1 = np.zeros(width, np.int32)
+            fan_in = bases.size
+            n_pairs = (n_out + 1) // 2
+            for pair in range(n_pairs * group // groups, n_pairs * (group + 1) // groups):
+                j = 2 * pair
+                row = values[row_ptr[j] : row_ptr[j] + fan_in]
+                acc[:] = start[j]
+                if j + 1 < n_out:
+                    acc1[:] = start[j + 1]
+                    per_mac_products_pair(acc, acc1, hits, hits1, xflat, 0, fan_in, bases, row,
+                                          values[row_ptr[j + 1] : row_ptr[j + 1] + fan_in],
+                                          n_img, src, x_max_abs, wrap, lo, hi, mask)
+                    _emit(acc1, j + 1, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                else:
+                    per_mac_products(acc, hits, xflat, 0, fan_in, bases, row, n_img, src,
+                                     x_max_abs, wrap, lo, hi, mask)
+                _emit(acc, j, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                for t in range(width):
+                    count += hits[t] + hits1[t]
+                hits[:] = 0
+                hits1[:] = 0
+        else:
+            for j in range(n_out * group // groups, n_out * (group + 1) // groups):
+                acc[:] = start[j]
+                per_mac_products(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], bases, values,
+                                 n_img, src, x_max_abs, wrap, lo, hi, mask)
+                _emit(acc, j, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                for t in range(width):
+                    count += hits[t]
+                hits[:] = 0
         events[task] = count
     n_acc, n_sat, top, bottom, _, _ = task_totals(counts)
     return (sums.reshape(n_out, 0 if fused else oh * ow, n_img), total(events), n_acc, n_sat,
