@@ -60,9 +60,9 @@ _CHUNK_ELEMENTS = 1 << 21
 _BATCH_LAST_BELOW = 256
 
 # Above this weight density the dense per-MAC kernel runs two output channels per pass over
-# the inputs, zeros included (dense.dot_per_mac_pairs), instead of skipping zero weights one
-# channel at a time (dense.dot_per_mac): about 1.5x the MACs per second, so it wins once
-# fewer than about a third of the weights are zero.
+# the inputs, zeros included (sparse.sparse_per_mac with paired rows), instead of skipping
+# zero weights one channel at a time: about 1.5x the MACs per second (measured on im2col
+# tiles), so it wins once fewer than about a third of the weights are zero.
 _PAIRS_ABOVE = 0.7
 
 # The zero-skipping exact sums read int8 input codes as they are below this density (see
@@ -578,15 +578,7 @@ class PreparedWeights:
                 sums, events = dense.dot_per_mac_rows(cols, self._transposed_as(lanes),
                                                       plan.start, lo, hi, mask, wrap,
                                                       self.w_max_abs)
-            elif dp.acc_bits <= 62 and self.density > _PAIRS_ABOVE:
-                sums, events = dense.dot_per_mac_pairs(plan.weights, cols, plan.start, lo, hi,
-                                                       mask, wrap, block, plan.x_max_abs)
-            elif dp.acc_bits <= 62:
-                cw = self.compressed
-                sums, events = dense.dot_per_mac(cw.row_ptr, cw.col_idx, self._values_as(lanes),
-                                                 cols, plan.start, lo, hi, mask, wrap, block,
-                                                 plan.x_max_abs)
-            else:
+            else:  # wider than 62 bits (narrower ones run on the zero-skipping kernel's layout)
                 sums, events = dense.dot_per_mac_int64(plan.weights, cols, plan.start,
                                                        dp.acc_bits, wrap, block)
             events += plan.start_overflowed * n_img * per_img

@@ -171,7 +171,8 @@ def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_over
     # saturation and come back down: the kernels' plain multiply-add groups (proven safe by
     # the range bound) and their MAC-by-MAC groups must interleave exactly like the reference.
     # "dense_pairs": weights without zero rows, dense enough for the kernel that runs two
-    # output channels per pass (dense.dot_per_mac_pairs; 5 channels: two pairs and one alone).
+    # output channels per pass (sparse.sparse_per_mac, paired; 5 channels: two pairs and one
+    # alone).
     rng = np.random.default_rng(acc_bits)
     fan_in = 300
     x = rng.integers(fmt.max_code // 2, fmt.max_code, (40, fan_in), endpoint=True)

@@ -441,88 +441,6 @@ def dot_int64(w, cols, block):
 
 
 @njit(cache=True, parallel=True)
-def dot_per_mac(row_ptr, col_idx, values, cols, start, lo, hi, mask, wrap, block, x_max_abs):
-    """Per-MAC accumulator register [lo, hi] of at most 62 bits, in the lanes of ``cols``.
-
-    The weights come as CSR (``row_ptr``, ``col_idx``, ``values``: the nonzero weights of each
-    output channel in canonical order; a zero weight adds nothing to an exact or a saturated
-    sum). Each output's register starts at ``start[j]`` (the aligned bias, already inside the
-    register); after every MAC it saturates, or wraps when ``wrap`` (``mask = 2^bits - 1``).
-    ``cols`` (K, M) is in the lanes of :mod:`fxsim.kernels.tile` (float32, int32 or int64),
-    bounded by ``x_max_abs``; every product fits the register, and register + product is exact
-    in the lane dtype. Groups of weights that provably cannot overflow run as plain
-    multiply-adds (see :mod:`fxsim.kernels.tile`). Returns (acc int64 (J, M), overflow
-    events).
-    """
-    n_out = row_ptr.size - 1
-    m_total = cols.shape[1]
-    out = np.empty((n_out, m_total), np.int64)
-    n_blocks = (m_total + block - 1) // block
-    events = np.empty(n_blocks, np.int64)  # every task fills its entry
-    for b in prange(n_blocks):
-        m0 = b * block
-        width = min(block, m_total - m0)
-        tile = np.ascontiguousarray(cols[:, m0 : m0 + width])  # stays in L2 for all j
-        xflat = tile.reshape(-1)
-        acc = np.empty(width, cols.dtype)
-        hits = np.zeros(width, np.int32)  # at most fan_in per output and j: no int32 overflow
-        count = 0
-        for j in range(n_out):
-            acc[:] = start[j]
-            per_mac_products(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], col_idx, values,
-                            width, 0, x_max_abs, wrap, lo, hi, mask)
-            out[j, m0 : m0 + width] = acc
-            for t in range(width):
-                count += hits[t]
-            hits[:] = 0
-        events[b] = count
-    return out, total(events)
-
-
-@njit(cache=True, parallel=True)
-def dot_per_mac_pairs(w, cols, start, lo, hi, mask, wrap, block, x_max_abs):
-    """:func:`dot_per_mac` for a dense (J, K) weight matrix ``w`` in the lane dtype, two output
-    channels per pass over each tile of inputs (:func:`fxsim.kernels.tile.per_mac_products_pair`).
-    It does not skip zero weights (a zero product leaves a register unchanged, so the result
-    is the same); for mostly nonzero weights the shared input loads win. Returns (acc int64
-    (J, M), overflow events).
-    """
-    n_out, fan_in = w.shape
-    m_total = cols.shape[1]
-    out = np.empty((n_out, m_total), np.int64)
-    offsets = np.arange(fan_in)
-    n_blocks = (m_total + block - 1) // block
-    events = np.empty(n_blocks, np.int64)  # every task fills its entry
-    for b in prange(n_blocks):
-        m0 = b * block
-        width = min(block, m_total - m0)
-        tile = np.ascontiguousarray(cols[:, m0 : m0 + width])  # stays in L2 for all j
-        xflat = tile.reshape(-1)
-        acc0 = np.empty(width, cols.dtype)
-        acc1 = np.empty(width, cols.dtype)
-        hits0 = np.zeros(width, np.int32)
-        hits1 = np.zeros(width, np.int32)
-        count = 0
-        for j in range(0, n_out, 2):
-            acc0[:] = start[j]
-            if j + 1 < n_out:
-                acc1[:] = start[j + 1]
-                per_mac_products_pair(acc0, acc1, hits0, hits1, xflat, 0, fan_in, offsets, w[j],
-                                      w[j + 1], width, 0, x_max_abs, wrap, lo, hi, mask)
-                out[j + 1, m0 : m0 + width] = acc1
-            else:
-                per_mac_products(acc0, hits0, xflat, 0, fan_in, offsets, w[j], width, 0,
-                                 x_max_abs, wrap, lo, hi, mask)
-            out[j, m0 : m0 + width] = acc0
-            for t in range(width):
-                count += hits0[t] + hits1[t]
-            hits0[:] = 0
-            hits1[:] = 0
-        events[b] = count
-    return out, total(events)
-
-
-@njit(cache=True, parallel=True)
 def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
     """Per-MAC registers of a linear layer, vectorised over its J outputs instead of the batch.
 
@@ -531,7 +449,8 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
     registers' first values. For each image the register of every output takes the products
     x[k] * w[j, k] for k = 0, 1, ... in canonical order, one row of ``wt`` per nonzero x[k]
     (a zero input adds nothing to an exact or a saturated sum), with the same provably exact
-    fast groups as :func:`dot_per_mac` (``w_max_abs`` bounds the weights). Images go in pairs
+    fast groups as :func:`fxsim.kernels.sparse.sparse_per_mac` (``w_max_abs`` bounds the
+    weights). Images go in pairs
     that share each row of ``wt`` they read (the inputs either of them has nonzero; a zero
     product leaves the other's registers unchanged). Returns (acc int64 (N, J), overflow
     events).
@@ -571,8 +490,9 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
     """Per-MAC accumulator of any width up to 64 bits, in int64 lanes with checked adds.
 
     For registers of 63 and 64 bits, where register + product can leave int64 (narrower ones
-    run :func:`dot_per_mac`). ``w`` (J, K), ``cols`` (K, M) and ``start`` (J,) are int64; each
-    product fits in ``acc_bits``. An add that leaves int64 is detected from the sign bits.
+    run :func:`fxsim.kernels.sparse.sparse_per_mac` or :func:`dot_per_mac_rows`). ``w`` (J, K),
+    ``cols`` (K, M) and ``start`` (J,) are int64; each product fits in ``acc_bits``. An add
+    that leaves int64 is detected from the sign bits.
     Returns (acc int64 (J, M), overflow events).
     """
     n_out, fan_in = w.shape
