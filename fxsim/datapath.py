@@ -360,6 +360,17 @@ class PreparedWeights:
             self._casts[key] = self.compressed.values.astype(dtype)
         return self._casts[key]
 
+    def _quad_rows_as(self, dtype) -> np.ndarray:
+        """(J // 4, K, 4): the weights of output channels 4b .. 4b + 3 side by side, in a
+        kernel's lane dtype, for the per-MAC kernel's blocks of four."""
+        key = ("quad_rows", dtype)
+        if key not in self._casts:
+            n_out, fan_in = self.matrix.shape
+            blocks = n_out // 4
+            rows = self.matrix[: 4 * blocks].reshape(blocks, 4, fan_in).transpose(0, 2, 1)
+            self._casts[key] = np.ascontiguousarray(rows, dtype=dtype)
+        return self._casts[key]
+
     def _transposed_as(self, dtype) -> np.ndarray:
         """The (K, J) transposed weight matrix in a kernel's lane dtype."""
         key = ("transposed", dtype)
@@ -636,6 +647,8 @@ class PreparedWeights:
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         row_len = dense.input_row_length(wp, stride[1])
         paired = every_weight and self.density > _PAIRS_ABOVE
+        quad_rows = (self._quad_rows_as(lanes) if paired and per_mac
+                     else np.zeros((0, 1, 4), lanes))
         if paired:
             bases = self._bases_for((hp, wp), stride[1], every_weight=True)
             values = self._matrix_as(lanes).reshape(-1)
@@ -687,7 +700,7 @@ class PreparedWeights:
             if per_mac:
                 sums, events, *fused = sparse.sparse_per_mac(
                     xt, row_ptr, bases, values, out_hw, stride[0], row_len, start, wrap, lo,
-                    hi, mask, plan.x_max_abs, tile, groups, rq_args, codes, paired)
+                    hi, mask, plan.x_max_abs, tile, groups, rq_args, codes, paired, quad_rows)
             else:
                 quads = self._quads_for(columns, (hp, wp), stride[1], lanes)
                 sums, *fused = sparse.sparse_sum(

@@ -46,6 +46,7 @@ from fxsim.kernels.tile import (
     add_products_quad,
     per_mac_products,
     per_mac_products_pair,
+    per_mac_products_quad,
 )
 
 
@@ -410,7 +411,7 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
 
 @njit(cache=True, parallel=True)
 def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start, wrap, lo,
-                   hi, mask, x_max_abs, tile, groups, rq, codes, paired=False):
+                   hi, mask, x_max_abs, tile, groups, rq, codes, paired, quads):
     """Zero-skipping per-MAC register: saturates (or wraps, with ``wrap``) after every MAC.
 
     Same layout and tasks as :func:`sparse_sum`. Lanes float32, int32 or int64 (see
@@ -427,7 +428,9 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
     K,), ``row_ptr`` = 0, K, 2K, ...), and ``bases`` (K,) is shared by all rows: the dense
     per-MAC convolution, two output channels per pass over the tile's inputs
     (:func:`fxsim.kernels.tile.per_mac_products_pair`; a zero product leaves a register,
-    saturated or not, unchanged).
+    saturated or not, unchanged), and channels 4b .. 4b + 3 four per pass where ``quads``
+    (B, K, 4) holds their weights side by side (:func:`fxsim.kernels.tile.
+    per_mac_products_quad`; B = 0: pairs only).
     """
     n_out = row_ptr.size - 1
     n_img = xt.shape[1]
@@ -451,14 +454,33 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
         count = 0
         if paired:
             acc1 = np.empty(width, xt.dtype)
+            acc2 = np.empty(width, xt.dtype)
+            acc3 = np.empty(width, xt.dtype)
             hits1 = np.zeros(width, np.int32)
+            hits2 = np.zeros(width, np.int32)
+            hits3 = np.zeros(width, np.int32)
             fan_in = bases.size
-            n_pairs = (n_out + 1) // 2
-            for pair in range(n_pairs * group // groups, n_pairs * (group + 1) // groups):
-                j = 2 * pair
+            n_quads = quads.shape[0]
+            # units: blocks of four channels, then pairs (and a last one alone)
+            n_units = n_quads + (n_out - QUAD * n_quads + 1) // 2
+            for unit in range(n_units * group // groups, n_units * (group + 1) // groups):
+                j = QUAD * unit if unit < n_quads else QUAD * n_quads + 2 * (unit - n_quads)
                 row = values[row_ptr[j] : row_ptr[j] + fan_in]
                 acc[:] = start[j]
-                if j + 1 < n_out:
+                if unit < n_quads:
+                    acc1[:] = start[j + 1]
+                    acc2[:] = start[j + 2]
+                    acc3[:] = start[j + 3]
+                    per_mac_products_quad(
+                        acc, acc1, acc2, acc3, hits, hits1, hits2, hits3, xflat, 0, fan_in,
+                        bases, row, values[row_ptr[j + 1] : row_ptr[j + 1] + fan_in],
+                        values[row_ptr[j + 2] : row_ptr[j + 2] + fan_in],
+                        values[row_ptr[j + 3] : row_ptr[j + 3] + fan_in], quads[unit], n_img,
+                        src, x_max_abs, wrap, lo, hi, mask)
+                    _emit(acc1, j + 1, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                    _emit(acc2, j + 2, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                    _emit(acc3, j + 3, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                elif j + 1 < n_out:
                     acc1[:] = start[j + 1]
                     per_mac_products_pair(acc, acc1, hits, hits1, xflat, 0, fan_in, bases, row,
                                           values[row_ptr[j + 1] : row_ptr[j + 1] + fan_in],
@@ -469,9 +491,11 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
                                      x_max_abs, wrap, lo, hi, mask)
                 _emit(acc, j, dst, width, sums, codes, wide, no_bias, rq, counts[task])
                 for t in range(width):
-                    count += hits[t] + hits1[t]
+                    count += hits[t] + hits1[t] + hits2[t] + hits3[t]
                 hits[:] = 0
                 hits1[:] = 0
+                hits2[:] = 0
+                hits3[:] = 0
         else:
             for j in range(n_out * group // groups, n_out * (group + 1) // groups):
                 acc[:] = start[j]

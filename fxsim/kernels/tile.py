@@ -20,7 +20,8 @@ loops let LLVM fuse ``acc + w * x`` into one FMA (``fastmath={"contract"}``, not
 wherever they run, every product and sum is an integer the lane dtype holds exactly, so one
 rounding or two give the same bits (one core, float32 pair loop: 22 -> 28 GMAC/s). Two output
 channels whose stored weights share their offsets (a dense layer) can run together
-(:func:`per_mac_products_pair`), loading each input vector once for both.
+(:func:`per_mac_products_pair`), loading each input vector once for both, or four
+(:func:`per_mac_products_quad`) where all four can take a group as plain multiply-adds.
 
 Numba's on-disk cache checks only the calling kernel's own source file: after editing this
 module in a development checkout, delete ``fxsim/kernels/__pycache__`` so that the kernels in
@@ -280,6 +281,66 @@ def per_mac_products_pair(acc0, acc1, hits0, hits1, xflat, first, last, offsets,
             top0, bottom0 = lane_range(acc0)
             top1, bottom1 = lane_range(acc1)
             exact0 = exact1 = True
+        idx = end
+
+
+@njit(cache=True)
+def per_mac_products_quad(acc0, acc1, acc2, acc3, hits0, hits1, hits2, hits3, xflat, first,
+                          last, offsets, w0, w1, w2, w3, block, mult, src, x_max_abs, wrap, lo,
+                          hi, mask):
+    """:func:`per_mac_products_pair` for four output channels whose weights ``w0`` .. ``w3``
+    share ``offsets`` (``block`` (K, 4): the same weights side by side). A group all four can
+    take as plain multiply-adds runs as one pass (:func:`add_products_quad`: each input
+    vector loaded once for four channels); otherwise each pair takes it as
+    :func:`per_mac_products_pair` does."""
+    top0, bottom0 = lane_range(acc0)
+    top1, bottom1 = lane_range(acc1)
+    top2, bottom2 = lane_range(acc2)
+    top3, bottom3 = lane_range(acc3)
+    exact0 = exact1 = exact2 = exact3 = True
+    idx = first
+    while idx < last:
+        end = min(idx + GROUP, last)
+        bound0 = group_bound(w0, idx, end, x_max_abs)
+        bound1 = group_bound(w1, idx, end, x_max_abs)
+        bound2 = group_bound(w2, idx, end, x_max_abs)
+        bound3 = group_bound(w3, idx, end, x_max_abs)
+        safe0, top0, bottom0, exact0 = proven_safe(acc0, top0, bottom0, exact0, bound0, lo, hi)
+        safe1, top1, bottom1, exact1 = proven_safe(acc1, top1, bottom1, exact1, bound1, lo, hi)
+        safe2, top2, bottom2, exact2 = proven_safe(acc2, top2, bottom2, exact2, bound2, lo, hi)
+        safe3, top3, bottom3, exact3 = proven_safe(acc3, top3, bottom3, exact3, bound3, lo, hi)
+        if safe0 and safe1 and safe2 and safe3:
+            add_products_quad(acc0, acc1, acc2, acc3, xflat, idx, end, offsets, block, mult, src)
+        elif safe0 and safe1:
+            add_products_pair(acc0, acc1, xflat, idx, end, offsets, w0, w1, mult, src)
+        else:
+            checked_products_pair(acc0, acc1, hits0, hits1, xflat, idx, end, offsets, w0, w1,
+                                  mult, src, wrap, lo, hi, mask)
+        if not (safe2 and safe3):
+            checked_products_pair(acc2, acc3, hits2, hits3, xflat, idx, end, offsets, w2, w3,
+                                  mult, src, wrap, lo, hi, mask)
+        elif not (safe0 and safe1):
+            add_products_pair(acc2, acc3, xflat, idx, end, offsets, w2, w3, mult, src)
+        if safe0 and safe1:
+            top0 += bound0
+            bottom0 -= bound0
+            top1 += bound1
+            bottom1 -= bound1
+            exact0 = exact1 = False
+        else:
+            top0, bottom0 = lane_range(acc0)
+            top1, bottom1 = lane_range(acc1)
+            exact0 = exact1 = True
+        if safe2 and safe3:
+            top2 += bound2
+            bottom2 -= bound2
+            top3 += bound3
+            bottom3 -= bound3
+            exact2 = exact3 = False
+        else:
+            top2, bottom2 = lane_range(acc2)
+            top3, bottom3 = lane_range(acc3)
+            exact2 = exact3 = True
         idx = end
 
 
