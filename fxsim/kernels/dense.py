@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from fxsim.fixedpoint import SAT, SAT_SYM, apply_overflow, requantize_one
-from fxsim.kernels.tile import per_mac_products, per_mac_products_pair
+from fxsim.kernels.tile import per_mac_products, per_mac_products_pair, per_mac_products_quad
 
 # Output positions handled per task by the blocked kernels: a (K, block) slice of cols stays in
 # L2 while all output channels run over it. Smaller blocks when there are few positions, so
@@ -450,23 +450,43 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
     x[k] * w[j, k] for k = 0, 1, ... in canonical order, one row of ``wt`` per nonzero x[k]
     (a zero input adds nothing to an exact or a saturated sum), with the same provably exact
     fast groups as :func:`fxsim.kernels.sparse.sparse_per_mac` (``w_max_abs`` bounds the
-    weights). Images go in pairs
-    that share each row of ``wt`` they read (the inputs either of them has nonzero; a zero
-    product leaves the other's registers unchanged). Returns (acc int64 (N, J), overflow
-    events).
+    weights). Images go in fours that share each row of ``wt`` they read (the inputs any of
+    them has nonzero; a zero product leaves the others' registers unchanged), a remainder in
+    a pair and alone (:func:`fxsim.kernels.tile.per_mac_products_quad`, ``_pair``). Returns
+    (acc int64 (N, J), overflow events).
     """
     n_img = x.shape[0]
     n_out = wt.shape[1]
     wflat = wt.reshape(-1)
     out = np.empty((n_img, n_out), np.int64)
-    n_pairs = (n_img + 1) // 2
-    events = np.empty(n_pairs, np.int64)  # every task fills its entry
-    for pair in prange(n_pairs):
-        i = 2 * pair
+    n_fours = n_img // 4
+    n_units = n_fours + (n_img - 4 * n_fours + 1) // 2
+    events = np.empty(n_units, np.int64)  # every task fills its entry
+    for unit in prange(n_units):
+        i = 4 * unit if unit < n_fours else 4 * n_fours + 2 * (unit - n_fours)
         acc0 = start.copy()
         hits0 = np.zeros(n_out, np.int32)  # at most K events per output
         hits1 = np.zeros(n_out, np.int32)
-        if i + 1 < n_img:
+        hits2 = np.zeros(n_out, np.int32)
+        hits3 = np.zeros(n_out, np.int32)
+        if unit < n_fours:
+            inputs = np.flatnonzero((x[i] != 0) | (x[i + 1] != 0) | (x[i + 2] != 0)
+                                    | (x[i + 3] != 0))
+            block = np.empty((inputs.size, 4), x.dtype)
+            for u in range(inputs.size):
+                for r in range(4):
+                    block[u, r] = x[i + r, inputs[u]]
+            acc1 = start.copy()
+            acc2 = start.copy()
+            acc3 = start.copy()
+            per_mac_products_quad(acc0, acc1, acc2, acc3, hits0, hits1, hits2, hits3, wflat, 0,
+                                  inputs.size, inputs, x[i][inputs], x[i + 1][inputs],
+                                  x[i + 2][inputs], x[i + 3][inputs], block, n_out, 0,
+                                  w_max_abs, wrap, lo, hi, mask)
+            out[i + 1] = acc1
+            out[i + 2] = acc2
+            out[i + 3] = acc3
+        elif i + 1 < n_img:
             inputs = np.flatnonzero((x[i] != 0) | (x[i + 1] != 0))
             acc1 = start.copy()
             per_mac_products_pair(acc0, acc1, hits0, hits1, wflat, 0, inputs.size, inputs,
@@ -480,8 +500,8 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
         out[i] = acc0
         count = 0
         for t in range(n_out):
-            count += hits0[t] + hits1[t]
-        events[pair] = count
+            count += hits0[t] + hits1[t] + hits2[t] + hits3[t]
+        events[unit] = count
     return out, total(events)
 
 
