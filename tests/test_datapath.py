@@ -200,8 +200,8 @@ def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_over
 def test_per_mac_linear_vectorised_over_outputs_is_exact(fmt, acc_bits, acc_overflow, lanes,
                                                           batch):
     # 64 or more outputs and mostly nonzero weights: the per-MAC kernel runs over the outputs
-    # (dense.dot_per_mac_rows, images in pairs; an odd batch leaves one image alone) instead
-    # of the batch; registers climb into saturation and back.
+    # (dense.dot_per_mac_rows, images in fours, then a pair; an odd batch leaves one image
+    # alone) instead of the batch; registers climb into saturation and back.
     rng = np.random.default_rng(64)
     fan_in = 160
     x = rng.integers(fmt.max_code // 2, fmt.max_code, (batch, fan_in), endpoint=True)
