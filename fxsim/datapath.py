@@ -636,19 +636,20 @@ class PreparedWeights:
                     every_weight: bool = False) -> Counters:
         """The zero-skipping kernel over chunks of images; fills ``out`` (N, J, P).
 
-        ``every_weight``: a dense layer with a per-MAC register on the same kernel and layout,
-        counted as the dense datapath (every MAC executed): mostly nonzero weights run every
-        weight, zeros included, two output channels per pass; sparser ones skip zero weights
-        (which changes no register) but are still counted."""
+        ``every_weight``: a dense layer with a per-MAC register on the same kernel and layout:
+        every weight, zeros included, two or four output channels per pass, counted as the
+        dense datapath. The zero-skipping datapath does the same where most weights are
+        nonzero (density above _PAIRS_ABOVE: the shared loads win over the skipped zeros; a
+        zero product changes no register), counted as zero-skipping: like sparse_sum's
+        blocks of four, a shortcut of the host, not of the simulated datapath."""
         dp = self.datapath
         lanes, per_mac = _sparse_lanes(plan, dp)
         cw = self.compressed
         n, c, h, w = x.shape
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         row_len = dense.input_row_length(wp, stride[1])
-        paired = every_weight and self.density > _PAIRS_ABOVE
-        quad_rows = (self._quad_rows_as(lanes) if paired and per_mac
-                     else np.zeros((0, 1, 4), lanes))
+        paired = per_mac and (every_weight or self.density > _PAIRS_ABOVE)
+        quad_rows = self._quad_rows_as(lanes) if paired else np.zeros((0, 1, 4), lanes)
         if paired:
             bases = self._bases_for((hp, wp), stride[1], every_weight=True)
             values = self._matrix_as(lanes).reshape(-1)
