@@ -14,8 +14,10 @@ one stored weight is one long vector update. A linear layer is the case Hp = Wp 
 position, base = input index. Time is proportional to the stored weights times the output
 positions: skipping is real, not simulated. Only where it is cheaper, at densities above ~0.75,
 do blocks of four output channels run over the union of their columns with filler zeros
-(:meth:`CompressedWeights.quads`), as index-sharing accelerators do; the counters report the
-zero-skipping datapath's MACs either way.
+(:meth:`CompressedWeights.quads`), as index-sharing accelerators do (a per-MAC register,
+:func:`sparse_per_mac`, runs every weight above a density of 0.7, as the dense per-MAC datapath
+does at any density, two or four channels per pass); the counters report the simulated
+datapath's MACs either way.
 
 Every output sees its MACs in canonical order (stored weights are visited in index order), so
 the per-MAC saturating and wrapping accumulators give exactly the dense kernels' results;

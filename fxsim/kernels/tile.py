@@ -284,6 +284,16 @@ def per_mac_products_pair(acc0, acc1, hits0, hits1, xflat, first, last, offsets,
         idx = end
 
 
+@njit(cache=True, inline="always")
+def range_after(acc, top, bottom, bound, plain):
+    """(max, min, measured) of a tile after a group: the range before it widened by the
+    group's bound where the group ran as plain multiply-adds, else measured again."""
+    if plain:
+        return top + bound, bottom - bound, False
+    top, bottom = lane_range(acc)
+    return top, bottom, True
+
+
 @njit(cache=True)
 def per_mac_products_quad(acc0, acc1, acc2, acc3, hits0, hits1, hits2, hits3, xflat, first,
                           last, offsets, w0, w1, w2, w3, block, mult, src, x_max_abs, wrap, lo,
@@ -321,26 +331,10 @@ def per_mac_products_quad(acc0, acc1, acc2, acc3, hits0, hits1, hits2, hits3, xf
                                   mult, src, wrap, lo, hi, mask)
         elif not (safe0 and safe1):
             add_products_pair(acc2, acc3, xflat, idx, end, offsets, w2, w3, mult, src)
-        if safe0 and safe1:
-            top0 += bound0
-            bottom0 -= bound0
-            top1 += bound1
-            bottom1 -= bound1
-            exact0 = exact1 = False
-        else:
-            top0, bottom0 = lane_range(acc0)
-            top1, bottom1 = lane_range(acc1)
-            exact0 = exact1 = True
-        if safe2 and safe3:
-            top2 += bound2
-            bottom2 -= bound2
-            top3 += bound3
-            bottom3 -= bound3
-            exact2 = exact3 = False
-        else:
-            top2, bottom2 = lane_range(acc2)
-            top3, bottom3 = lane_range(acc3)
-            exact2 = exact3 = True
+        top0, bottom0, exact0 = range_after(acc0, top0, bottom0, bound0, safe0 and safe1)
+        top1, bottom1, exact1 = range_after(acc1, top1, bottom1, bound1, safe0 and safe1)
+        top2, bottom2, exact2 = range_after(acc2, top2, bottom2, bound2, safe2 and safe3)
+        top3, bottom3, exact3 = range_after(acc3, top3, bottom3, bound3, safe2 and safe3)
         idx = end
 
 
