@@ -45,7 +45,12 @@ KERNELS = ("auto", "dense", "sparse")
 # Measured with benchmarks/sparse.py on LeNet5 / CifarNet shapes (docs/results/sparse.md): the
 # sparse convolution beats the BLAS-backed dense one below about 0.2 to 0.5, a sparse linear
 # layer (one output position, so no reuse of the laid-out input) below about 0.2.
-SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15}
+# A convolution whose per-MAC register can overflow runs the same kernel either way, every
+# weight (dense) or only the nonzero ones (sparse), so skipping wins at any density where
+# zeros are skipped at all, below _PAIRS_ABOVE (per-MAC table of docs/results/sparse.md, 20-bit
+# register, density 0.5: 1.06-1.56x on lenet5.conv2, cifarnet.conv1, conv6). Linear layers keep
+# theirs: the dense one over the outputs skips zero inputs instead, which ReLU makes many.
+SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": 0.7}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
@@ -438,14 +443,17 @@ class PreparedWeights:
         out = np.empty((n, n_out, oh * ow), _output_dtype(out_dtype, dp.output_fmt))
         u = uniform_draws(dp.rounding, out.size, dp.seed)
         lanes = _sparse_lanes(plan, dp)
-        if lanes is not None and (self.use_sparse or lanes[1]):
+        skip = self.use_sparse or (
+            dp.kernel == "auto" and lanes is not None and lanes[1]
+            and self.density < SPARSE_DENSITY_THRESHOLD["conv_per_mac"])
+        if lanes is not None and (skip or lanes[1]):
             # a per-MAC register of <= 62 bits runs on the zero-skipping kernel's layout even
             # when dense: no im2col, and a tile reads rows of the laid-out input instead of a
             # copy of its im2col columns (2 cores, 8-bit codes, 20-bit register, 2 runs:
             # cifarnet.conv1 27-28 -> 56 GMAC/s, conv2 31 -> 45, conv6 20 -> 23-24, lenet5.conv2
             # 32-33 -> 62-63)
             counters = self._run_sparse(plan, x, (sh, sw), (ph, pw), (oh, ow), out, u,
-                                        every_weight=not self.use_sparse)
+                                        every_weight=not skip)
             return out.reshape(n, n_out, oh, ow), counters
         per_chunk = _images_per_chunk(c * kh * kw * oh * ow)
         per_image = n_out * oh * ow

@@ -1,4 +1,5 @@
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -205,6 +206,27 @@ def test_auto_uses_sparse_below_the_threshold():
     _, c_high = prepare(high, None, Datapath(fmt, fmt)).linear(x)
     assert next(iter(c_low.paths)).startswith("sparse_")
     assert not next(iter(c_high.paths)).startswith("sparse_")
+
+
+def test_auto_skips_zeros_of_a_per_mac_convolution_below_its_own_threshold():
+    # a per-MAC register that can overflow: the same kernel either way, so skipping zeros
+    # pays below the density where the dense one runs every weight (0.7), not only below 0.3
+    from fxsim.datapath import SPARSE_DENSITY_THRESHOLD
+
+    rng = np.random.default_rng(1)
+    fmt = QFormat(8, 2)
+    x = rng.integers(-128, 128, (2, 4, 6, 6))
+    dp = Datapath(fmt, fmt, acc_bits=17, acc_mode="per_mac")
+    runs = {}
+    for density in (0.5, 0.9):
+        assert SPARSE_DENSITY_THRESHOLD["conv"] < 0.5 < SPARSE_DENSITY_THRESHOLD["conv_per_mac"]
+        w = np.where(random_mask((3, 4, 3, 3), density, rng), 127, 0)
+        y, c = prepare(w, None, dp).conv2d(x, padding=1)
+        y_dense, c_dense = prepare(w, None, replace(dp, kernel="dense")).conv2d(x, padding=1)
+        np.testing.assert_array_equal(y, y_dense)
+        assert c.acc_overflows == c_dense.acc_overflows > 0
+        runs[density] = next(iter(c.paths))
+    assert runs == {0.5: "sparse_per_mac_float32", 0.9: "per_mac_float32"}
 
 
 # ---------------------------------------------------------------------------- storage
