@@ -45,12 +45,19 @@ KERNELS = ("auto", "dense", "sparse")
 # Measured with benchmarks/sparse.py on LeNet5 / CifarNet shapes (docs/results/sparse.md): the
 # sparse convolution beats the BLAS-backed dense one below about 0.2 to 0.5, a sparse linear
 # layer (one output position, so no reuse of the laid-out input) below about 0.2.
+# Above this weight density the zero-skipping per-MAC kernel runs every weight, zeros
+# included, two or four output channels per pass (sparse.sparse_per_mac with paired rows; the
+# dense per-MAC datapath always does), instead of skipping zero weights one channel at a time:
+# about 1.5x the MACs per second (measured on im2col tiles), so it wins once fewer than about a
+# third of the weights are zero.
+_PAIRS_ABOVE = 0.7
+
 # A convolution whose per-MAC register can overflow runs the same kernel either way, every
 # weight (dense) or only the nonzero ones (sparse), so skipping wins at any density where
 # zeros are skipped at all, below _PAIRS_ABOVE (per-MAC table of docs/results/sparse.md, 20-bit
 # register, density 0.5: 1.06-1.56x on lenet5.conv2, cifarnet.conv1, conv6). Linear layers keep
 # theirs: the dense one over the outputs skips zero inputs instead, which ReLU makes many.
-SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": 0.7}
+SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": _PAIRS_ABOVE}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
@@ -63,12 +70,6 @@ _CHUNK_ELEMENTS = 1 << 21
 # (dense.im2col_batch_last: one contiguous copy per (row, output row)); measured on 2 cores,
 # LeNet5 conv2 (64 positions, batch 256): im2col 3.6 -> 1.4 ms.
 _BATCH_LAST_BELOW = 256
-
-# Above this weight density the dense per-MAC kernel runs two output channels per pass over
-# the inputs, zeros included (sparse.sparse_per_mac with paired rows), instead of skipping
-# zero weights one channel at a time: about 1.5x the MACs per second (measured on im2col
-# tiles), so it wins once fewer than about a third of the weights are zero.
-_PAIRS_ABOVE = 0.7
 
 # The zero-skipping exact sums read int8 input codes as they are below this density (see
 # PreparedWeights._run_sparse). Measured, 2 cores, medians of 7 interleaved runs, float32 ->
