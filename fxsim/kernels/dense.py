@@ -22,7 +22,13 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from fxsim.fixedpoint import SAT, SAT_SYM, apply_overflow, requantize_one
-from fxsim.kernels.tile import per_mac_products, per_mac_products_pair, per_mac_products_quad
+from fxsim.kernels.tile import (
+    per_mac_products,
+    per_mac_products_pair,
+    per_mac_products_quad,
+    unit_first,
+    units,
+)
 
 # Output positions handled per task by the blocked kernels: a (K, block) slice of cols stays in
 # L2 while all output channels run over it. Smaller blocks when there are few positions, so
@@ -460,10 +466,10 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
     wflat = wt.reshape(-1)
     out = np.empty((n_img, n_out), np.int64)
     n_fours = n_img // 4
-    n_units = n_fours + (n_img - 4 * n_fours + 1) // 2
+    n_units = units(n_img, n_fours)
     events = np.empty(n_units, np.int64)  # every task fills its entry
     for unit in prange(n_units):
-        i = 4 * unit if unit < n_fours else 4 * n_fours + 2 * (unit - n_fours)
+        i = unit_first(unit, n_fours)
         acc0 = start.copy()
         hits0 = np.zeros(n_out, np.int32)  # at most K events per output
         hits1 = np.zeros(n_out, np.int32)

@@ -49,6 +49,8 @@ from fxsim.kernels.tile import (
     per_mac_products,
     per_mac_products_pair,
     per_mac_products_quad,
+    unit_first,
+    units,
 )
 
 
@@ -463,10 +465,9 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
             hits3 = np.zeros(width, np.int32)
             fan_in = bases.size
             n_quads = quads.shape[0]
-            # units: blocks of four channels, then pairs (and a last one alone)
-            n_units = n_quads + (n_out - QUAD * n_quads + 1) // 2
+            n_units = units(n_out, n_quads)  # blocks of four channels, pairs, one alone
             for unit in range(n_units * group // groups, n_units * (group + 1) // groups):
-                j = QUAD * unit if unit < n_quads else QUAD * n_quads + 2 * (unit - n_quads)
+                j = unit_first(unit, n_quads)
                 row = values[row_ptr[j] : row_ptr[j] + fan_in]
                 acc[:] = start[j]
                 if unit < n_quads:

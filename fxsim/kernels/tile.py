@@ -149,6 +149,16 @@ def proven_safe(acc, top, bottom, exact, bound, lo, hi):
     return safe, top, bottom, exact
 
 
+@njit(cache=True, inline="always")
+def range_after(acc, top, bottom, bound, plain):
+    """(max, min, measured) of a tile after a group: the range before it widened by the
+    group's bound where the group ran as plain multiply-adds, else measured again."""
+    if plain:
+        return top + bound, bottom - bound, False
+    top, bottom = lane_range(acc)
+    return top, bottom, True
+
+
 @njit(cache=True)
 def per_mac_products(acc, hits, xflat, first, last, offsets, values, mult, src, x_max_abs,
                      wrap, lo, hi, mask):
@@ -168,14 +178,10 @@ def per_mac_products(acc, hits, xflat, first, last, offsets, values, mult, src, 
         safe, top, bottom, exact = proven_safe(acc, top, bottom, exact, bound, lo, hi)
         if safe:
             add_products(acc, xflat, idx, end, offsets, values, mult, src)
-            top += bound
-            bottom -= bound
-            exact = False
         else:
             checked_products(acc, hits, xflat, idx, end, offsets, values, mult, src, wrap, lo,
                              hi, mask)
-            top, bottom = lane_range(acc)
-            exact = True
+        top, bottom, exact = range_after(acc, top, bottom, bound, safe)
         idx = end
 
 
@@ -250,6 +256,18 @@ def add_products_quad(acc0, acc1, acc2, acc3, xflat, first, last, offsets, value
             acc3[t] += a3 * p
 
 
+@njit(cache=True, inline="always")
+def pair_group(acc0, acc1, hits0, hits1, xflat, first, last, offsets, values0, values1, mult,
+               src, wrap, lo, hi, mask, plain):
+    """A group of two channels' weights as plain multiply-adds where ``plain`` (both proven
+    safe), else both MAC by MAC in one pass (exact for a safe one too, with no events)."""
+    if plain:
+        add_products_pair(acc0, acc1, xflat, first, last, offsets, values0, values1, mult, src)
+    else:
+        checked_products_pair(acc0, acc1, hits0, hits1, xflat, first, last, offsets, values0,
+                              values1, mult, src, wrap, lo, hi, mask)
+
+
 @njit(cache=True)
 def per_mac_products_pair(acc0, acc1, hits0, hits1, xflat, first, last, offsets, values0,
                           values1, mult, src, x_max_abs, wrap, lo, hi, mask):
@@ -267,31 +285,26 @@ def per_mac_products_pair(acc0, acc1, hits0, hits1, xflat, first, last, offsets,
         bound1 = group_bound(values1, idx, end, x_max_abs)
         safe0, top0, bottom0, exact0 = proven_safe(acc0, top0, bottom0, exact0, bound0, lo, hi)
         safe1, top1, bottom1, exact1 = proven_safe(acc1, top1, bottom1, exact1, bound1, lo, hi)
-        if safe0 and safe1:
-            add_products_pair(acc0, acc1, xflat, idx, end, offsets, values0, values1, mult, src)
-            top0 += bound0
-            bottom0 -= bound0
-            top1 += bound1
-            bottom1 -= bound1
-            exact0 = exact1 = False
-        else:
-            # both channels MAC by MAC in one pass (exact for the safe one too, with no events)
-            checked_products_pair(acc0, acc1, hits0, hits1, xflat, idx, end, offsets, values0,
-                                  values1, mult, src, wrap, lo, hi, mask)
-            top0, bottom0 = lane_range(acc0)
-            top1, bottom1 = lane_range(acc1)
-            exact0 = exact1 = True
+        plain = safe0 and safe1
+        pair_group(acc0, acc1, hits0, hits1, xflat, idx, end, offsets, values0, values1, mult,
+                   src, wrap, lo, hi, mask, plain)
+        top0, bottom0, exact0 = range_after(acc0, top0, bottom0, bound0, plain)
+        top1, bottom1, exact1 = range_after(acc1, top1, bottom1, bound1, plain)
         idx = end
 
 
 @njit(cache=True, inline="always")
-def range_after(acc, top, bottom, bound, plain):
-    """(max, min, measured) of a tile after a group: the range before it widened by the
-    group's bound where the group ran as plain multiply-adds, else measured again."""
-    if plain:
-        return top + bound, bottom - bound, False
-    top, bottom = lane_range(acc)
-    return top, bottom, True
+def units(n, fours):
+    """How many units ``n`` channels (or images) make as ``fours`` blocks of four, then pairs,
+    then one alone; with :func:`unit_first`, the task split of the kernels that run
+    :func:`per_mac_products_quad`."""
+    return fours + (n - 4 * fours + 1) // 2
+
+
+@njit(cache=True, inline="always")
+def unit_first(unit, fours):
+    """The first channel (or image) of unit ``unit`` of :func:`units`."""
+    return 4 * unit if unit < fours else 4 * fours + 2 * (unit - fours)
 
 
 @njit(cache=True)
@@ -319,22 +332,19 @@ def per_mac_products_quad(acc0, acc1, acc2, acc3, hits0, hits1, hits2, hits3, xf
         safe1, top1, bottom1, exact1 = proven_safe(acc1, top1, bottom1, exact1, bound1, lo, hi)
         safe2, top2, bottom2, exact2 = proven_safe(acc2, top2, bottom2, exact2, bound2, lo, hi)
         safe3, top3, bottom3, exact3 = proven_safe(acc3, top3, bottom3, exact3, bound3, lo, hi)
-        if safe0 and safe1 and safe2 and safe3:
+        plain01 = safe0 and safe1
+        plain23 = safe2 and safe3
+        if plain01 and plain23:
             add_products_quad(acc0, acc1, acc2, acc3, xflat, idx, end, offsets, block, mult, src)
-        elif safe0 and safe1:
-            add_products_pair(acc0, acc1, xflat, idx, end, offsets, w0, w1, mult, src)
         else:
-            checked_products_pair(acc0, acc1, hits0, hits1, xflat, idx, end, offsets, w0, w1,
-                                  mult, src, wrap, lo, hi, mask)
-        if not (safe2 and safe3):
-            checked_products_pair(acc2, acc3, hits2, hits3, xflat, idx, end, offsets, w2, w3,
-                                  mult, src, wrap, lo, hi, mask)
-        elif not (safe0 and safe1):
-            add_products_pair(acc2, acc3, xflat, idx, end, offsets, w2, w3, mult, src)
-        top0, bottom0, exact0 = range_after(acc0, top0, bottom0, bound0, safe0 and safe1)
-        top1, bottom1, exact1 = range_after(acc1, top1, bottom1, bound1, safe0 and safe1)
-        top2, bottom2, exact2 = range_after(acc2, top2, bottom2, bound2, safe2 and safe3)
-        top3, bottom3, exact3 = range_after(acc3, top3, bottom3, bound3, safe2 and safe3)
+            pair_group(acc0, acc1, hits0, hits1, xflat, idx, end, offsets, w0, w1, mult, src,
+                       wrap, lo, hi, mask, plain01)
+            pair_group(acc2, acc3, hits2, hits3, xflat, idx, end, offsets, w2, w3, mult, src,
+                       wrap, lo, hi, mask, plain23)
+        top0, bottom0, exact0 = range_after(acc0, top0, bottom0, bound0, plain01)
+        top1, bottom1, exact1 = range_after(acc1, top1, bottom1, bound1, plain01)
+        top2, bottom2, exact2 = range_after(acc2, top2, bottom2, bound2, plain23)
+        top3, bottom3, exact3 = range_after(acc3, top3, bottom3, bound3, plain23)
         idx = end
 
 
