@@ -590,15 +590,13 @@ class PreparedWeights:
         shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
         if plan.path.startswith("per_mac"):
             wrap = dp.acc_overflow is Overflow.WRAP
-            block = dense.block_size(cols.shape[1], numba.get_num_threads())
-            lanes = plan.cols_dtype
-            if dp.acc_bits <= 62:
-                lo, hi, mask = _register(dp.acc_bits, lanes)
-            if x_rows:
-                sums, events = dense.dot_per_mac_rows(cols, self._transposed_as(lanes),
+            if x_rows:  # a register of <= 62 bits, over the outputs (see linear)
+                lo, hi, mask = _register(dp.acc_bits, plan.cols_dtype)
+                sums, events = dense.dot_per_mac_rows(cols, self._transposed_as(plan.cols_dtype),
                                                       plan.start, lo, hi, mask, wrap,
                                                       self.w_max_abs)
             else:  # wider than 62 bits (narrower ones run on the zero-skipping kernel's layout)
+                block = dense.block_size(cols.shape[1], numba.get_num_threads())
                 sums, events = dense.dot_per_mac_int64(plan.weights, cols, plan.start,
                                                        dp.acc_bits, wrap, block)
             events += plan.start_overflowed * n_img * per_img
