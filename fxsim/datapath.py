@@ -36,7 +36,7 @@ from fxsim.fixedpoint import (
     requantize_with_count,
     uniform_draws,
 )
-from fxsim.kernels import dense, sparse
+from fxsim.kernels import dense, int8, sparse
 
 ACC_MODES = ("final", "per_mac")
 KERNELS = ("auto", "dense", "sparse")
@@ -230,7 +230,8 @@ class Counters:
     executed_macs:   MACs the kernel performed (dense: all of them; sparse: stored weights x
                      output positions).
     skipped_macs:    MACs skipped because the weight is zero (macs - executed_macs).
-    paths:           which kernel computed the sums (float32, float64, int64, per_mac_float32,
+    paths:           which kernel computed the sums (float32, float64, int64, int8 (int8 dot
+                     products into int32 lanes, :mod:`fxsim.kernels.int8`), per_mac_float32,
                      per_mac_int32, per_mac_int64, and sparse_* for the zero-skipping kernel),
                      with how many outputs each.
     weight_bytes:    bytes the layer's weights take in the dense, bitmask, csr and eie
@@ -411,6 +412,9 @@ class PreparedWeights:
             start, overflowed = self._starts_for(dtype)
             return _Plan(f"per_mac_{np.dtype(dtype).name}", self._matrix_as(dtype), start,
                          overflowed, dtype, 1 << (dp.acc_bits - 1), x_max_abs)
+        if self._int8_dot(bound):
+            return _Plan("int8", self._int8_weights(), None, 0, np.int8, bound + bias_max,
+                         x_max_abs)
         if bound < 1 << 24:
             path, dtype = "float32", np.float32
         elif bound < 1 << 53:
@@ -419,6 +423,22 @@ class PreparedWeights:
             # int64 holds every partial sum only if the bound (refined per chunk) says so
             path, dtype = "int64", np.int64
         return _Plan(path, self._matrix_as(dtype), None, 0, dtype, bound + bias_max, x_max_abs)
+
+    def _int8_dot(self, bound: int) -> bool:
+        """Whether the exact sums run as int8 dot products (:mod:`fxsim.kernels.int8`): the
+        host has them, the layer is a dense linear one with more outputs than the fused
+        few-output kernel takes, both formats' codes fit a byte and no sum leaves int32."""
+        dp = self.datapath
+        return (int8.AVAILABLE and self.weights.ndim == 2 and not self.use_sparse
+                and self.weights.shape[0] > dense.FEW_OUTPUTS and bound < 1 << 31
+                and all(-128 <= f.min_code and f.max_code <= 127
+                        for f in (dp.act_fmt, dp.weight_fmt)))
+
+    def _int8_weights(self) -> np.ndarray:
+        """The weights packed for :func:`fxsim.kernels.int8.linear_sums`."""
+        if "int8" not in self._casts:
+            self._casts["int8"] = int8.pack_weights(self.matrix)
+        return self._casts["int8"]
 
     def conv2d(self, x_codes, stride=1, padding=0, out_dtype=None):
         """Run as a convolution; see :func:`conv2d`."""
@@ -476,11 +496,12 @@ class PreparedWeights:
         few = self._linear_few_outputs(x_codes, out_dtype)
         if few is not None:
             return few
-        if self.plan(max(-fmt.min_code, fmt.max_code)).path == "float32" and not self.use_sparse:
-            # any input in the format keeps the bound under 2^24: check and cast in one serial
-            # pass before the GEMM (Numba-only paths keep the parallel check: measured, the
-            # serial cast made the sparse lenet5.fc2 0.18 -> 0.23 ms)
-            x, x_max_abs = _cast_codes(x_codes, fmt, "x", 2, np.float32)
+        worst = self.plan(max(-fmt.min_code, fmt.max_code))
+        if worst.path in ("float32", "int8") and not self.use_sparse:
+            # any input in the format keeps the bound under 2^24 (2^31): check and cast in one
+            # serial pass before the GEMM (Numba-only paths keep the parallel check: measured,
+            # the serial cast made the sparse lenet5.fc2 0.18 -> 0.23 ms)
+            x, x_max_abs = _cast_codes(x_codes, fmt, "x", 2, worst.cols_dtype)
         else:
             x, x_max_abs = _as_codes(x_codes, fmt, "x", 2)
         n, k = x.shape
@@ -511,8 +532,8 @@ class PreparedWeights:
         counters = Counters(weight_bytes=self.weight_bytes())
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
-            # float paths multiply x @ w.T
-            x_rows = plan.path.startswith("float") or over_outputs
+            # float and int8 paths multiply x @ w.T
+            x_rows = plan.path.startswith("float") or plan.path == "int8" or over_outputs
             if x_rows:
                 cols = x[n0:n1].astype(plan.cols_dtype, copy=False)  # (N, K)
             else:
@@ -607,6 +628,9 @@ class PreparedWeights:
                 _check_int64_fits(plan, cols, self.bias)
                 block = dense.block_size(cols.shape[1], numba.get_num_threads())
                 sums = dense.dot_int64(plan.weights, cols, block)
+            elif plan.path == "int8":
+                sums = np.empty((cols.shape[0], n_out), np.int32)
+                int8.linear_sums(cols, plan.weights, sums)
             elif x_rows:
                 # BLAS on the contiguous (K, J) copy: numpy's transposed operand measured up to
                 # 2x slower (lenet5.fc2, 256 x 500 @ 500 x 10: 0.098 -> 0.041 ms; fc1 0.86 -> 0.77)
@@ -811,6 +835,8 @@ def _sparse_lanes(plan: _Plan, dp: Datapath):
     wider than 62 bits whose add could leave int64); those layers run densely."""
     if plan.path in ("float32", "float64"):
         return (np.float32 if plan.path == "float32" else np.float64), False
+    if plan.path == "int8":  # chosen only for layers that do not skip zeros
+        return None
     if plan.path == "int64":
         return (np.int64, False) if plan.acc_bound < 1 << 63 else None
     if plan.path == "per_mac_int64" and dp.acc_bits > 62:

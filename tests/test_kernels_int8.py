@@ -1,0 +1,128 @@
+"""The int8 dot-product kernels (AVX-512 VNNI): exact against int64 arithmetic, and the linear
+layers that take them exact against the Python reference. Skipped where the CPU lacks VNNI;
+there the float path they replace runs, and the tests at the end cover it on any machine."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxsim import QFormat
+from fxsim.datapath import Datapath, prepare
+from fxsim.kernels import dense, int8
+from tests.test_datapath import check_linear, datapaths, random_codes
+
+needs_vnni = pytest.mark.skipif(not int8.AVAILABLE, reason="the CPU has no AVX-512 VNNI")
+
+
+def int8_sums(x, w):
+    sums = np.empty((x.shape[0], w.shape[0]), np.int32)
+    int8.linear_sums(np.ascontiguousarray(x, np.int8), int8.pack_weights(w), sums)
+    return sums
+
+
+@needs_vnni
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 40), fan_in=st.integers(1, 300),
+       n_out=st.integers(1, 150))
+def test_linear_sums_are_exact(seed, batch, fan_in, n_out):
+    # batches around the micro-kernel's 4 images and the task's 16, fan-ins with and without
+    # a partial last quad, outputs around whole vectors (16) and micro-kernels (64)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 127, (batch, fan_in), endpoint=True)
+    w = rng.integers(-128, 127, (n_out, fan_in), endpoint=True)
+    x[0] = -128  # the correction's extreme: sum_k x[k] as negative as it gets
+    assert np.array_equal(int8_sums(x, w), x @ w.T)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("x_code", "w_code"), [(-128, -128), (-128, 127), (127, 127),
+                                                (127, -128), (0, 127)])
+def test_linear_sums_are_exact_up_to_the_int32_bound(x_code, w_code):
+    # the largest fan-in whose worst sum, 128 * 128 * K, fits int32; with w = 127 the unsigned
+    # weights' sum, 255 * x * K, wraps int32 twice over and the result must still be exact
+    fan_in = (2**31 - 1) // (128 * 128)
+    x = np.full((5, fan_in), x_code, np.int8)
+    w = np.full((17, fan_in), w_code, np.int8)
+    assert (int8_sums(x, w) == x_code * w_code * fan_in).all()
+
+
+def test_pack_weights_layout():
+    w = np.arange(-30, 30).reshape(3, 20)  # 3 outputs, 20 inputs: 5 quads, 16 lanes
+    packed = int8.pack_weights(w)
+    assert packed.shape == (5, 16, 4) and packed.dtype == np.uint8
+    assert packed[2, 1, 3] == w[1, 11] + 128
+    assert not packed[:, 3:].any()  # padding outputs multiply to zero
+
+
+def int8_datapath(dp: Datapath, acc_mode=None) -> Datapath:
+    """dp with formats of at most 8 bits (codes within a byte) and kernel="dense"."""
+    return Datapath(dp.act_fmt, dp.weight_fmt, out_fmt=dp.out_fmt, acc_bits=dp.acc_bits,
+                    acc_overflow=dp.acc_overflow, acc_mode=acc_mode or dp.acc_mode,
+                    rounding=dp.rounding, overflow=dp.overflow, kernel="dense")
+
+
+@needs_vnni
+@settings(max_examples=80, deadline=None)
+@given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 20),
+       fan_in=st.integers(1, 70), n_out=st.sampled_from([25, 40, 64, 65, 130]),
+       zeros=st.sampled_from([0, 0.5]))
+def test_int8_linear_layers_match_reference(dp, seed, batch, fan_in, n_out, zeros):
+    """Every rounding and overflow mode, accumulators of any width applied once (or per MAC
+    where no MAC can overflow): the int8 kernel and the requantisation after it, bit for bit
+    and counter for counter the Python reference."""
+    dp = int8_datapath(dp)
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (batch, fan_in))
+    w = random_codes(rng, dp.weight_fmt, (n_out, fan_in), zeros)
+    b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
+    counters = check_linear(dp, x, w, b)
+    if dp.acc_mode == "final":
+        assert counters.paths == {"int8": counters.outputs}
+    else:  # int8 where the register cannot overflow (an exact sum), else the per-MAC kernels
+        assert counters.paths in ({"int8": counters.outputs},
+                                  {f"per_mac_{lanes}": counters.outputs
+                                   for lanes in ("float32", "int32", "int64")
+                                   if f"per_mac_{lanes}" in counters.paths})
+
+
+@needs_vnni
+def test_int8_path_is_taken_only_where_it_is_exact():
+    fmt = QFormat(8, 2)
+    rng = np.random.default_rng(3)
+    cases = [
+        (Datapath(fmt, fmt, kernel="dense"), 30, "int8"),
+        (Datapath(fmt, fmt, kernel="dense"), dense.FEW_OUTPUTS, "float32"),  # fused kernel
+        (Datapath(fmt, fmt, kernel="sparse"), 30, "sparse_float32"),  # skips zeros
+        (Datapath(QFormat(9, 2), fmt, kernel="dense"), 30, "float32"),  # codes beyond a byte
+        (Datapath(fmt, QFormat(8, 2, signed=False), kernel="dense"), 30, "float32"),
+    ]
+    for dp, n_out, path in cases:
+        w = random_codes(rng, dp.weight_fmt, (n_out, 50))
+        xc = random_codes(rng, dp.act_fmt, (4, 50))
+        counters = check_linear(dp, xc, w, np.zeros(n_out, np.int64))
+        assert counters.paths == {path: 4 * n_out}, (dp, n_out)
+    # a fan-in whose worst sum exceeds 2^31 (but not 2^53) runs in float64
+    big = 1 << 17
+    w = np.full((30, big), -128)
+    xb = np.full((1, big), -128)
+    y, counters = prepare(w, None, Datapath(fmt, fmt, kernel="dense")).linear(xb)
+    assert counters.paths == {"float64": 30}
+    assert counters.max_abs_acc == 128 * 128 * big
+
+
+@settings(max_examples=40, deadline=None)
+@given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 20),
+       fan_in=st.integers(1, 70))
+def test_linear_layers_without_int8_dot_products_match_reference(dp, seed, batch, fan_in):
+    """The float BLAS path that machines without VNNI run, for the layers that take the int8
+    kernel here."""
+    dp = int8_datapath(dp, acc_mode="final")
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (batch, fan_in))
+    w = random_codes(rng, dp.weight_fmt, (40, fan_in), 0.3)
+    b = random_codes(rng, dp.bias_format, (40,)) >> rng.integers(0, 60)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "AVAILABLE", False)
+        counters = check_linear(dp, x, w, b)
+    assert counters.paths == {"float32": counters.outputs}
