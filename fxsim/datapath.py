@@ -431,7 +431,7 @@ class PreparedWeights:
         dp = self.datapath
         return (int8.AVAILABLE and self.weights.ndim == 2 and not self.use_sparse
                 and self.weights.shape[0] > dense.FEW_OUTPUTS and bound < 1 << 31
-                and all(-128 <= f.min_code and f.max_code <= 127
+                and all(f.min_code >= -128 and f.max_code <= 127
                         for f in (dp.act_fmt, dp.weight_fmt)))
 
     def _int8_weights(self) -> np.ndarray:

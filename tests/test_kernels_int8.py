@@ -106,7 +106,7 @@ def test_int8_path_is_taken_only_where_it_is_exact():
     big = 1 << 17
     w = np.full((30, big), -128)
     xb = np.full((1, big), -128)
-    y, counters = prepare(w, None, Datapath(fmt, fmt, kernel="dense")).linear(xb)
+    _, counters = prepare(w, None, Datapath(fmt, fmt, kernel="dense")).linear(xb)
     assert counters.paths == {"float64": 30}
     assert counters.max_abs_acc == 128 * 128 * big
 

@@ -75,7 +75,8 @@ def _dot_intrinsic(builder):
     v16 = ir.VectorType(ir.IntType(32), LANES)
     operand = ir.VectorType(ir.IntType(8), 64) if binding.llvm_version_info >= (21,) else v16
     fnty = ir.FunctionType(v16, [v16, operand, operand])
-    return cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512"), operand
+    name = "llvm.x86.avx512.vpdpbusd.512"
+    return cgutils.get_or_insert_function(builder.module, fnty, name), operand
 
 
 def _micro(mr: int, nr: int):
@@ -197,7 +198,7 @@ def linear_sums(x, packed, sums):
     J) int32, filled. The caller guarantees every true sum fits int32. A task is up to
     :data:`IMAGES` images x one :data:`PANEL` of outputs."""
     n_img, fan_in = x.shape
-    quads, padded, _ = packed.shape
+    padded = packed.shape[1]
     n_out = sums.shape[1]
     whole = fan_in // QUAD
     tail = fan_in - QUAD * whole
