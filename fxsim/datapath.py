@@ -429,15 +429,18 @@ class PreparedWeights:
         host has them, the layer is a dense linear one with more outputs than the fused
         few-output kernel takes, both formats' codes fit a byte and no sum leaves int32."""
         dp = self.datapath
-        return (int8.AVAILABLE and self.weights.ndim == 2 and not self.use_sparse
-                and self.weights.shape[0] > dense.FEW_OUTPUTS and bound < 1 << 31
+        return (int8.AVAILABLE and not self.use_sparse
+                and (self.weights.ndim == 4 or self.weights.shape[0] > dense.FEW_OUTPUTS)
+                and bound < 1 << 31
                 and all(f.min_code >= -128 and f.max_code <= 127
                         for f in (dp.act_fmt, dp.weight_fmt)))
 
     def _int8_weights(self) -> np.ndarray:
-        """The weights packed for :func:`fxsim.kernels.int8.linear_sums`."""
+        """The weights packed for :func:`int8.dot_rows` or :func:`int8.conv_sums`."""
         if "int8" not in self._casts:
-            self._casts["int8"] = int8.pack_weights(self.matrix)
+            w = self.weights
+            self._casts["int8"] = (int8.pack_weights(w) if w.ndim == 2 else
+                                   int8.pack_conv_weights(w, int8.folds(w.shape[1], w.shape[3])))
         return self._casts["int8"]
 
     def conv2d(self, x_codes, stride=1, padding=0, out_dtype=None):
@@ -475,6 +478,9 @@ class PreparedWeights:
             # 32-33 -> 62-63)
             counters = self._run_sparse(plan, x, (sh, sw), (ph, pw), (oh, ow), out, u,
                                         every_weight=not skip)
+            return out.reshape(n, n_out, oh, ow), counters
+        if plan.path == "int8":
+            counters = self._conv_int8(plan, x, (sh, sw), (ph, pw), out, u)
             return out.reshape(n, n_out, oh, ow), counters
         per_chunk = _images_per_chunk(c * kh * kw * oh * ow)
         per_image = n_out * oh * ow
@@ -603,12 +609,10 @@ class PreparedWeights:
         ``cols`` is (K, M) with M = N * P, its columns ordered (image, position), or (position,
         image) with ``batch_last``; or, with ``x_rows`` (a linear layer on a float path or with
         a per-MAC register of <= 62 bits), the (N, K) input itself, multiplied as x @ w.T so
-        that nothing needs a transpose.
+        that nothing needs a transpose (on the int8 path, int8 codes).
         """
         dp = self.datapath
         n_img, n_out, per_img = out.shape
-        fan_in = self.matrix.shape[1]
-        shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
         if plan.path.startswith("per_mac"):
             wrap = dp.acc_overflow is Overflow.WRAP
             if x_rows:  # a register of <= 62 bits, over the outputs (see linear)
@@ -628,9 +632,9 @@ class PreparedWeights:
                 _check_int64_fits(plan, cols, self.bias)
                 block = dense.block_size(cols.shape[1], numba.get_num_threads())
                 sums = dense.dot_int64(plan.weights, cols, block)
-            elif plan.path == "int8":
-                sums = np.empty((cols.shape[0], n_out), np.int32)
-                int8.linear_sums(cols, plan.weights, sums)
+            elif plan.path == "int8":  # a linear layer (convolutions: _conv_int8)
+                sums = np.empty((n_img, n_out), np.int32)
+                int8.dot_rows(cols, plan.weights, sums)
             elif x_rows:
                 # BLAS on the contiguous (K, J) copy: numpy's transposed operand measured up to
                 # 2x slower (lenet5.fc2, 256 x 500 @ 500 x 10: 0.098 -> 0.041 ms; fc1 0.86 -> 0.77)
@@ -639,13 +643,33 @@ class PreparedWeights:
                 sums = plan.weights @ cols
             events = 0
             bias = self.bias
-            acc_omode = dp.acc_overflow.code if dp.acc_bits is not None else -1
+            acc_omode = self._acc_omode
+        return self._finish_chunk(plan, sums, events, bias, acc_omode, out, u, x_rows,
+                                  batch_last)
+
+    @property
+    def _acc_omode(self) -> int:
+        """The accumulator's overflow mode code for a final overflow, -1 for none."""
+        dp = self.datapath
+        return dp.acc_overflow.code if dp.acc_bits is not None else -1
+
+    def _finish_chunk(self, plan: _Plan, sums, events, bias, acc_omode, out, u,
+                      x_rows: bool = False, batch_last: bool = False) -> Counters:
+        """Requantise one chunk's sums into ``out`` (N, J, P) and count. ``sums``: (N, J)
+        with ``x_rows``; (J, P * N) with ``batch_last`` or P = 1; (N, J, P) from the int8
+        convolution; else (J, N * P). ``events``: accumulator overflows already counted."""
+        dp = self.datapath
+        n_img, n_out, per_img = out.shape
+        shift = dp.acc_frac_bits - dp.output_fmt.frac_bits
         if x_rows:  # (N, J): one (1, J) row per image, the bias along it
             acc_events, sat_events, highest, lowest = _finish(
                 sums[:, None, :], bias, True, acc_omode, shift, plan, dp, u,
                 out.reshape(n_img, 1, n_out),
                 serial=plan.path.startswith("float") and out.size < _ONE_THREAD_BELOW,
             )  # fmt: skip
+        elif sums.ndim == 3:  # (N, J, P) already
+            acc_events, sat_events, highest, lowest = _finish(
+                sums, bias, False, acc_omode, shift, plan, dp, u, out)
         elif batch_last or per_img == 1:  # (J, P * N)
             acc_events, sat_events, highest, lowest = _finish_batch_last(
                 sums, bias, acc_omode, shift, plan, dp, u, out)
@@ -653,6 +677,7 @@ class PreparedWeights:
             sums3 = sums.reshape(n_out, n_img, per_img).transpose(1, 0, 2)
             acc_events, sat_events, highest, lowest = _finish(
                 sums3, bias, False, acc_omode, shift, plan, dp, u, out)
+        fan_in = self.matrix.shape[1]
         return Counters(
             macs=out.size * fan_in,
             acc_overflows=int(events) + int(acc_events),
@@ -662,6 +687,43 @@ class PreparedWeights:
             executed_macs=out.size * fan_in,
             paths={plan.path: out.size},
         )
+
+    def _conv_int8(self, plan: _Plan, x, stride, padding, out, u) -> Counters:
+        """The convolution as int8 dot products (:func:`int8.conv_sums`: no im2col), chunk
+        by chunk of images; fills ``out`` (N, J, P)."""
+        n, c = x.shape[:2]
+        kh, kw = self.weights.shape[2:]
+        fold = int8.folds(c, kw)
+        per_chunk = _images_per_chunk(out[0].size)
+        counters = Counters(weight_bytes=self.weight_bytes())
+        dp = self.datapath
+        # requantised inside the kernel where the vectorised requantisation applies
+        rq = _fast_requant(self._acc_omode, dp.acc_frac_bits - dp.output_fmt.frac_bits, plan, dp)
+        for n0 in range(0, n, per_chunk):
+            n1 = min(n, n0 + per_chunk)
+            xp, pixel_sums = int8.layout(x[n0:n1], padding, kw if fold else 1)
+            chunk_out = out[n0:n1]
+            if rq is None:
+                sums = np.empty(chunk_out.shape, np.int32)
+                int8.conv_sums(xp, pixel_sums, plan.weights, kh, 1 if fold else kw, *stride,
+                               self.bias, sparse.NO_REQUANT, np.empty((0, 0, 0), out.dtype),
+                               sums)
+                counters += self._finish_chunk(plan, sums, 0, self.bias, self._acc_omode,
+                                               chunk_out, _slice(u, n0, n1, out[0].size))
+                continue
+            acc_events, sat_events, highest, lowest = int8.conv_sums(
+                xp, pixel_sums, plan.weights, kh, 1 if fold else kw, *stride, self.bias, rq,
+                chunk_out, np.empty((0, 0, 0), np.int32))
+            counters += Counters(
+                macs=chunk_out.size * self.matrix.shape[1],
+                acc_overflows=int(acc_events),
+                out_saturations=int(sat_events),
+                max_abs_acc=max(int(highest), -int(lowest)),
+                outputs=chunk_out.size,
+                executed_macs=chunk_out.size * self.matrix.shape[1],
+                paths={plan.path: chunk_out.size},
+            )
+        return counters
 
     def _run_sparse(self, plan: _Plan, x, stride, padding, out_hw, out, u,
                     every_weight: bool = False) -> Counters:
@@ -884,9 +946,9 @@ def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, 
         return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi, bits,
                       signed, dp.rounding.code, dp.overflow.code, u, out)
     lane_bias = 1 if bias_last else 0
-    if bias_last and rq[11] and sums.flags.c_contiguous:
+    if rq[11] and sums.flags.c_contiguous:
         # the int32 kernel, with the bias as int32 (exact: rq[11] bounds |sum + bias| < 2^31)
-        bias, lane_bias = bias.astype(np.int32), 2
+        bias, lane_bias = bias.astype(np.int32), 2 if bias_last else 3
     kernel = dense.finish_fast_serial if serial else dense.finish_fast
     return kernel(sums, bias, lane_bias, rq, out)
 

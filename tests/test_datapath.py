@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from fxsim import QFormat, code_dtype
 from fxsim.datapath import Counters, Datapath, avg_pool2d, conv2d, linear, max_pool2d, relu
 from fxsim.errors import DatapathError, FormatError, RangeError, ShapeError
+from fxsim.kernels import int8
 from tests.reference import conv2d_ref, linear_ref, requantize_ref
 
 ROUNDINGS = ["trn", "trn_zero", "rnd", "rnd_zero", "rnd_min_inf", "rnd_inf", "rnd_conv"]
@@ -136,9 +137,19 @@ PATHS = [
 ]
 
 
-@pytest.mark.parametrize(("path", "act", "weight", "acc_bits", "mode", "acc_overflow"),
-                         [(*case[:5], ovf) for case in PATHS for ovf in case[5]])
-def test_every_kernel_path_is_exact(path, act, weight, acc_bits, mode, acc_overflow):
+# Where the CPU has int8 dot products (fxsim.kernels.int8), codes that fit a byte take them
+# instead of float32 BLAS; the float32 cases run both ways there.
+INT8_PATHS = [(*case[:5], ovf, True) for case in PATHS if case[0] == "float32" and int8.AVAILABLE
+              for ovf in case[5]]
+
+
+@pytest.mark.parametrize(("path", "act", "weight", "acc_bits", "mode", "acc_overflow", "int8_dot"),
+                         [(*case[:5], ovf, False) for case in PATHS for ovf in case[5]]
+                         + INT8_PATHS)
+def test_every_kernel_path_is_exact(path, act, weight, acc_bits, mode, acc_overflow, int8_dot,
+                                    monkeypatch):
+    monkeypatch.setattr(int8, "AVAILABLE", int8_dot)
+    path = "int8" if int8_dot else path
     rng = np.random.default_rng(zlib.crc32(repr((path, acc_bits, acc_overflow)).encode()))
     # kernel="dense": with about 0.7 of the weights nonzero, "auto" may take the zero-skipping
     # datapath for a per-MAC register (its own threshold is 0.7), which other tests cover
@@ -152,7 +163,7 @@ def test_every_kernel_path_is_exact(path, act, weight, acc_bits, mode, acc_overf
     if mode == "per_mac" and path.startswith("per_mac"):
         assert counters.acc_overflows > 0  # the case is meant to exercise overflow
     lin_counters = check_linear(dp, x.reshape(3, -1)[:, :36], w.reshape(5, -1), b)
-    assert set(lin_counters.paths) <= {path, "float32", "float64", "int64"}
+    assert set(lin_counters.paths) <= {path, "float32", "float64", "int64"}  # 5 outputs: fused
 
 
 # (format, register bits, overflow) -> the lanes the per-MAC kernels run in
@@ -441,6 +452,7 @@ def test_batch_last_codes_transposed_by_words_match_reference(kernel, acc, batch
     calls = []
     words = dense._transpose_words
     monkeypatch.setattr(dense, "_transpose_words", lambda *a: calls.append(1) or words(*a))
+    monkeypatch.setattr(int8, "AVAILABLE", False)  # the float kernels' batch-last sums
     fmt = QFormat(8, 2)
     dp = Datapath(fmt, fmt, out_fmt=out_fmt, kernel=kernel, rounding="rnd_conv", **acc)
     rng = np.random.default_rng(batch)

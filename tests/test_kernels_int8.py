@@ -8,24 +8,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxsim import QFormat
-from fxsim.datapath import Datapath, prepare
+from fxsim.datapath import Datapath, conv2d, prepare
 from fxsim.kernels import dense, int8
-from tests.test_datapath import check_linear, datapaths, random_codes
+from tests.test_datapath import check_conv, check_linear, datapaths, random_codes
 
 needs_vnni = pytest.mark.skipif(not int8.AVAILABLE, reason="the CPU has no AVX-512 VNNI")
 
 
 def int8_sums(x, w):
-    sums = np.empty((x.shape[0], w.shape[0]), np.int32)
-    int8.linear_sums(np.ascontiguousarray(x, np.int8), int8.pack_weights(w), sums)
-    return sums
+    sums = np.empty((x.shape[0], w.shape[0], 1), np.int32)
+    int8.dot_rows(np.ascontiguousarray(x, np.int8), int8.pack_weights(w), sums)
+    return sums[:, :, 0]
 
 
 @needs_vnni
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 40), fan_in=st.integers(1, 300),
        n_out=st.integers(1, 150))
-def test_linear_sums_are_exact(seed, batch, fan_in, n_out):
+def test_dot_rows_are_exact(seed, batch, fan_in, n_out):
     # batches around the micro-kernel's 4 images and the task's 16, fan-ins with and without
     # a partial last quad, outputs around whole vectors (16) and micro-kernels (64)
     rng = np.random.default_rng(seed)
@@ -38,7 +38,7 @@ def test_linear_sums_are_exact(seed, batch, fan_in, n_out):
 @needs_vnni
 @pytest.mark.parametrize(("x_code", "w_code"), [(-128, -128), (-128, 127), (127, 127),
                                                 (127, -128), (0, 127)])
-def test_linear_sums_are_exact_up_to_the_int32_bound(x_code, w_code):
+def test_dot_rows_are_exact_up_to_the_int32_bound(x_code, w_code):
     # the largest fan-in whose worst sum, 128 * 128 * K, fits int32; with w = 127 the unsigned
     # weights' sum, 255 * x * K, wraps int32 twice over and the result must still be exact
     fan_in = (2**31 - 1) // (128 * 128)
@@ -126,3 +126,70 @@ def test_linear_layers_without_int8_dot_products_match_reference(dp, seed, batch
         patch.setattr(int8, "AVAILABLE", False)
         counters = check_linear(dp, x, w, b)
     assert counters.paths == {"float32": counters.outputs}
+
+
+@needs_vnni
+@settings(max_examples=80, deadline=None)
+@given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
+       channels=st.sampled_from([1, 2, 3, 4, 5, 8, 9]), size=st.integers(1, 9),
+       kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (2, 4), (3, 1)]),
+       stride=st.sampled_from([1, 2, 3, (1, 2)]), padding=st.integers(0, 2),
+       n_out=st.sampled_from([1, 5, 16, 17, 40, 64, 65, 130]))
+def test_int8_convolutions_match_reference(dp, seed, batch, channels, size, kernel, stride,
+                                          padding, n_out):
+    """Windows laid out pixel by pixel and folded (few channels, see int8.folds), strides in
+    both directions, output channels around whole vectors and micro-kernels, every rounding
+    and overflow mode: bit for bit and counter for counter the Python reference."""
+    kh, kw = kernel
+    if size + 2 * padding < max(kh, kw):
+        return  # no output: another test's subject
+    dp = int8_datapath(dp)
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (batch, channels, size, size + 1))
+    w = random_codes(rng, dp.weight_fmt, (n_out, channels, kh, kw), 0.3)
+    b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
+    if isinstance(stride, tuple):  # the reference takes one stride: compare with the float path
+        y, counters = conv2d(x, w, b, dp, stride=stride, padding=padding)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(int8, "AVAILABLE", False)
+            y_float, float_counters = conv2d(x, w, b, dp, stride=stride, padding=padding)
+        assert np.array_equal(y, y_float)
+        assert counters.to_dict() | {"paths": None} == float_counters.to_dict() | {"paths": None}
+    else:
+        counters = check_conv(dp, x, w, b, stride, padding)
+    if dp.acc_mode == "final":
+        assert counters.paths == {"int8": counters.outputs}
+
+
+@needs_vnni
+@pytest.mark.parametrize("out_fmt", [QFormat(8, 4), QFormat(16, 2)])
+@pytest.mark.parametrize("acc_bits", [None, 17])
+def test_int8_convolution_requantised_inside_or_after_the_kernel(out_fmt, acc_bits, monkeypatch):
+    """fix<8,4> out: a right shift, requantised inside int8.conv_sums; fix<16,2> out: a left
+    shift, which the vectorised requantisation does not take, so the kernel returns int32 sums
+    and the general requantisation runs. A 17-bit accumulator overflows (counted either way)."""
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, out_fmt=out_fmt, acc_bits=acc_bits, kernel="dense")
+    rng = np.random.default_rng(5)
+    x = random_codes(rng, fmt, (3, 6, 7, 9))
+    w = random_codes(rng, fmt, (20, 6, 3, 3))
+    b = random_codes(rng, dp.bias_format, (20,)) >> 2
+    fused = []
+    conv_sums = int8.conv_sums
+    monkeypatch.setattr(int8, "conv_sums", lambda *a: fused.append(a[9].size > 0) or conv_sums(*a))
+    counters = check_conv(dp, x, w, b, stride=1, padding=1)
+    assert counters.paths == {"int8": counters.outputs}
+    assert fused and all(fused) == (out_fmt.bits == 8) and any(fused) == (out_fmt.bits == 8)
+    assert (counters.acc_overflows > 0) == (acc_bits is not None)
+
+
+def test_folded_layout_holds_each_window_row():
+    x = np.arange(2 * 2 * 3 * 4, dtype=np.int8).reshape(2, 2, 3, 4)  # N, C, H, W
+    xp, pixel_sums = int8.layout(x, (1, 1), 3)  # padded 5 x 6, rows of 3 pixels: 4 starts
+    assert xp.shape == (2, 5, 4, int8.channel_quads(6))
+    # pixel (y, x) holds input columns x - 1 .. x + 1 of padded row y, (kj, c) order
+    assert xp[1, 2, 0].tolist() == [0, 0, x[1, 0, 1, 0], x[1, 1, 1, 0], x[1, 0, 1, 1],
+                                    x[1, 1, 1, 1], 0, 0]
+    assert not xp[:, 0].any() and not xp[:, 4].any()  # padding rows
+    assert (pixel_sums == xp.sum(axis=3, dtype=np.int32)).all()
+    assert int8.folds(1, 5) and not int8.folds(20, 5) and not int8.folds(3, 3)

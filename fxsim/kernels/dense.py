@@ -750,8 +750,10 @@ def _finish_fast(sums, bias, lane_bias, rq, out):
     indexed by the middle axis, one per row, 1: by the last axis, one per lane, 2: the same
     through :func:`requantise_lanes` (the int32 kernel: ``rq`` allows it, ``bias`` is int32 and
     the rows are contiguous: 256 x 500 float32 sums to int8 codes on one core 0.088 -> 0.052
-    ms). Rows with one bias take the int64 pass (on the transposed view a convolution's sums
-    are, the int32 kernel does not vectorise: docs/results/kernels.md)."""
+    ms), 3: one per row, ``bias[j]``, through the same int32 kernel (contiguous rows: the int8
+    convolution's (N, J, P) sums). Other rows with one bias take the int64 pass (on the
+    transposed view a convolution's float sums are, the int32 kernel does not vectorise:
+    docs/results/kernels.md)."""
     n_a, n_b, n_c = out.shape
     tasks = n_a * n_b
     acc_events = np.empty(tasks, np.int64)
@@ -764,6 +766,8 @@ def _finish_fast(sums, bias, lane_bias, rq, out):
         acc = np.empty(n_c, np.int64)
         if lane_bias == 2:
             row = requantise_lanes(sums[i, j], bias, rq, acc, out[i, j])
+        elif lane_bias == 3:
+            row = requantise_lanes(sums[i, j], bias[j], rq, acc, out[i, j])
         else:
             if lane_bias == 1:
                 for p in range(n_c):

@@ -32,16 +32,18 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fxsim.kernels.dense import requantise_lanes, task_totals
+
 # Output lanes of one vector (int32), and the fan-in entries one lane takes per instruction.
 LANES = 16
 QUAD = 4
 # Micro-kernel shape: MR input vectors (images) x NR vectors of outputs, 16 accumulators.
 MR = 4
 NR = 4
-# A task: IMAGES images x a PANEL of outputs, its int32 sums (8 KiB) in L1; the fan-in is taken
-# CHUNK quads at a time, so that the panel's weights for a chunk (32 KiB) stay in L1 while every
-# group of MR images runs over them.
-IMAGES = 16
+# A task: ROWS input vectors x a PANEL of outputs, its int32 sums (8 KiB) in L1; the fan-in is
+# taken CHUNK quads at a time, so that the panel's weights for a chunk (32 KiB) stay in L1 while
+# every group of MR rows runs over them.
+ROWS = 16
 PANEL = 128
 CHUNK = 64
 
@@ -80,19 +82,23 @@ def _dot_intrinsic(builder):
 
 
 def _micro(mr: int, nr: int):
-    """An intrinsic ``micro(c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads)``:
+    """An intrinsic ``micro(c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments,
+    x_seg)``:
 
-    c[c_off + i * ldc + 16 * v + l] += sum over quads q of the four products of
-    w[w_off + q * ldw + 64 * v + 4 * l + t] (uint8) and x[x_off + i * ldx + 4 * q + t] (int8),
-    for images i < mr, vectors v < nr, lanes l < 16, t < 4; int32 lanes, wrapping. ``c``
-    int32, ``w`` uint8 and ``x`` int8 are flat C arrays, offsets and strides in elements."""
+    c[c_off + i * ldc + 16 * v + l] += sum over segments s and quads q < quads of the four
+    products of w[w_off + (s * quads + q) * ldw + 64 * v + 4 * l + t] (uint8) and
+    x[x_off + s * x_seg + i * ldx + 4 * q + t] (int8), for input vectors i < mr, output
+    vectors v < nr, lanes l < 16, t < 4; int32 lanes, wrapping. ``c`` int32, ``w`` uint8 and
+    ``x`` int8 are flat C arrays, offsets and strides in elements. A linear layer's input
+    vector is one segment; a convolution's window is kh segments (its rows) of ``quads``
+    contiguous quads each, whose sums stay in registers across all of them."""
 
     @intrinsic
-    def micro(typingctx, c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads):
-        sig = types.void(c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads)
+    def micro(typingctx, c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments, x_seg):
+        sig = types.void(c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments, x_seg)
 
         def codegen(context, builder, signature, args):
-            c_arr, c_off, ldc, w_arr, w_off, ldw, x_arr, x_off, ldx, quads = args
+            c_arr, c_off, ldc, w_arr, w_off, ldw, x_arr, x_off, ldx, quads, segments, x_seg = args
             arrays = [context.make_array(signature.args[i])(context, builder, a).data
                       for i, a in ((0, c_arr), (3, w_arr), (6, x_arr))]
             c_ptr, w_ptr, x_ptr = arrays
@@ -114,24 +120,30 @@ def _micro(mr: int, nr: int):
                 for v in range(nr):
                     builder.store(builder.load(c_slot(i, v), align=4), accs[i][v])
             zeros = ir.Constant(v16, None)
-            with cgutils.for_range(builder, quads) as loop:
-                q = loop.index
-                w_at = builder.add(w_off, builder.mul(q, ldw))
-                weights = []
-                for v in range(nr):
-                    p = builder.gep(w_ptr, [builder.add(w_at, const(64 * v))])
-                    vec = builder.load(builder.bitcast(p, v16.as_pointer()), align=1)
-                    weights.append(builder.bitcast(vec, operand))
-                x_at = builder.add(x_off, builder.mul(q, const(QUAD)))
-                for i in range(mr):
-                    p = builder.gep(x_ptr, [builder.add(x_at, builder.mul(ldx, const(i)))])
-                    four = builder.load(builder.bitcast(p, i32.as_pointer()), align=1)
-                    lane0 = builder.insert_element(zeros, four, ir.Constant(i32, 0))
-                    splat = builder.shuffle_vector(lane0, zeros, ir.Constant(v16, [0] * LANES))
-                    splat = builder.bitcast(splat, operand)
+            with cgutils.for_range(builder, segments) as outer:
+                seg = outer.index
+                w_seg = builder.add(w_off, builder.mul(builder.mul(seg, quads), ldw))
+                x_base = builder.add(x_off, builder.mul(seg, x_seg))
+                with cgutils.for_range(builder, quads) as loop:
+                    q = loop.index
+                    w_at = builder.add(w_seg, builder.mul(q, ldw))
+                    weights = []
                     for v in range(nr):
-                        acc = builder.load(accs[i][v])
-                        builder.store(builder.call(dot, [acc, weights[v], splat]), accs[i][v])
+                        p = builder.gep(w_ptr, [builder.add(w_at, const(64 * v))])
+                        vec = builder.load(builder.bitcast(p, v16.as_pointer()), align=1)
+                        weights.append(builder.bitcast(vec, operand))
+                    x_at = builder.add(x_base, builder.mul(q, const(QUAD)))
+                    for i in range(mr):
+                        p = builder.gep(x_ptr, [builder.add(x_at, builder.mul(ldx, const(i)))])
+                        four = builder.load(builder.bitcast(p, i32.as_pointer()), align=1)
+                        lane0 = builder.insert_element(zeros, four, ir.Constant(i32, 0))
+                        splat = builder.shuffle_vector(lane0, zeros,
+                                                       ir.Constant(v16, [0] * LANES))
+                        splat = builder.bitcast(splat, operand)
+                        for v in range(nr):
+                            acc = builder.load(accs[i][v])
+                            builder.store(builder.call(dot, [acc, weights[v], splat]),
+                                          accs[i][v])
             for i in range(mr):
                 for v in range(nr):
                     builder.store(builder.load(accs[i][v]), c_slot(i, v), align=4)
@@ -142,10 +154,11 @@ def _micro(mr: int, nr: int):
     return micro
 
 
-_micro_full = _micro(MR, NR)
-_micro_rows1 = _micro(1, NR)
-_micro_vec1 = _micro(MR, 1)
-_micro_one = _micro(1, 1)
+# one compiled copy per shape: MR or 1 input vectors x 4, 2 or 1 output vectors
+_MICRO = {(rows, vectors): _micro(rows, vectors) for rows in (MR, 1) for vectors in (4, 2, 1)}
+_micro_44, _micro_14 = _MICRO[MR, 4], _MICRO[1, 4]
+_micro_42, _micro_12 = _MICRO[MR, 2], _MICRO[1, 2]
+_micro_41, _micro_11 = _MICRO[MR, 1], _MICRO[1, 1]
 
 
 def pack_weights(w: np.ndarray) -> np.ndarray:
@@ -160,77 +173,254 @@ def pack_weights(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed.reshape(quads, QUAD, padded).transpose(0, 2, 1))
 
 
-@njit(inline="always")
-def _run_quads(c, c_ld, cols, rows, w, w_off, w_ld, x, x_off, x_ld, quads):
-    """Micro-kernels over ``rows`` images (x rows ``x_off + i * x_ld``) and ``cols`` outputs
-    (a multiple of 16) of one panel: ``c[i * c_ld + j] += ...`` for ``quads`` quads of the
-    fan-in, whose weights start at ``w_off`` (``w_ld`` bytes apart)."""
-    col = 0
-    while col + LANES * NR <= cols:
-        row = 0
-        while row + MR <= rows:
-            _micro_full(c, row * c_ld + col, c_ld, w, w_off + QUAD * col, w_ld, x,
-                        x_off + row * x_ld, x_ld, quads)
-            row += MR
-        while row < rows:
-            _micro_rows1(c, row * c_ld + col, c_ld, w, w_off + QUAD * col, w_ld, x,
-                         x_off + row * x_ld, x_ld, quads)
-            row += 1
-        col += LANES * NR
-    while col < cols:
-        row = 0
-        while row + MR <= rows:
-            _micro_vec1(c, row * c_ld + col, c_ld, w, w_off + QUAD * col, w_ld, x,
-                        x_off + row * x_ld, x_ld, quads)
-            row += MR
-        while row < rows:
-            _micro_one(c, row * c_ld + col, c_ld, w, w_off + QUAD * col, w_ld, x,
-                       x_off + row * x_ld, x_ld, quads)
-            row += 1
-        col += LANES
+def channel_quads(channels: int) -> int:
+    """``channels`` rounded up to whole quads: the depth of a pixel in :func:`layout`."""
+    return -(-channels // QUAD) * QUAD
+
+
+def folds(channels: int, kw: int) -> bool:
+    """Whether a convolution's window rows are laid out folded (see :func:`layout`): where
+    padding each pixel's channels to a quad would waste more than padding a whole window row
+    (LeNet5's conv1, one channel, 5 wide: 8 bytes a row folded, 20 not)."""
+    return channel_quads(channels * kw) < kw * channel_quads(channels)
+
+
+def pack_conv_weights(w: np.ndarray, fold: bool) -> np.ndarray:
+    """(J, C, KH, KW) weight codes -> :func:`pack_weights` of the fan-in in the order in which
+    :func:`conv_sums` reads a window from the :func:`layout` layout: (kh, kw, c), each pixel's
+    channels padded to a quad, or with ``fold`` (kh, (kw, c)), each window row padded to a quad
+    (an exact sum does not depend on the order of its terms). The padding weights (128
+    unsigned) meet only the layout's zero codes."""
+    n_out, channels, kh, kw = w.shape
+    rows = np.asarray(w).transpose(0, 2, 3, 1)  # (J, kh, kw, C)
+    if fold:
+        rows = rows.reshape(n_out, kh, 1, kw * channels)
+    depth = rows.shape[3]
+    nhwc = np.zeros((*rows.shape[:3], channel_quads(depth)), np.int64)
+    nhwc[..., :depth] = rows
+    return pack_weights(nhwc.reshape(n_out, -1))
+
+
+def layout(x: np.ndarray, padding, fold_kw: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C, H, W) codes that fit int8 -> the input of :func:`conv_sums`: ``xp`` (N, H + 2ph,
+    W', D) int8 and ``pixel_sums`` (N, H + 2ph, W') int32, the sum of each pixel's D codes.
+
+    Unfolded (``fold_kw`` 1): pixel (y, x) of the zero-padded image, its C channels then zeros
+    up to D = :func:`channel_quads` (C); W' = W + 2pw. Folded (``fold_kw`` = kw): pixel (y, x)
+    holds the window row that starts there, ``x[c, y, x + kj]`` at ``kj * C + c``, then zeros
+    up to D = :func:`channel_quads` (kw * C); W' = W + 2pw - kw + 1, and the convolution is
+    kh x 1."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    hp, wp = h + 2 * ph, w + 2 * pw
+    width = wp - fold_kw + 1
+    xp = np.empty((n, hp, width, channel_quads(c * fold_kw)), np.int8)
+    pixel_sums = np.empty((n, hp, width), np.int32)
+    _layout(np.ascontiguousarray(x), ph, pw, fold_kw, xp, pixel_sums)
+    return xp, pixel_sums
 
 
 @njit(cache=True, parallel=True)
-def linear_sums(x, packed, sums):
-    """Exact ``sums[n, j] = sum_k x[n, k] * w[j, k]`` as int32.
+def _layout(x, ph, pw, fold_kw, out, pixel_sums):
+    n_img, channels, h, w = x.shape
+    hp, width = out.shape[1], out.shape[2]
+    for task in prange(n_img * hp):
+        img = task // hp
+        y = task - img * hp
+        dst = out[img, y]
+        dst[:, :] = 0
+        if ph <= y < ph + h:
+            for c in range(channels):
+                row = x[img, c, y - ph]
+                for kj in range(fold_kw):
+                    depth = kj * channels + c
+                    # pixel ix takes input column ix + kj - pw where that is inside the image
+                    lo = max(0, pw - kj)
+                    hi = min(width, w + pw - kj)
+                    for ix in range(lo, hi):
+                        dst[ix, depth] = row[ix + kj - pw]
+        for ix in range(width):
+            pixel_sums[img, y, ix] = _byte_sum(dst[ix])
 
-    ``x`` (N, K) int8 codes, C-contiguous; ``packed`` from :func:`pack_weights`; ``sums`` (N,
-    J) int32, filled. The caller guarantees every true sum fits int32. A task is up to
-    :data:`IMAGES` images x one :data:`PANEL` of outputs."""
-    n_img, fan_in = x.shape
+
+@njit(inline="always")
+def _run_quads(c, c_ld, cols, rows, w, w_off, w_ld, x, x_off, x_ld, quads, segments, x_seg):
+    """Micro-kernels over ``rows`` input vectors (``x`` from ``x_off + i * x_ld``) and
+    ``cols`` outputs (a multiple of 16) of one panel: ``c[i * c_ld + j] += ...`` over
+    ``segments`` x ``quads`` quads of the fan-in (see :func:`_micro`), whose weights start at
+    ``w_off``. Four output vectors at a time, then two, then one."""
+    col = 0
+    while col < cols:
+        width = cols - col
+        at = w_off + QUAD * col
+        row = 0
+        if width >= 4 * LANES:
+            while row + MR <= rows:
+                _micro_44(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
+                          quads, segments, x_seg)
+                row += MR
+            while row < rows:
+                _micro_14(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
+                          quads, segments, x_seg)
+                row += 1
+            col += 4 * LANES
+        elif width >= 2 * LANES:
+            while row + MR <= rows:
+                _micro_42(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
+                          quads, segments, x_seg)
+                row += MR
+            while row < rows:
+                _micro_12(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
+                          quads, segments, x_seg)
+                row += 1
+            col += 2 * LANES
+        else:
+            while row + MR <= rows:
+                _micro_41(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
+                          quads, segments, x_seg)
+                row += MR
+            while row < rows:
+                _micro_11(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
+                          quads, segments, x_seg)
+                row += 1
+            col += LANES
+
+
+@njit(cache=True, parallel=True)
+def dot_rows(rows, packed, sums):
+    """Exact ``sums[n, j] = sum_k rows[n, k] * w[j, k]`` as int32: a linear layer.
+
+    ``rows`` (N, K) int8 codes, C-contiguous; ``packed`` from :func:`pack_weights`; ``sums``
+    (N, J) int32, filled. The caller guarantees every true sum fits int32. A task is up to
+    :data:`ROWS` images x one :data:`PANEL` of outputs."""
+    n_rows, fan_in = rows.shape
     padded = packed.shape[1]
     n_out = sums.shape[1]
     whole = fan_in // QUAD
     tail = fan_in - QUAD * whole
-    xflat = x.reshape(-1)
+    xflat = rows.reshape(-1)
     wflat = packed.reshape(-1)
     w_ld = padded * QUAD
-    blocks = (n_img + IMAGES - 1) // IMAGES
+    blocks = (n_rows + ROWS - 1) // ROWS
     panels = (padded + PANEL - 1) // PANEL
     for task in prange(blocks * panels):
-        i0 = (task // panels) * IMAGES
-        rows = min(IMAGES, n_img - i0)
+        i0 = (task // panels) * ROWS
+        count = min(ROWS, n_rows - i0)
         j0 = (task % panels) * PANEL
         cols = min(PANEL, padded - j0)
-        c = np.zeros(IMAGES * PANEL, np.int32)
+        c = np.zeros(ROWS * PANEL, np.int32)
         for q0 in range(0, whole, CHUNK):
-            _run_quads(c, PANEL, cols, rows, wflat, q0 * w_ld + QUAD * j0, w_ld, xflat,
-                       i0 * fan_in + QUAD * q0, fan_in, min(CHUNK, whole - q0))
+            _run_quads(c, PANEL, cols, count, wflat, q0 * w_ld + QUAD * j0, w_ld, xflat,
+                       i0 * fan_in + QUAD * q0, fan_in, min(CHUNK, whole - q0), 1, 0)
         if tail:
             # the last, partial quad from a zero-padded copy: reading it in place could run
-            # past the end of x
-            last = np.zeros(IMAGES * QUAD, np.int8)
-            for i in range(rows):
+            # past the end of the rows
+            last = np.zeros(ROWS * QUAD, np.int8)
+            for i in range(count):
                 for t in range(tail):
                     last[i * QUAD + t] = xflat[(i0 + i) * fan_in + QUAD * whole + t]
-            _run_quads(c, PANEL, cols, rows, wflat, whole * w_ld + QUAD * j0, w_ld, last, 0,
-                       QUAD, 1)
-        for i in range(rows):
-            row = x[i0 + i]
-            total = np.int64(0)
-            for k in range(fan_in):
-                total += row[k]
-            # the weights' +128 times sum_k x[k]; int32 casts wrap, which is exact mod 2^32
-            shift = 128 * total
+            _run_quads(c, PANEL, cols, count, wflat, whole * w_ld + QUAD * j0, w_ld, last, 0,
+                       QUAD, 1, 1, 0)
+        for i in range(count):
+            # the weights' +128 times sum_k x[k]; int32 arithmetic wraps, exact mod 2^32
+            shift = np.int32(128 * _byte_sum(rows[i0 + i]))
             for j in range(j0, min(j0 + cols, n_out)):
                 sums[i0 + i, j] = np.int32(c[i * PANEL + j - j0] - shift)
+
+
+@njit(inline="always")
+def _byte_sum(codes):
+    """The sum of a 1-D int8 array, in int32 lanes (vectorised; exact below 2^24 codes)."""
+    total = np.int32(0)
+    for k in range(codes.size):
+        total = np.int32(total + np.int32(codes[k]))
+    return total
+
+
+# Output positions per task of conv_sums: whole output rows of one image (or pieces of a row
+# wider than this). Large enough that each output channel's positions are requantised as one
+# long vector (a call per few dozen lanes cost more than the arithmetic on LeNet5's conv1),
+# small enough that the task's sums (positions x a panel of 128 int32) stay in L2.
+TASK_POSITIONS = 1024
+
+
+@njit(cache=True, parallel=True)
+def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
+    """Exact convolution sums as int32, straight from the :func:`layout` layout (no im2col):
+    ``sum[n, j, oy * OW + ox] = sum over (ki, kj, d) of xp[n, oy * sh + ki, ox * sw + kj, d] *
+    w'[j, ki, kj, d]``, w' the weights as :func:`pack_conv_weights` orders them (``packed``),
+    ``kw`` 1 for a folded layout.
+
+    With ``codes`` (N, J, OH * OW) of an integer dtype, each output channel's sums of a task
+    are requantised at once, ``bias`` (J,) int64 added and ``rq`` from
+    :func:`fxsim.kernels.dense.fast_requant_args`, into ``codes``, and the sums are never
+    stored; with ``codes`` of shape (0, 0, 0) they go to ``sums`` (N, J, OH * OW) int32.
+    Returns the fused counters (accumulator overflow events, output saturations, largest and
+    smallest sum; zeros when not fused).
+
+    Window row ki of output (oy, ox) is ``kw * D`` contiguous bytes of ``xp`` (a segment of
+    the micro-kernel, :func:`_micro`; the kh rows are ``W' * D`` apart), and the same row of
+    output (oy, ox + 1) starts ``sw * D`` bytes later: a micro-kernel's MR outputs are MR
+    input vectors ``sw * D`` apart. A task is up to :data:`TASK_POSITIONS` outputs (whole
+    output rows of one image, or a piece of one) x one :data:`PANEL` of output channels; the
+    correction for the weights' +128 is 128 times the window's sum of ``pixel_sums``."""
+    n_img, hp, wp, depth = xp.shape
+    padded = packed.shape[1]
+    fused = codes.shape[0] > 0
+    n_out = codes.shape[1] if fused else sums.shape[1]
+    oh = (hp - kh) // sh + 1
+    ow = (wp - kw) // sw + 1
+    xflat = xp.reshape(-1)
+    wflat = packed.reshape(-1)
+    sums_flat = pixel_sums.reshape(-1)
+    w_ld = padded * QUAD
+    row_quads = kw * depth // QUAD
+    band = max(1, TASK_POSITIONS // ow)  # output rows per task
+    piece = min(ow, TASK_POSITIONS)  # positions per task and row
+    bands = (oh + band - 1) // band
+    pieces = (ow + piece - 1) // piece
+    panels = (padded + PANEL - 1) // PANEL
+    n_tasks = n_img * bands * pieces * panels
+    counts = np.zeros((n_tasks, 4), np.int64)
+    for task in prange(n_tasks):
+        j0 = (task % panels) * PANEL
+        rest = task // panels
+        ox0 = (rest % pieces) * piece
+        rest //= pieces
+        oy0 = (rest % bands) * band
+        img = rest // bands
+        oy1 = min(oh, oy0 + band)
+        count = min(piece, ow - ox0)  # positions per row
+        n_pos = (oy1 - oy0) * count  # consecutive positions from oy0 * ow + ox0
+        cols = min(PANEL, padded - j0)
+        c = np.zeros(n_pos * cols, np.int32)
+        shift = np.empty(n_pos, np.int64)
+        for oy in range(oy0, oy1):
+            first = (oy - oy0) * count  # this row's first position in the task
+            x_off = ((img * hp + oy * sh) * wp + ox0 * sw) * depth
+            _run_quads(c[first * cols :], cols, cols, count, wflat, QUAD * j0, w_ld, xflat,
+                       x_off, sw * depth, row_quads, kh, wp * depth)
+            for i in range(count):
+                total = np.int32(0)
+                for ki in range(kh):  # flat indices: a view per row cost 0.9 ms on conv1
+                    at = (img * hp + oy * sh + ki) * wp + (ox0 + i) * sw
+                    for kj in range(kw):
+                        total = np.int32(total + sums_flat[at + kj])
+                shift[first + i] = 128 * total
+        lanes = np.empty(n_pos, np.int32)
+        wide = np.empty(n_pos if fused else 0, np.int64)
+        p0 = oy0 * ow + ox0
+        for j in range(j0, min(j0 + cols, n_out)):
+            for t in range(n_pos):  # int32 casts wrap: exact mod 2^32, see the module notes
+                lanes[t] = np.int32(c[t * cols + j - j0] - shift[t])
+            if not fused:
+                sums[img, j, p0 : p0 + n_pos] = lanes
+                continue
+            n_acc, n_sat, top, bottom = requantise_lanes(lanes, bias[j], rq, wide,
+                                                         codes[img, j, p0 : p0 + n_pos])
+            counts[task, 0] += n_acc
+            counts[task, 1] += n_sat
+            counts[task, 2] = max(counts[task, 2], top)
+            counts[task, 3] = min(counts[task, 3], bottom)
+    n_acc, n_sat, top, bottom, _, _ = task_totals(counts)
+    return n_acc, n_sat, top, bottom
