@@ -18,6 +18,8 @@ otherwise the sequential per-MAC kernel runs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import asdict, dataclass, field, fields
 
 import numba
@@ -57,7 +59,13 @@ _PAIRS_ABOVE = 0.7
 # zeros are skipped at all, below _PAIRS_ABOVE (per-MAC table of docs/results/sparse.md, 20-bit
 # register, density 0.5: 1.06-1.56x on lenet5.conv2, cifarnet.conv1, conv6). Linear layers keep
 # theirs: the dense one over the outputs skips zero inputs instead, which ReLU makes many.
-SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": _PAIRS_ABOVE}
+#
+# Where the dense sums run as int8 dot products (fxsim.kernels.int8: 8-bit codes on a CPU with
+# AVX-512 VNNI), 3-6x faster than BLAS, the zero-skipping kernel wins only lower: measured
+# (docs/results/sparse.md) below ~0.1-0.15 on the convolutions (at 0.1: 1.15-1.38x faster on
+# three, 0.95x on cifarnet.conv6) and below ~0.07 on lenet5.fc1 (1.11x at 0.05).
+SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": _PAIRS_ABOVE,
+                            "conv_int8": 0.12, "linear_int8": 0.06}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
@@ -346,13 +354,20 @@ class PreparedWeights:
             self._compressed = sparse.CompressedWeights(self.weights)
         return self._compressed
 
-    @property
+    @functools.cached_property
     def use_sparse(self) -> bool:
+        """Whether the layer runs the zero-skipping datapath: ``kernel="sparse"``, or
+        ``"auto"`` below the density threshold of its kind (lower where the dense sums run as
+        int8 dot products, which outrun the zero-skipping kernel down to a density of ~0.1)."""
         kernel = self.datapath.kernel
+        if kernel != "auto":
+            return kernel == "sparse"
         kind = "conv" if self.weights.ndim == 4 else "linear"
-        return kernel == "sparse" or (
-            kernel == "auto" and self.density < SPARSE_DENSITY_THRESHOLD[kind]
-        )
+        fmt = self.datapath.act_fmt
+        worst = max(-fmt.min_code, fmt.max_code) * self.row_abs_max
+        if self._int8_dot(worst) and not self._may_overflow(worst, "per_mac"):
+            kind += "_int8"
+        return self.density < SPARSE_DENSITY_THRESHOLD[kind]
 
     def weight_bytes(self) -> dict[str, int]:
         """Storage of the weights per encoding (see CompressedWeights.storage_bytes)."""
@@ -405,14 +420,15 @@ class PreparedWeights:
         dp = self.datapath
         bound = x_max_abs * self.row_abs_max  # no partial sum of products exceeds this
         bias_max = self.bias_max_abs
-        may_overflow = dp.acc_bits is not None and bound + bias_max > (1 << (dp.acc_bits - 1)) - 1
-        if dp.acc_mode == "per_mac" and may_overflow:
+        if self._may_overflow(bound, "per_mac"):
             dtype = _per_mac_lanes(dp.acc_bits, x_max_abs * self.w_max_abs,
                                    dp.acc_overflow is Overflow.WRAP)
             start, overflowed = self._starts_for(dtype)
             return _Plan(f"per_mac_{np.dtype(dtype).name}", self._matrix_as(dtype), start,
                          overflowed, dtype, 1 << (dp.acc_bits - 1), x_max_abs)
-        if self._int8_dot(bound):
+        # on the zero-skipping datapath only where most blocks of four output channels would
+        # run over their union of columns anyway (filler zeros; see sparse.sparse_sum)
+        if self._int8_dot(bound) and (not self.use_sparse or self.compressed.fills_blocks()):
             return _Plan("int8", self._int8_weights(), None, 0, np.int8, bound + bias_max,
                          x_max_abs)
         if bound < 1 << 24:
@@ -424,12 +440,19 @@ class PreparedWeights:
             path, dtype = "int64", np.int64
         return _Plan(path, self._matrix_as(dtype), None, 0, dtype, bound + bias_max, x_max_abs)
 
-    def _int8_dot(self, bound: int) -> bool:
-        """Whether the exact sums run as int8 dot products (:mod:`fxsim.kernels.int8`): the
-        host has them, the layer is a dense linear one with more outputs than the fused
-        few-output kernel takes, both formats' codes fit a byte and no sum leaves int32."""
+    def _may_overflow(self, bound: int, mode: str) -> bool:
+        """Whether an accumulator in ``mode`` can overflow with sums bounded by ``bound``."""
         dp = self.datapath
-        return (int8.AVAILABLE and not self.use_sparse
+        return (dp.acc_mode == mode and dp.acc_bits is not None
+                and bound + self.bias_max_abs > (1 << (dp.acc_bits - 1)) - 1)
+
+    def _int8_dot(self, bound: int) -> bool:
+        """Whether exact sums can run as int8 dot products (:mod:`fxsim.kernels.int8`): the
+        host has them, the layer is a convolution or a linear one with more outputs than the
+        fused few-output kernel takes, both formats' codes fit a byte and no sum leaves
+        int32."""
+        dp = self.datapath
+        return (int8.AVAILABLE
                 and (self.weights.ndim == 4 or self.weights.shape[0] > dense.FEW_OUTPUTS)
                 and bound < 1 << 31
                 and all(f.min_code >= -128 and f.max_code <= 127
@@ -481,7 +504,7 @@ class PreparedWeights:
             return out.reshape(n, n_out, oh, ow), counters
         if plan.path == "int8":
             counters = self._conv_int8(plan, x, (sh, sw), (ph, pw), out, u)
-            return out.reshape(n, n_out, oh, ow), counters
+            return out.reshape(n, n_out, oh, ow), self._as_datapath_ran(plan, counters)
         per_chunk = _images_per_chunk(c * kh * kw * oh * ow)
         per_image = n_out * oh * ow
         batch_last = oh * ow < _BATCH_LAST_BELOW
@@ -546,7 +569,19 @@ class PreparedWeights:
                 cols = dense.transpose2d(x[n0:n1], plan.cols_dtype)  # (K, N)
             chunk_u = _slice(u, n0, n1, n_out)
             counters += self._accumulate(plan, cols, out[n0:n1], chunk_u, x_rows)
-        return out.reshape(n, n_out), counters
+        return out.reshape(n, n_out), self._as_datapath_ran(plan, counters)
+
+    def _as_datapath_ran(self, plan: _Plan, counters: Counters) -> Counters:
+        """``counters`` of the dense host kernel as the simulated datapath's: on the
+        zero-skipping datapath (run densely, filler zeros included, see _choose_plan) only the
+        stored weights are executed MACs. (Other dense fallbacks, such as per-MAC registers
+        wider than 62 bits, report the dense datapath they ran.)"""
+        if plan.path != "int8" or not self.use_sparse:
+            return counters
+        executed = self.compressed.nnz * (counters.outputs // self.matrix.shape[0])
+        return dataclasses.replace(counters, executed_macs=executed,
+                                   skipped_macs=counters.macs - executed,
+                                   paths={f"sparse_{plan.path}": counters.outputs})
 
     def _linear_few_outputs(self, x_codes, out_dtype):
         """A linear layer with few outputs in one fused pass (cast, exact sums, requantisation:

@@ -91,17 +91,22 @@ def test_int8_path_is_taken_only_where_it_is_exact():
     fmt = QFormat(8, 2)
     rng = np.random.default_rng(3)
     cases = [
-        (Datapath(fmt, fmt, kernel="dense"), 30, "int8"),
-        (Datapath(fmt, fmt, kernel="dense"), dense.FEW_OUTPUTS, "float32"),  # fused kernel
-        (Datapath(fmt, fmt, kernel="sparse"), 30, "sparse_float32"),  # skips zeros
-        (Datapath(QFormat(9, 2), fmt, kernel="dense"), 30, "float32"),  # codes beyond a byte
-        (Datapath(fmt, QFormat(8, 2, signed=False), kernel="dense"), 30, "float32"),
+        (Datapath(fmt, fmt, kernel="dense"), 30, 0, "int8"),
+        (Datapath(fmt, fmt, kernel="dense"), dense.FEW_OUTPUTS, 0, "float32"),  # fused kernel
+        (Datapath(fmt, fmt, kernel="sparse"), 30, 0.5, "sparse_float32"),  # skips zeros
+        # few zeros: the zero-skipping datapath runs densely (filler zeros), counted as skipping
+        (Datapath(fmt, fmt, kernel="sparse"), 30, 0.1, "sparse_int8"),
+        (Datapath(QFormat(9, 2), fmt, kernel="dense"), 30, 0, "float32"),  # beyond a byte
+        (Datapath(fmt, QFormat(8, 2, signed=False), kernel="dense"), 30, 0, "float32"),
     ]
-    for dp, n_out, path in cases:
-        w = random_codes(rng, dp.weight_fmt, (n_out, 50))
+    for dp, n_out, zeros, path in cases:
+        w = random_codes(rng, dp.weight_fmt, (n_out, 50), zeros)
         xc = random_codes(rng, dp.act_fmt, (4, 50))
         counters = check_linear(dp, xc, w, np.zeros(n_out, np.int64))
         assert counters.paths == {path: 4 * n_out}, (dp, n_out)
+        executed = np.count_nonzero(w) * 4 if dp.kernel == "sparse" else w.size * 4
+        assert counters.executed_macs == executed
+        assert counters.executed_macs + counters.skipped_macs == counters.macs
     # a fan-in whose worst sum exceeds 2^31 (but not 2^53) runs in float64
     big = 1 << 17
     w = np.full((30, big), -128)
@@ -193,3 +198,25 @@ def test_folded_layout_holds_each_window_row():
     assert not xp[:, 0].any() and not xp[:, 4].any()  # padding rows
     assert (pixel_sums == xp.sum(axis=3, dtype=np.int32)).all()
     assert int8.folds(1, 5) and not int8.folds(20, 5) and not int8.folds(3, 3)
+
+
+@needs_vnni
+def test_auto_skips_zeros_only_well_below_the_int8_dense_speed():
+    """With int8 dot products the dense sums outrun the zero-skipping kernel down to a density
+    of ~0.1 (docs/results/sparse.md): kernel="auto" uses the int8 thresholds there."""
+    from fxsim.datapath import SPARSE_DENSITY_THRESHOLD
+    from fxsim.kernels.sparse import random_mask
+
+    rng = np.random.default_rng(2)
+    fmt = QFormat(8, 2)
+    for kind, shape in (("linear", (40, 200)), ("conv", (40, 8, 3, 3))):
+        x = random_codes(rng, fmt, (2, 200) if kind == "linear" else (2, 8, 5, 5))
+        threshold = SPARSE_DENSITY_THRESHOLD[f"{kind}_int8"]
+        assert threshold < SPARSE_DENSITY_THRESHOLD[kind]
+        # between the two thresholds: dense here, zero-skipping where the float path runs
+        between = (threshold + SPARSE_DENSITY_THRESHOLD[kind]) / 2
+        for density, path in ((threshold / 2, "sparse_float32"), (between, "int8")):
+            w = np.where(random_mask(shape, density, rng), 3, 0)
+            layer = prepare(w, None, Datapath(fmt, fmt))
+            _, counters = layer.linear(x) if kind == "linear" else layer.conv2d(x, padding=1)
+            assert set(counters.paths) == {path}, (kind, density)
