@@ -81,7 +81,7 @@ def _dot_intrinsic(builder):
     return cgutils.get_or_insert_function(builder.module, fnty, name), operand
 
 
-def _micro(mr: int, nr: int):
+def _micro(mr: int, nr: int, transposed: bool = False):
     """An intrinsic ``micro(c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments,
     x_seg)``:
 
@@ -91,7 +91,12 @@ def _micro(mr: int, nr: int):
     vectors v < nr, lanes l < 16, t < 4; int32 lanes, wrapping. ``c`` int32, ``w`` uint8 and
     ``x`` int8 are flat C arrays, offsets and strides in elements. A linear layer's input
     vector is one segment; a convolution's window is kh segments (its rows) of ``quads``
-    contiguous quads each, whose sums stay in registers across all of them."""
+    contiguous quads each, whose sums stay in registers across all of them.
+
+    ``transposed``: the sums start from zero and are stored, not added, with each output's
+    input vectors side by side: c[c_off + (16 * v + l) * ldc + i] (a convolution's channels
+    as rows of positions, the order its output takes; for MR input vectors a 4 x 16 transpose
+    in registers, then 16-byte stores)."""
 
     @intrinsic
     def micro(typingctx, c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments, x_seg):
@@ -116,10 +121,11 @@ def _micro(mr: int, nr: int):
 
             # accumulators in allocas: LLVM's SROA turns them into registers
             accs = [[cgutils.alloca_once(builder, v16) for _ in range(nr)] for _ in range(mr)]
+            zeros = ir.Constant(v16, None)
             for i in range(mr):
                 for v in range(nr):
-                    builder.store(builder.load(c_slot(i, v), align=4), accs[i][v])
-            zeros = ir.Constant(v16, None)
+                    start = zeros if transposed else builder.load(c_slot(i, v), align=4)
+                    builder.store(start, accs[i][v])
             with cgutils.for_range(builder, segments) as outer:
                 seg = outer.index
                 w_seg = builder.add(w_off, builder.mul(builder.mul(seg, quads), ldw))
@@ -144,9 +150,13 @@ def _micro(mr: int, nr: int):
                             acc = builder.load(accs[i][v])
                             builder.store(builder.call(dot, [acc, weights[v], splat]),
                                           accs[i][v])
-            for i in range(mr):
-                for v in range(nr):
-                    builder.store(builder.load(accs[i][v]), c_slot(i, v), align=4)
+            if transposed:
+                _store_transposed(builder, [[builder.load(a) for a in row] for row in accs],
+                                  c_ptr, c_off, ldc)
+            else:
+                for i in range(mr):
+                    for v in range(nr):
+                        builder.store(builder.load(accs[i][v]), c_slot(i, v), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -154,11 +164,48 @@ def _micro(mr: int, nr: int):
     return micro
 
 
+def _store_transposed(builder, sums, c_ptr, c_off, ldc):
+    """Store ``sums[i][v]`` (<16 x i32>: outputs 16v .. 16v + 15 of input vector i) as
+    c[c_off + (16 * v + l) * ldc + i]: for four input vectors, each output's four sums are
+    gathered into one <4 x i32> by two rounds of shuffles and stored at once; for one, lane by
+    lane."""
+    i32 = ir.IntType(32)
+    index = c_off.type
+    rows = len(sums)
+    for v in range(len(sums[0])):
+        if rows == 4:
+            a0, a1, a2, a3 = (sums[i][v] for i in range(4))
+            pairs = [k for lane in range(LANES) for k in (lane, LANES + lane)]
+            t01 = builder.shuffle_vector(a0, a1, ir.Constant(ir.VectorType(i32, 32), pairs))
+            t23 = builder.shuffle_vector(a2, a3, ir.Constant(ir.VectorType(i32, 32), pairs))
+            fours = [k for lane in range(LANES)
+                     for k in (2 * lane, 2 * lane + 1, 32 + 2 * lane, 33 + 2 * lane)]
+            quad = builder.shuffle_vector(t01, t23, ir.Constant(ir.VectorType(i32, 64), fours))
+            v4 = ir.VectorType(i32, 4)
+            for lane in range(LANES):
+                piece = builder.shuffle_vector(
+                    quad, quad, ir.Constant(v4, [4 * lane + k for k in range(4)]))
+                at = builder.add(c_off, builder.mul(ldc, ir.Constant(index, LANES * v + lane)))
+                ptr = builder.bitcast(builder.gep(c_ptr, [at]), v4.as_pointer())
+                builder.store(piece, ptr, align=4)
+        else:
+            for i in range(rows):
+                for lane in range(LANES):
+                    value = builder.extract_element(sums[i][v], ir.Constant(i32, lane))
+                    row = builder.mul(ldc, ir.Constant(index, LANES * v + lane))
+                    at = builder.add(c_off, builder.add(row, ir.Constant(index, i)))
+                    builder.store(value, builder.gep(c_ptr, [at]), align=4)
+
+
 # one compiled copy per shape: MR or 1 input vectors x 4, 2 or 1 output vectors
 _MICRO = {(rows, vectors): _micro(rows, vectors) for rows in (MR, 1) for vectors in (4, 2, 1)}
 _micro_44, _micro_14 = _MICRO[MR, 4], _MICRO[1, 4]
 _micro_42, _micro_12 = _MICRO[MR, 2], _MICRO[1, 2]
 _micro_41, _micro_11 = _MICRO[MR, 1], _MICRO[1, 1]
+# and for convolutions, with the sums stored transposed
+_T = {(rows, vectors): _micro(rows, vectors, True) for rows in (MR, 1) for vectors in (4, 2, 1)}
+_t_44, _t_14, _t_42, _t_12, _t_41, _t_11 = (_T[MR, 4], _T[1, 4], _T[MR, 2], _T[1, 2],
+                                            _T[MR, 1], _T[1, 1])
 
 
 def pack_weights(w: np.ndarray) -> np.ndarray:
@@ -244,46 +291,60 @@ def _layout(x, ph, pw, fold_kw, out, pixel_sums):
 
 
 @njit(inline="always")
-def _run_quads(c, c_ld, cols, rows, w, w_off, w_ld, x, x_off, x_ld, quads, segments, x_seg):
+def _micro_call(transposed, rows, vectors, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads,
+                segments, x_seg):
+    """The micro-kernel of ``rows`` (MR or 1) input vectors x ``vectors`` (4, 2 or 1) output
+    vectors, plain or ``transposed``."""
+    if transposed:
+        if rows == MR:
+            if vectors == 4:
+                _t_44(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+            elif vectors == 2:
+                _t_42(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+            else:
+                _t_41(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        elif vectors == 4:
+            _t_14(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        elif vectors == 2:
+            _t_12(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        else:
+            _t_11(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+    elif rows == MR:
+        if vectors == 4:
+            _micro_44(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        elif vectors == 2:
+            _micro_42(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        else:
+            _micro_41(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+    elif vectors == 4:
+        _micro_14(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+    elif vectors == 2:
+        _micro_12(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+    else:
+        _micro_11(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+
+
+@njit(inline="always")
+def _run_quads(c, c_ld, cols, rows, w, w_off, w_ld, x, x_off, x_ld, quads, segments, x_seg,
+               transposed):
     """Micro-kernels over ``rows`` input vectors (``x`` from ``x_off + i * x_ld``) and
-    ``cols`` outputs (a multiple of 16) of one panel: ``c[i * c_ld + j] += ...`` over
-    ``segments`` x ``quads`` quads of the fan-in (see :func:`_micro`), whose weights start at
-    ``w_off``. Four output vectors at a time, then two, then one."""
+    ``cols`` outputs (a multiple of 16) of one panel: ``c[i * c_ld + j] += ...`` (or, with
+    ``transposed``, ``c[j * c_ld + i] = ...``) over ``segments`` x ``quads`` quads of the
+    fan-in (see :func:`_micro`), whose weights start at ``w_off``. Four output vectors at a
+    time, then two, then one."""
+    row_step, col_step = (1, c_ld) if transposed else (c_ld, 1)
     col = 0
     while col < cols:
         width = cols - col
+        vectors = 4 if width >= 4 * LANES else (2 if width >= 2 * LANES else 1)
         at = w_off + QUAD * col
         row = 0
-        if width >= 4 * LANES:
-            while row + MR <= rows:
-                _micro_44(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
-                          quads, segments, x_seg)
-                row += MR
-            while row < rows:
-                _micro_14(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
-                          quads, segments, x_seg)
-                row += 1
-            col += 4 * LANES
-        elif width >= 2 * LANES:
-            while row + MR <= rows:
-                _micro_42(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
-                          quads, segments, x_seg)
-                row += MR
-            while row < rows:
-                _micro_12(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
-                          quads, segments, x_seg)
-                row += 1
-            col += 2 * LANES
-        else:
-            while row + MR <= rows:
-                _micro_41(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
-                          quads, segments, x_seg)
-                row += MR
-            while row < rows:
-                _micro_11(c, row * c_ld + col, c_ld, w, at, w_ld, x, x_off + row * x_ld, x_ld,
-                          quads, segments, x_seg)
-                row += 1
-            col += LANES
+        while row < rows:
+            step = MR if row + MR <= rows else 1
+            _micro_call(transposed, step, vectors, c, row * row_step + col * col_step, c_ld, w,
+                        at, w_ld, x, x_off + row * x_ld, x_ld, quads, segments, x_seg)
+            row += step
+        col += vectors * LANES
 
 
 @njit(cache=True, parallel=True)
@@ -311,7 +372,7 @@ def dot_rows(rows, packed, sums):
         c = np.zeros(ROWS * PANEL, np.int32)
         for q0 in range(0, whole, CHUNK):
             _run_quads(c, PANEL, cols, count, wflat, q0 * w_ld + QUAD * j0, w_ld, xflat,
-                       i0 * fan_in + QUAD * q0, fan_in, min(CHUNK, whole - q0), 1, 0)
+                       i0 * fan_in + QUAD * q0, fan_in, min(CHUNK, whole - q0), 1, 0, False)
         if tail:
             # the last, partial quad from a zero-padded copy: reading it in place could run
             # past the end of the rows
@@ -320,7 +381,7 @@ def dot_rows(rows, packed, sums):
                 for t in range(tail):
                     last[i * QUAD + t] = xflat[(i0 + i) * fan_in + QUAD * whole + t]
             _run_quads(c, PANEL, cols, count, wflat, whole * w_ld + QUAD * j0, w_ld, last, 0,
-                       QUAD, 1, 1, 0)
+                       QUAD, 1, 1, 0, False)
         for i in range(count):
             # the weights' +128 times sum_k x[k]; int32 arithmetic wraps, exact mod 2^32
             shift = np.int32(128 * _byte_sum(rows[i0 + i]))
@@ -393,13 +454,13 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
         count = min(piece, ow - ox0)  # positions per row
         n_pos = (oy1 - oy0) * count  # consecutive positions from oy0 * ow + ox0
         cols = min(PANEL, padded - j0)
-        c = np.zeros(n_pos * cols, np.int32)
+        c = np.empty(cols * n_pos, np.int32)  # (channel, position): every entry is stored
         shift = np.empty(n_pos, np.int64)
         for oy in range(oy0, oy1):
             first = (oy - oy0) * count  # this row's first position in the task
             x_off = ((img * hp + oy * sh) * wp + ox0 * sw) * depth
-            _run_quads(c[first * cols :], cols, cols, count, wflat, QUAD * j0, w_ld, xflat,
-                       x_off, sw * depth, row_quads, kh, wp * depth)
+            _run_quads(c[first:], n_pos, cols, count, wflat, QUAD * j0, w_ld, xflat, x_off,
+                       sw * depth, row_quads, kh, wp * depth, True)
             for i in range(count):
                 total = np.int32(0)
                 for ki in range(kh):  # flat indices: a view per row cost 0.9 ms on conv1
@@ -411,8 +472,9 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
         wide = np.empty(n_pos if fused else 0, np.int64)
         p0 = oy0 * ow + ox0
         for j in range(j0, min(j0 + cols, n_out)):
+            row = c[(j - j0) * n_pos :]
             for t in range(n_pos):  # int32 casts wrap: exact mod 2^32, see the module notes
-                lanes[t] = np.int32(c[t * cols + j - j0] - shift[t])
+                lanes[t] = np.int32(row[t] - shift[t])
             if not fused:
                 sums[img, j, p0 : p0 + n_pos] = lanes
                 continue
