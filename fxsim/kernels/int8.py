@@ -81,9 +81,9 @@ def _dot_intrinsic(builder):
     return cgutils.get_or_insert_function(builder.module, fnty, name), operand
 
 
-def _micro(mr: int, nr: int, transposed: bool = False):
-    """An intrinsic ``micro(c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments,
-    x_seg)``:
+def _micro(mr: int, nr: int):
+    """An intrinsic ``micro(transposed, c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads,
+    segments, x_seg)``:
 
     c[c_off + i * ldc + 16 * v + l] += sum over segments s and quads q < quads of the four
     products of w[w_off + (s * quads + q) * ldw + 64 * v + 4 * l + t] (uint8) and
@@ -96,16 +96,20 @@ def _micro(mr: int, nr: int, transposed: bool = False):
     ``transposed``: the sums start from zero and are stored, not added, with each output's
     input vectors side by side: c[c_off + (16 * v + l) * ldc + i] (a convolution's channels
     as rows of positions, the order its output takes; for MR input vectors a 4 x 16 transpose
-    in registers, then 16-byte stores)."""
+    in registers, then 16-byte stores). A run-time flag: the callers pass a constant, which
+    LLVM folds once the intrinsic is inlined."""
 
     @intrinsic
-    def micro(typingctx, c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments, x_seg):
-        sig = types.void(c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads, segments, x_seg)
+    def micro(typingctx, transposed, c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads,
+              segments, x_seg):
+        sig = types.void(transposed, c, c_off, ldc, w, w_off, ldw, x, x_off, ldx, quads,
+                         segments, x_seg)
 
         def codegen(context, builder, signature, args):
-            c_arr, c_off, ldc, w_arr, w_off, ldw, x_arr, x_off, ldx, quads, segments, x_seg = args
+            (transposed, c_arr, c_off, ldc, w_arr, w_off, ldw, x_arr, x_off, ldx, quads,
+             segments, x_seg) = args
             arrays = [context.make_array(signature.args[i])(context, builder, a).data
-                      for i, a in ((0, c_arr), (3, w_arr), (6, x_arr))]
+                      for i, a in ((1, c_arr), (4, w_arr), (7, x_arr))]
             c_ptr, w_ptr, x_ptr = arrays
             i32 = ir.IntType(32)
             v16 = ir.VectorType(i32, LANES)
@@ -122,10 +126,15 @@ def _micro(mr: int, nr: int, transposed: bool = False):
             # accumulators in allocas: LLVM's SROA turns them into registers
             accs = [[cgutils.alloca_once(builder, v16) for _ in range(nr)] for _ in range(mr)]
             zeros = ir.Constant(v16, None)
-            for i in range(mr):
-                for v in range(nr):
-                    start = zeros if transposed else builder.load(c_slot(i, v), align=4)
-                    builder.store(start, accs[i][v])
+            with builder.if_else(transposed) as (fresh, adding):
+                with fresh:
+                    for i in range(mr):
+                        for v in range(nr):
+                            builder.store(zeros, accs[i][v])
+                with adding:
+                    for i in range(mr):
+                        for v in range(nr):
+                            builder.store(builder.load(c_slot(i, v), align=4), accs[i][v])
             with cgutils.for_range(builder, segments) as outer:
                 seg = outer.index
                 w_seg = builder.add(w_off, builder.mul(builder.mul(seg, quads), ldw))
@@ -150,13 +159,14 @@ def _micro(mr: int, nr: int, transposed: bool = False):
                             acc = builder.load(accs[i][v])
                             builder.store(builder.call(dot, [acc, weights[v], splat]),
                                           accs[i][v])
-            if transposed:
-                _store_transposed(builder, [[builder.load(a) for a in row] for row in accs],
-                                  c_ptr, c_off, ldc)
-            else:
-                for i in range(mr):
-                    for v in range(nr):
-                        builder.store(builder.load(accs[i][v]), c_slot(i, v), align=4)
+            with builder.if_else(transposed) as (fresh, adding):
+                with fresh:
+                    _store_transposed(builder, [[builder.load(a) for a in row] for row in accs],
+                                      c_ptr, c_off, ldc)
+                with adding:
+                    for i in range(mr):
+                        for v in range(nr):
+                            builder.store(builder.load(accs[i][v]), c_slot(i, v), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -202,10 +212,6 @@ _MICRO = {(rows, vectors): _micro(rows, vectors) for rows in (MR, 1) for vectors
 _micro_44, _micro_14 = _MICRO[MR, 4], _MICRO[1, 4]
 _micro_42, _micro_12 = _MICRO[MR, 2], _MICRO[1, 2]
 _micro_41, _micro_11 = _MICRO[MR, 1], _MICRO[1, 1]
-# and for convolutions, with the sums stored transposed
-_T = {(rows, vectors): _micro(rows, vectors, True) for rows in (MR, 1) for vectors in (4, 2, 1)}
-_t_44, _t_14, _t_42, _t_12, _t_41, _t_11 = (_T[MR, 4], _T[1, 4], _T[MR, 2], _T[1, 2],
-                                            _T[MR, 1], _T[1, 1])
 
 
 def pack_weights(w: np.ndarray) -> np.ndarray:
@@ -294,34 +300,26 @@ def _layout(x, ph, pw, fold_kw, out, pixel_sums):
 def _micro_call(transposed, rows, vectors, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads,
                 segments, x_seg):
     """The micro-kernel of ``rows`` (MR or 1) input vectors x ``vectors`` (4, 2 or 1) output
-    vectors, plain or ``transposed``."""
-    if transposed:
-        if rows == MR:
-            if vectors == 4:
-                _t_44(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
-            elif vectors == 2:
-                _t_42(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
-            else:
-                _t_41(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
-        elif vectors == 4:
-            _t_14(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
-        elif vectors == 2:
-            _t_12(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
-        else:
-            _t_11(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
-    elif rows == MR:
+    vectors."""
+    if rows == MR:
         if vectors == 4:
-            _micro_44(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+            _micro_44(transposed, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments,
+                      x_seg)
         elif vectors == 2:
-            _micro_42(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+            _micro_42(transposed, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments,
+                      x_seg)
         else:
-            _micro_41(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+            _micro_41(transposed, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments,
+                      x_seg)
     elif vectors == 4:
-        _micro_14(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        _micro_14(transposed, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments,
+                  x_seg)
     elif vectors == 2:
-        _micro_12(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        _micro_12(transposed, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments,
+                  x_seg)
     else:
-        _micro_11(c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments, x_seg)
+        _micro_11(transposed, c, c_off, c_ld, w, at, w_ld, x, x_off, x_ld, quads, segments,
+                  x_seg)
 
 
 @njit(inline="always")
