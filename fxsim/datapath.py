@@ -10,8 +10,10 @@ Semantics of a conv/linear layer, all in integers (see docs/formats.md)::
     y = requantize(acc, frac_x + frac_w, out_fmt, rounding, overflow)
 
 Which kernel computes the sums is chosen from a bound, never a guess. With
-``P = max|x| * max_j sum_k |w[j, k]|`` every partial sum is below P in magnitude, so float32 BLAS
-is exact when P < 2^24, float64 BLAS when P < 2^53, and int64 when P < 2^63. A per_mac register
+``P = max|x| * max_j sum_k |w[j, k]|`` every partial sum is below P in magnitude, so int8 dot
+products (codes that fit a byte, on CPUs with AVX-512 VNNI: :mod:`fxsim.kernels.int8`) are exact
+when P < 2^31, float32 BLAS when P < 2^24, float64 BLAS when P < 2^53, and int64 when
+P < 2^63. A per_mac register
 that can never leave its range (P + max|bias| <= its max) behaves exactly like the exact sum;
 otherwise the sequential per-MAC kernel runs.
 """
@@ -712,14 +714,20 @@ class PreparedWeights:
             sums3 = sums.reshape(n_out, n_img, per_img).transpose(1, 0, 2)
             acc_events, sat_events, highest, lowest = _finish(
                 sums3, bias, False, acc_omode, shift, plan, dp, u, out)
-        fan_in = self.matrix.shape[1]
+        return self._dense_counters(plan, out, int(events) + int(acc_events), sat_events,
+                                    highest, lowest)
+
+    def _dense_counters(self, plan: _Plan, out, acc_events, sat_events, highest,
+                        lowest) -> Counters:
+        """The Counters of one chunk ``out`` that a dense kernel computed: every MAC executed."""
+        macs = out.size * self.matrix.shape[1]
         return Counters(
-            macs=out.size * fan_in,
-            acc_overflows=int(events) + int(acc_events),
+            macs=macs,
+            acc_overflows=int(acc_events),
             out_saturations=int(sat_events),
             max_abs_acc=max(int(highest), -int(lowest)),
             outputs=out.size,
-            executed_macs=out.size * fan_in,
+            executed_macs=macs,
             paths={plan.path: out.size},
         )
 
@@ -746,18 +754,9 @@ class PreparedWeights:
                 counters += self._finish_chunk(plan, sums, 0, self.bias, self._acc_omode,
                                                chunk_out, _slice(u, n0, n1, out[0].size))
                 continue
-            acc_events, sat_events, highest, lowest = int8.conv_sums(
-                xp, pixel_sums, plan.weights, kh, 1 if fold else kw, *stride, self.bias, rq,
-                chunk_out, np.empty((0, 0, 0), np.int32))
-            counters += Counters(
-                macs=chunk_out.size * self.matrix.shape[1],
-                acc_overflows=int(acc_events),
-                out_saturations=int(sat_events),
-                max_abs_acc=max(int(highest), -int(lowest)),
-                outputs=chunk_out.size,
-                executed_macs=chunk_out.size * self.matrix.shape[1],
-                paths={plan.path: chunk_out.size},
-            )
+            fused = int8.conv_sums(xp, pixel_sums, plan.weights, kh, 1 if fold else kw, *stride,
+                                   self.bias, rq, chunk_out, np.empty((0, 0, 0), np.int32))
+            counters += self._dense_counters(plan, chunk_out, *fused)
         return counters
 
     def _run_sparse(self, plan: _Plan, x, stride, padding, out_hw, out, u,
@@ -932,7 +931,7 @@ def _sparse_lanes(plan: _Plan, dp: Datapath):
     wider than 62 bits whose add could leave int64); those layers run densely."""
     if plan.path in ("float32", "float64"):
         return (np.float32 if plan.path == "float32" else np.float64), False
-    if plan.path == "int8":  # chosen only for layers that do not skip zeros
+    if plan.path == "int8":  # runs densely, also for the zero-skipping datapath (_choose_plan)
         return None
     if plan.path == "int64":
         return (np.int64, False) if plan.acc_bound < 1 << 63 else None
