@@ -13,13 +13,16 @@ where the last term is one integer per input vector. The int32 lanes wrap on ove
 lane holds the left sum modulo 2^32 and the result is exact modulo 2^32; the caller uses this
 kernel only where ``x_max_abs * max_j sum_k |w[j, k]| < 2^31``, so the true sum is the one int32
 value in its class. Padding (fan-in to a multiple of four, outputs to whole vectors) stores the
-unsigned weight 0, which multiplies anything to 0.
+unsigned weight 0, which multiplies anything to 0; a convolution's padded channels meet only
+zero codes (see :func:`pack_conv_weights`).
 
 Available only where the host has AVX-512 VNNI and BW (``AVAILABLE``); the caller falls back to
 the float BLAS path elsewhere. ``FXSIM_INT8_DOT=off`` turns it off (to compare, or to run the
 float path on a VNNI machine). The micro-kernel is LLVM IR emitted through a Numba intrinsic,
 its accumulators in registers, because LLVM does not turn a plain Numba loop into ``vpdpbusd``
-(it emits vpmaddwd on widened bytes: checked on LLVM 22).
+(it emits vpmaddwd on widened bytes: checked on LLVM 22). As for :mod:`fxsim.kernels.tile`,
+Numba's on-disk cache checks only a kernel's own source file: after editing the dense.py
+helpers these kernels call, delete ``fxsim/kernels/__pycache__`` in a development checkout.
 """
 
 from __future__ import annotations
