@@ -220,3 +220,26 @@ def test_auto_skips_zeros_only_well_below_the_int8_dense_speed():
             layer = prepare(w, None, Datapath(fmt, fmt))
             _, counters = layer.linear(x) if kind == "linear" else layer.conv2d(x, padding=1)
             assert set(counters.paths) == {path}, (kind, density)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("shape", "kernel", "padding"), [
+    ((2, 3, 40, 41), (3, 3), 1),  # 1,640 positions per image: tasks of 25 output rows + 15
+    ((1, 2, 2, 1100), (1, 3), 0),  # 1,098 positions in one row: tasks of 1,024 + 74
+])
+def test_int8_convolution_tasks_across_rows_and_within_a_row(shape, kernel, padding):
+    """Images larger than one task (int8.TASK_POSITIONS): bands of output rows, and pieces of
+    a row wider than a task, against the float path (itself checked against the reference)."""
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, acc_bits=16, kernel="dense")  # overflows: counted both ways
+    rng = np.random.default_rng(6)
+    x = random_codes(rng, fmt, shape)
+    w = random_codes(rng, fmt, (20, shape[1], *kernel))
+    b = random_codes(rng, dp.bias_format, (20,)) >> 2
+    y, counters = conv2d(x, w, b, dp, padding=padding)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "AVAILABLE", False)
+        y_float, float_counters = conv2d(x, w, b, dp, padding=padding)
+    assert counters.paths == {"int8": y.size}
+    assert np.array_equal(y, y_float) and counters.acc_overflows > 0
+    assert counters.to_dict() | {"paths": None} == float_counters.to_dict() | {"paths": None}
