@@ -279,22 +279,38 @@ def layout(x: np.ndarray, padding, fold_kw: int = 1) -> tuple[np.ndarray, np.nda
 @njit(cache=True, parallel=True)
 def _layout(x, ph, pw, fold_kw, out, pixel_sums):
     n_img, channels, h, w = x.shape
-    hp, width = out.shape[1], out.shape[2]
+    hp, width, depth = out.shape[1], out.shape[2], out.shape[3]
+    words = out.reshape(-1).view(np.int32)  # a pixel's depth is whole quads: whole words
+    per_row = width * (depth // QUAD)
     for task in prange(n_img * hp):
         img = task // hp
         y = task - img * hp
+        words[task * per_row : (task + 1) * per_row] = 0
         dst = out[img, y]
-        dst[:, :] = 0
         if ph <= y < ph + h:
-            for c in range(channels):
+            # unfolded, four channels' codes of a pixel go as one little-endian word: rows
+            # read as vectors, a word stored per pixel (CifarNet conv1's input 2.8 -> 1.0 ms,
+            # against a byte stored per channel and pixel)
+            quads = channels // QUAD if fold_kw == 1 else 0
+            row_words = words[task * per_row + pw * (depth // QUAD) :]
+            for q in range(quads):
+                r0 = x[img, QUAD * q, y - ph]
+                r1 = x[img, QUAD * q + 1, y - ph]
+                r2 = x[img, QUAD * q + 2, y - ph]
+                r3 = x[img, QUAD * q + 3, y - ph]
+                for ix in range(w):
+                    row_words[ix * (depth // QUAD) + q] = (
+                        (np.int32(r0[ix]) & 255) | ((np.int32(r1[ix]) & 255) << 8)
+                        | ((np.int32(r2[ix]) & 255) << 16) | (np.int32(r3[ix]) << 24))
+            for c in range(QUAD * quads, channels):
                 row = x[img, c, y - ph]
                 for kj in range(fold_kw):
-                    depth = kj * channels + c
+                    at = kj * channels + c
                     # pixel ix takes input column ix + kj - pw where that is inside the image
                     lo = max(0, pw - kj)
                     hi = min(width, w + pw - kj)
                     for ix in range(lo, hi):
-                        dst[ix, depth] = row[ix + kj - pw]
+                        dst[ix, at] = row[ix + kj - pw]
         for ix in range(width):
             pixel_sums[img, y, ix] = _byte_sum(dst[ix])
 
