@@ -15,7 +15,9 @@ products (codes that fit a byte, on CPUs with AVX-512 VNNI: :mod:`fxsim.kernels.
 when P < 2^31, float32 BLAS when P < 2^24, float64 BLAS when P < 2^53, and int64 when
 P < 2^63. A per_mac register
 that can never leave its range (P + max|bias| <= its max) behaves exactly like the exact sum;
-otherwise the sequential per-MAC kernel runs.
+otherwise the per-MAC kernel runs: on int8 dot products where the codes fit a byte and the CPU
+has them (:mod:`fxsim.kernels.int8_mac`: groups of products proven unable to reach a rail run
+as dot products, the others MAC by MAC), else on float32 / int32 / int64 lanes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from fxsim.fixedpoint import (
     requantize_with_count,
     uniform_draws,
 )
-from fxsim.kernels import dense, int8, sparse
+from fxsim.kernels import dense, int8, int8_mac, sparse
 
 ACC_MODES = ("final", "per_mac")
 KERNELS = ("auto", "dense", "sparse")
@@ -67,7 +69,8 @@ _PAIRS_ABOVE = 0.7
 # (docs/results/sparse.md) below ~0.1-0.15 on the convolutions (at 0.1: 1.15-1.38x faster on
 # three, 0.95x on cifarnet.conv6) and below ~0.07 on lenet5.fc1 (1.11x at 0.05).
 SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": _PAIRS_ABOVE,
-                            "conv_int8": 0.12, "linear_int8": 0.06}
+                            "conv_int8": 0.12, "linear_int8": 0.06,
+                            "conv_per_mac_int8": 0.12, "linear_per_mac_int8": 0.06}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
@@ -366,9 +369,12 @@ class PreparedWeights:
             return kernel == "sparse"
         kind = "conv" if self.weights.ndim == 4 else "linear"
         fmt = self.datapath.act_fmt
-        worst = max(-fmt.min_code, fmt.max_code) * self.row_abs_max
+        x_worst = max(-fmt.min_code, fmt.max_code)
+        worst = x_worst * self.row_abs_max
         if self._int8_dot(worst) and not self._may_overflow(worst, "per_mac"):
             kind += "_int8"
+        elif self._may_overflow(worst, "per_mac") and self._int8_mac(x_worst):
+            kind += "_per_mac_int8"
         return self.density < SPARSE_DENSITY_THRESHOLD[kind]
 
     def weight_bytes(self) -> dict[str, int]:
@@ -453,12 +459,78 @@ class PreparedWeights:
         host has them, the layer is a convolution or a linear one with more outputs than the
         fused few-output kernel takes, both formats' codes fit a byte and no sum leaves
         int32."""
-        dp = self.datapath
-        return (int8.AVAILABLE
+        return (int8.AVAILABLE and self._byte_codes()
                 and (self.weights.ndim == 4 or self.weights.shape[0] > dense.FEW_OUTPUTS)
-                and bound < 1 << 31
-                and all(f.min_code >= -128 and f.max_code <= 127
-                        for f in (dp.act_fmt, dp.weight_fmt)))
+                and bound < 1 << 31)
+
+    def _byte_codes(self) -> bool:
+        """Whether the input's and the weights' codes all fit a signed byte."""
+        dp = self.datapath
+        return all(f.min_code >= -128 and f.max_code <= 127 for f in (dp.act_fmt, dp.weight_fmt))
+
+    def _int8_mac(self, x_max_abs: int) -> bool:
+        """Whether a per-MAC register runs on int8 dot products (:mod:`fxsim.kernels.int8_mac`)
+        for inputs bounded by ``x_max_abs``: the host has them, the codes fit a byte and every
+        biased register value fits int32."""
+        dp = self.datapath
+        return (int8.AVAILABLE and dp.acc_mode == "per_mac" and dp.acc_bits is not None
+                and self._byte_codes()
+                and int8_mac.fits(dp.acc_bits, x_max_abs, self.row_abs_max))
+
+    def _int8_mac_tables(self, x_max_abs: int, nonnegative: bool) -> tuple:
+        """(packed weights, start values (J16,) int32, limits, corr) for
+        :func:`int8_mac.per_mac_rows`, inputs in [0 or -x_max_abs, x_max_abs] (kept: a layer
+        sees few input ranges)."""
+        key = ("int8_mac", x_max_abs, nonnegative)
+        if key not in self._casts:
+            dp = self.datapath
+            if "int8_mac" not in self._casts:
+                self._casts["int8_mac"] = int8_mac.pack_weights(self.matrix)
+            packed = self._casts["int8_mac"]
+            lo, hi, _ = _register(dp.acc_bits, int)
+            limits, corr = int8_mac.thresholds(self.matrix, 0 if nonnegative else -x_max_abs,
+                                               x_max_abs, lo, hi)
+            start = np.zeros(packed.shape[1], np.int32)
+            start[: self.matrix.shape[0]] = self._starts_for(np.int32)[0]
+            self._casts[key] = (packed, start, limits, corr)
+        return self._casts[key]
+
+    def _run_int8_mac(self, plan: _Plan, x, out, u, window=None) -> Counters:
+        """Per-MAC registers on int8 dot products, chunk by chunk of images; fills ``out``
+        (N, J, P). ``x``: (N, K) codes of a linear layer, or with ``window`` = (kh, kw, sh, sw,
+        ph, pw) the (N, C, H, W) codes of a convolution, whose windows become rows."""
+        dp = self.datapath
+        n_img, n_out, per_img = out.shape
+        fan_in = self.matrix.shape[1]
+        quads = -(-fan_in // int8.QUAD)
+        lo, hi, mask = _register(dp.acc_bits, int)
+        wrap = dp.acc_overflow is Overflow.WRAP
+        ran = dataclasses.replace(plan, path="per_mac_int8")
+        per_chunk = _images_per_chunk(fan_in * per_img)
+        counters = Counters(weight_bytes=self.weight_bytes())
+        zeros = np.zeros(n_out, np.int64)
+        for n0 in range(0, n_img, per_chunk):
+            n1 = min(n_img, n0 + per_chunk)
+            if window is None:
+                rows, smallest, _ = int8_mac.bias_rows(x[n0:n1], quads)
+                nonnegative = smallest >= 0
+            else:
+                rows = int8_mac.bias_windows(x[n0:n1], *window, quads)
+                nonnegative = int(x[n0:n1].min()) >= 0
+            packed, start, limits, corr = self._int8_mac_tables(plan.x_max_abs, nonnegative)
+            sums = np.empty((rows.shape[0], n_out), np.int32)
+            events = int8_mac.per_mac_rows(rows, packed, limits, corr, start, lo, hi, mask, wrap,
+                                           int8_mac.GROUP_QUADS, sums)
+            events += plan.start_overflowed * (n1 - n0) * per_img
+            chunk_u = _slice(u, n0, n1, n_out * per_img)
+            if window is None:
+                counters += self._finish_chunk(ran, sums, events, zeros, -1, out[n0:n1], chunk_u,
+                                               x_rows=True)
+            else:
+                sums3 = sums.reshape(n1 - n0, per_img, n_out).transpose(0, 2, 1)
+                counters += self._finish_chunk(ran, sums3, events, zeros, -1, out[n0:n1],
+                                               chunk_u)
+        return counters
 
     def _int8_weights(self) -> np.ndarray:
         """The weights packed for :func:`int8.dot_rows` or :func:`int8.conv_sums`."""
@@ -491,6 +563,10 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, oh * ow), _output_dtype(out_dtype, dp.output_fmt))
         u = uniform_draws(dp.rounding, out.size, dp.seed)
+        if (plan.path.startswith("per_mac") and self._int8_mac(x_max_abs)
+                and (not self.use_sparse or self.density > _PAIRS_ABOVE)):
+            counters = self._run_int8_mac(plan, x, out, u, (kh, kw, sh, sw, ph, pw))
+            return out.reshape(n, n_out, oh, ow), self._as_datapath_ran(plan, counters)
         lanes = _sparse_lanes(plan, dp)
         skip = self.use_sparse or (
             dp.kernel == "auto" and lanes is not None and lanes[1]
@@ -544,6 +620,10 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, 1), _output_dtype(out_dtype, self.datapath.output_fmt))
         u = uniform_draws(self.datapath.rounding, out.size, self.datapath.seed)
+        if (plan.path.startswith("per_mac") and self._int8_mac(x_max_abs)
+                and (not self.use_sparse or self.density > _PAIRS_ABOVE)):
+            counters = self._run_int8_mac(plan, x, out, u)
+            return out.reshape(n, n_out), self._as_datapath_ran(plan, counters)
         lanes = _sparse_lanes(plan, self.datapath)
         # per-MAC registers of <= 62 bits run vectorised over the output features, unless many
         # weights are zero: that kernel skips zero inputs but not zero weights (lenet5.fc1,
@@ -575,15 +655,16 @@ class PreparedWeights:
 
     def _as_datapath_ran(self, plan: _Plan, counters: Counters) -> Counters:
         """``counters`` of the dense host kernel as the simulated datapath's: on the
-        zero-skipping datapath (run densely, filler zeros included, see _choose_plan) only the
-        stored weights are executed MACs. (Other dense fallbacks, such as per-MAC registers
-        wider than 62 bits, report the dense datapath they ran.)"""
-        if plan.path != "int8" or not self.use_sparse:
+        zero-skipping datapath (run densely, filler zeros included, see _choose_plan and
+        _run_int8_mac's callers) only the stored weights are executed MACs. (Other dense
+        fallbacks, such as per-MAC registers wider than 62 bits, report the dense datapath
+        they ran.)"""
+        if not self.use_sparse or not set(counters.paths) <= {"int8", "per_mac_int8"}:
             return counters
         executed = self.compressed.nnz * (counters.outputs // self.matrix.shape[0])
         return dataclasses.replace(counters, executed_macs=executed,
                                    skipped_macs=counters.macs - executed,
-                                   paths={f"sparse_{plan.path}": counters.outputs})
+                                   paths={f"sparse_{p}": n for p, n in counters.paths.items()})
 
     def _linear_few_outputs(self, x_codes, out_dtype):
         """A linear layer with few outputs in one fused pass (cast, exact sums, requantisation:

@@ -174,18 +174,32 @@ REGISTER_LANES = [
     (QFormat(16, 4), 36, "sat", "int64"),
     (QFormat(16, 4), 36, "wrap", "int64"),
 ]
+# 8-bit codes on a CPU with int8 dot products: the same registers on fxsim.kernels.int8_mac
+# (the cases above run with it switched off)
+REGISTER_LANES += [(QFormat(8, 2), 19, mode, "int8") for mode in ("sat", "wrap")
+                   if int8.AVAILABLE]
+
+
+def lanes_as_chosen(monkeypatch, lanes):
+    """Run the per-MAC float / integer lanes with the int8 kernel off, the int8 cases as the
+    machine chooses."""
+    if lanes != "int8":
+        monkeypatch.setattr(int8, "AVAILABLE", False)
 
 
 @pytest.mark.parametrize(("fmt", "acc_bits", "acc_overflow", "lanes"), REGISTER_LANES)
 @pytest.mark.parametrize("kernel", ["dense", "sparse", "dense_pairs"])
 def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_overflow, lanes,
-                                                         kernel):
+                                                         kernel, monkeypatch):
     # A register that holds about 16 full-size products, long dot products that climb into
     # saturation and come back down: the kernels' plain multiply-add groups (proven safe by
     # the range bound) and their MAC-by-MAC groups must interleave exactly like the reference.
     # "dense_pairs": weights without zero rows, dense enough for the kernel that runs two
     # output channels per pass (sparse.sparse_per_mac, paired; 5 channels: two pairs and one
-    # alone).
+    # alone). With lanes "int8", the dense layer runs int8_mac's checked groups instead, and
+    # so does the zero-skipping one above density 0.7 ("dense_pairs"; "sparse", 0.64 of the
+    # weights nonzero, skips zeros on float lanes).
+    lanes_as_chosen(monkeypatch, lanes)
     rng = np.random.default_rng(acc_bits)
     fan_in = 300
     x = rng.integers(fmt.max_code // 2, fmt.max_code, (40, fan_in), endpoint=True)
@@ -205,16 +219,21 @@ def test_per_mac_fast_groups_are_exact_across_saturation(fmt, acc_bits, acc_over
     b = random_codes(rng, dp.bias_format, (5,)) >> 8
     counters = check_linear(dp, x, w, b)
     assert counters.acc_overflows > 0
+    if lanes == "int8" and kernel == "sparse":
+        lanes = "float32" if acc_overflow == "sat" else "int32"
     assert all(path.endswith(f"per_mac_{lanes}") for path in counters.paths)
 
 
-@pytest.mark.parametrize(("fmt", "acc_bits", "acc_overflow", "lanes"), REGISTER_LANES[:3])
+@pytest.mark.parametrize(("fmt", "acc_bits", "acc_overflow", "lanes"),
+                         REGISTER_LANES[:3] + REGISTER_LANES[5:])
 @pytest.mark.parametrize("batch", [6, 7])
 def test_per_mac_linear_vectorised_over_outputs_is_exact(fmt, acc_bits, acc_overflow, lanes,
-                                                          batch):
+                                                          batch, monkeypatch):
     # 64 or more outputs and mostly nonzero weights: the per-MAC kernel runs over the outputs
     # (dense.dot_per_mac_rows, images in fours, then a pair; an odd batch leaves one image
-    # alone) instead of the batch; registers climb into saturation and back.
+    # alone) instead of the batch; registers climb into saturation and back. (With lanes
+    # "int8": int8_mac, vectorised over the outputs too.)
+    lanes_as_chosen(monkeypatch, lanes)
     rng = np.random.default_rng(64)
     fan_in = 160
     x = rng.integers(fmt.max_code // 2, fmt.max_code, (batch, fan_in), endpoint=True)

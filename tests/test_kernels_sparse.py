@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fxsim import QFormat, code_dtype, datapath
 from fxsim.datapath import Datapath, prepare
 from fxsim.errors import ShapeError
-from fxsim.kernels import sparse
+from fxsim.kernels import int8, sparse
 from fxsim.kernels.dense import FEW_OUTPUTS
 from fxsim.kernels.sparse import CompressedWeights, random_mask
 
@@ -208,17 +208,24 @@ def test_auto_uses_sparse_below_the_threshold():
     assert not next(iter(c_high.paths)).startswith("sparse_")
 
 
-def test_auto_skips_zeros_of_a_per_mac_convolution_below_its_own_threshold():
+@pytest.mark.parametrize("int8_mac", [False, True] if int8.AVAILABLE else [False])
+def test_auto_skips_zeros_of_a_per_mac_convolution_below_its_own_threshold(int8_mac,
+                                                                            monkeypatch):
     # a per-MAC register that can overflow: the same kernel either way, so skipping zeros
-    # pays below the density where the dense one runs every weight (0.7), not only below 0.3
+    # pays below the density where the dense one runs every weight (0.7), not only below 0.3.
+    # On int8 dot products (int8_mac) the dense register runs faster, and skipping wins only
+    # below its own threshold.
     from fxsim.datapath import SPARSE_DENSITY_THRESHOLD
 
+    monkeypatch.setattr(int8, "AVAILABLE", int8_mac)
     rng = np.random.default_rng(1)
     fmt = QFormat(8, 2)
     x = rng.integers(-128, 128, (2, 4, 6, 6))
-    dp = Datapath(fmt, fmt, acc_bits=17, acc_mode="per_mac")
+    # (16 bits: the few weights at low density must still be able to overflow it)
+    dp = Datapath(fmt, fmt, acc_bits=16 if int8_mac else 17, acc_mode="per_mac")
+    low = SPARSE_DENSITY_THRESHOLD["conv_per_mac_int8"] / 2 if int8_mac else 0.5
     runs = {}
-    for density in (0.5, 0.9):
+    for density in (low, 0.5, 0.9):
         assert SPARSE_DENSITY_THRESHOLD["conv"] < 0.5 < SPARSE_DENSITY_THRESHOLD["conv_per_mac"]
         w = np.where(random_mask((3, 4, 3, 3), density, rng), 127, 0)
         y, c = prepare(w, None, dp).conv2d(x, padding=1)
@@ -226,7 +233,10 @@ def test_auto_skips_zeros_of_a_per_mac_convolution_below_its_own_threshold():
         np.testing.assert_array_equal(y, y_dense)
         assert c.acc_overflows == c_dense.acc_overflows > 0
         runs[density] = next(iter(c.paths))
-    assert runs == {0.5: "sparse_per_mac_float32", 0.9: "per_mac_float32"}
+    if int8_mac:
+        assert runs == {low: "sparse_per_mac_float32", 0.5: "per_mac_int8", 0.9: "per_mac_int8"}
+    else:
+        assert runs == {0.5: "sparse_per_mac_float32", 0.9: "per_mac_float32"}
 
 
 # ---------------------------------------------------------------------------- storage
