@@ -82,7 +82,7 @@ def test_int8_linear_layers_match_reference(dp, seed, batch, fan_in, n_out, zero
     else:  # int8 where the register cannot overflow (an exact sum), else the per-MAC kernels
         assert counters.paths in ({"int8": counters.outputs},
                                   {f"per_mac_{lanes}": counters.outputs
-                                   for lanes in ("float32", "int32", "int64")
+                                   for lanes in ("int8", "float32", "int32", "int64")
                                    if f"per_mac_{lanes}" in counters.paths})
 
 
