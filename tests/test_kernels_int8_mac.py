@@ -110,6 +110,7 @@ def test_thresholds_of_a_known_group():
 
 @pytest.mark.parametrize(("kernel", "stride", "padding"),
                          [((3, 3), (1, 1), (1, 1)), ((5, 5), (1, 1), (0, 0)),
+                          ((1, 9), (1, 1), (0, 4)),  # a window row longer than one word
                           ((2, 3), (2, 1), (1, 2)), ((3, 3), (2, 2), (0, 1))])
 def test_bias_windows_are_canonical_im2col_rows(kernel, stride, padding):
     rng = np.random.default_rng(7)

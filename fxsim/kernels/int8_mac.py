@@ -363,28 +363,80 @@ def bias_windows(x, kh, kw, sh, sw, ph, pw, quads):
     window in canonical (channel, row, column) order, zero padding and the fan-in's padding
     as 128 (the code 0)."""
     n_img, channels, h, w = x.shape
-    padded = np.full((n_img, channels, h + 2 * ph, w + 2 * pw), 128, np.uint8)
-    padded[:, :, ph : ph + h, pw : pw + w] = x.astype(np.int16) + 128
-    oh = (h + 2 * ph - kh) // sh + 1
-    ow = (w + 2 * pw - kw) // sw + 1
-    out = np.empty((n_img * oh * ow, QUAD * quads), np.uint8)
-    _windows(padded, kh, kw, sh, sw, oh, ow, out)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    # SLACK bytes past the last plane: a window row is read as one 8-byte word (_windows)
+    flat = np.empty(n_img * channels * hp * wp + SLACK, np.uint8)
+    _bias_planes(np.ascontiguousarray(x), ph, pw, flat)
+    oh = (hp - kh) // sh + 1
+    ow = (wp - kw) // sw + 1
+    width = QUAD * quads
+    out = np.empty((n_img * oh * ow, width), np.uint8)
+    _windows(flat, (n_img, channels, hp, wp), kh, kw, sh, sw, oh, ow, width, out.reshape(-1))
     return out
 
 
+SLACK = 8
+
+
 @njit(cache=True, parallel=True)
-def _windows(padded, kh, kw, sh, sw, oh, ow, out):
-    n_img, channels = padded.shape[:2]
+def _bias_planes(x, ph, pw, flat):
+    """(N, C, H, W) codes -> ``flat``: the zero-padded planes of ``x + 128`` (padding 128),
+    then SLACK bytes of 128."""
+    n_img, channels, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    flat[n_img * channels * hp * wp :] = 128
+    for plane in prange(n_img * channels):
+        img = plane // channels
+        c = plane - img * channels
+        base = plane * hp * wp
+        flat[base : base + hp * wp] = 128
+        for y in range(h):
+            at = base + (y + ph) * wp + pw
+            for xx in range(w):
+                flat[at + xx] = np.uint8(np.int32(x[img, c, y, xx]) + 128)
+
+
+@intrinsic
+def _copy8(typingctx, dst, dst_at, src, src_at):
+    """dst[dst_at : dst_at + 8] = src[src_at : src_at + 8] (uint8 arrays) as one unaligned
+    8-byte load and store."""
+    sig = types.void(dst, dst_at, src, src_at)
+
+    def codegen(context, builder, signature, args):
+        dst_arr, dst_at, src_arr, src_at = args
+        dst_ptr = context.make_array(signature.args[0])(context, builder, dst_arr).data
+        src_ptr = context.make_array(signature.args[2])(context, builder, src_arr).data
+        word = ir.IntType(64).as_pointer()
+        value = builder.load(builder.bitcast(builder.gep(src_ptr, [src_at]), word), align=1)
+        builder.store(value, builder.bitcast(builder.gep(dst_ptr, [dst_at]), word), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, parallel=True)
+def _windows(flat, shape, kh, kw, sh, sw, oh, ow, width, out):
+    """The copies of :func:`bias_windows`, on flat arrays (``flat`` with SLACK bytes to spare
+    past its last plane). A window row of kw <= 8 bytes goes as one 8-byte word where that
+    word ends inside the output row: the bytes past the window row are overwritten by the
+    next window row's word or the padding after the fan-in, both written later by the same
+    task (a word into the next output row could race with the task writing that one). With a
+    byte per copy, cifarnet.conv1 took 31 ms here, 23 ms with the words."""
+    n_img, channels, hp, wp = shape
     fan_in = channels * kh * kw
     for task in prange(n_img * oh):
         img = task // oh
         oy = task - img * oh
         for ox in range(ow):
-            row = out[task * ow + ox]
+            row = (task * ow + ox) * width
             for c in range(channels):
                 for ki in range(kh):
-                    src = padded[img, c, oy * sh + ki, ox * sw :]
-                    at = (c * kh + ki) * kw
-                    for kj in range(kw):
-                        row[at + kj] = src[kj]
-            row[fan_in:] = 128
+                    src = ((img * channels + c) * hp + oy * sh + ki) * wp + ox * sw
+                    at = row + (c * kh + ki) * kw
+                    if kw <= SLACK and at + SLACK <= row + width:  # the word stays in the row
+                        _copy8(out, at, flat, src)
+                    else:
+                        for kj in range(kw):
+                            out[at + kj] = flat[src + kj]
+            for k in range(fan_in, width):
+                out[row + k] = 128
