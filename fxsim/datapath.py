@@ -68,9 +68,13 @@ _PAIRS_ABOVE = 0.7
 # AVX-512 VNNI), 3-6x faster than BLAS, the zero-skipping kernel wins only lower: measured
 # (docs/results/sparse.md) below ~0.1-0.15 on the convolutions (at 0.1: 1.15-1.38x faster on
 # three, 0.95x on cifarnet.conv6) and below ~0.07 on lenet5.fc1 (1.11x at 0.05).
+# A per-MAC register that runs on int8 dot products (fxsim.kernels.int8_mac) outruns the
+# zero-skipping per-MAC kernel above ~0.22-0.4 on the convolutions (lenet5.conv2 excepted:
+# skipping was 1.13x faster at 0.5) and ~0.1 on lenet5.fc1 (per-MAC table of
+# docs/results/sparse.md, 20-bit register).
 SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": _PAIRS_ABOVE,
                             "conv_int8": 0.12, "linear_int8": 0.06,
-                            "conv_per_mac_int8": 0.12, "linear_per_mac_int8": 0.06}
+                            "conv_per_mac_int8": 0.3, "linear_per_mac_int8": 0.12}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
 # GEMM buffers of a chunk stay in cache and are reused from the heap instead of being
