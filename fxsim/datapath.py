@@ -443,6 +443,9 @@ class PreparedWeights:
         if self._int8_dot(bound) and (not self.use_sparse or self.compressed.fills_blocks()):
             return _Plan("int8", self._int8_weights(), None, 0, np.int8, bound + bias_max,
                          x_max_abs)
+        if bound >= 1 << 24 and self._int8_digits(x_max_abs) and not self.use_sparse:
+            return _Plan("int8x2", self._int8_digit_weights(), None, 0, np.int16,
+                         bound + bias_max, x_max_abs)
         if bound < 1 << 24:
             path, dtype = "float32", np.float32
         elif bound < 1 << 53:
@@ -536,6 +539,41 @@ class PreparedWeights:
                                                chunk_u)
         return counters
 
+    def _int8_digits(self, x_max_abs: int) -> bool:
+        """Whether exact sums of codes wider than a byte (up to 16 bits) can run as int8 dot
+        products of their base-256 digits (path ``int8x2``, :func:`_digit_sums`): the host has
+        them, the layer is a convolution or a linear one with more outputs than the fused
+        few-output kernel takes, every weight and input code has digits that fit a byte, and
+        the middle digit sums (2 K products of at most 2^14) fit int32."""
+        fan_in = self.matrix.shape[1]
+        w = self.weights
+        return (int8.AVAILABLE and not self._byte_codes()
+                # a folded convolution (few channels) fills the int8 kernel's vectors poorly:
+                # four dot products of it are slower than float64 BLAS (LeNet5's conv1)
+                and (w.shape[0] > dense.FEW_OUTPUTS if w.ndim == 2
+                     else not int8.folds(w.shape[1], w.shape[3]))
+                and x_max_abs <= int8.DIGITS_MAX
+                and int(self.matrix.max(initial=0)) <= int8.DIGITS_MAX
+                and int(self.matrix.min(initial=0)) >= -32768
+                and 2 * fan_in * (1 << 14) < 1 << 31)
+
+    def _int8_digit_weights(self) -> tuple:
+        """The weights' digits packed for the three digit sums of :func:`_digit_sums`: high,
+        (low, high) side by side along the fan-in (channels), low."""
+        if "int8x2" not in self._casts:
+            high, _, low = int8.digits(self.weights)
+            # (low, high) along the fan-in (a convolution's channels): against the inputs'
+            # (high, low), the middle term
+            parts = (high, np.concatenate([low, high], axis=1), low)
+            if self.weights.ndim == 2:
+                packed = tuple(int8.pack_weights(p) for p in parts)
+            else:
+                kw = self.weights.shape[3]
+                packed = tuple(int8.pack_conv_weights(p, int8.folds(p.shape[1], kw))
+                               for p in parts)
+            self._casts["int8x2"] = packed
+        return self._casts["int8x2"]
+
     def _int8_weights(self) -> np.ndarray:
         """The weights packed for :func:`int8.dot_rows` or :func:`int8.conv_sums`."""
         if "int8" not in self._casts:
@@ -587,6 +625,9 @@ class PreparedWeights:
         if plan.path == "int8":
             counters = self._conv_int8(plan, x, (sh, sw), (ph, pw), out, u)
             return out.reshape(n, n_out, oh, ow), self._as_datapath_ran(plan, counters)
+        if plan.path == "int8x2":
+            counters = self._conv_int8_digits(plan, x, (sh, sw), (ph, pw), out, u)
+            return out.reshape(n, n_out, oh, ow), counters
         per_chunk = _images_per_chunk(c * kh * kw * oh * ow)
         per_image = n_out * oh * ow
         batch_last = oh * ow < _BATCH_LAST_BELOW
@@ -648,7 +689,8 @@ class PreparedWeights:
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             # float and int8 paths multiply x @ w.T
-            x_rows = plan.path.startswith("float") or plan.path == "int8" or over_outputs
+            x_rows = (plan.path.startswith("float") or plan.path in ("int8", "int8x2")
+                      or over_outputs)
             if x_rows:
                 cols = x[n0:n1].astype(plan.cols_dtype, copy=False)  # (N, K)
             else:
@@ -757,6 +799,9 @@ class PreparedWeights:
             elif plan.path == "int8":  # a linear layer (convolutions: _conv_int8)
                 sums = np.empty((n_img, n_out), np.int32)
                 int8.dot_rows(cols, plan.weights, sums)
+            elif plan.path == "int8x2":  # a linear layer (convolutions: _conv_int8_digits)
+                sums = _digit_sums(cols, plan.weights, lambda x, packed, into: int8.dot_rows(
+                    np.ascontiguousarray(x), packed, into), (n_img, n_out))
             elif x_rows:
                 # BLAS on the contiguous (K, J) copy: numpy's transposed operand measured up to
                 # 2x slower (lenet5.fc2, 256 x 500 @ 500 x 10: 0.098 -> 0.041 ms; fc1 0.86 -> 0.77)
@@ -842,6 +887,30 @@ class PreparedWeights:
             fused = int8.conv_sums(xp, pixel_sums, plan.weights, kh, 1 if fold else kw, *stride,
                                    self.bias, rq, chunk_out, np.empty((0, 0, 0), np.int32))
             counters += self._dense_counters(plan, chunk_out, *fused)
+        return counters
+
+    def _conv_int8_digits(self, plan: _Plan, x, stride, padding, out, u) -> Counters:
+        """The convolution of codes wider than a byte as int8 dot products of their digits
+        (:func:`_digit_sums` over :func:`int8.conv_sums`), chunk by chunk of images; fills
+        ``out`` (N, J, P)."""
+        n = x.shape[0]
+        kh, kw = self.weights.shape[2:]
+        per_chunk = _images_per_chunk(out[0].size)
+        counters = Counters(weight_bytes=self.weight_bytes())
+        no_codes = np.empty((0, 0, 0), out.dtype)
+
+        def conv(digits, packed, into):
+            fold = int8.folds(digits.shape[1], kw)
+            xp, pixel_sums = int8.layout(digits, padding, kw if fold else 1)
+            int8.conv_sums(xp, pixel_sums, packed, kh, 1 if fold else kw, *stride, self.bias,
+                           sparse.NO_REQUANT, no_codes, into)
+
+        for n0 in range(0, n, per_chunk):
+            n1 = min(n, n0 + per_chunk)
+            chunk_out = out[n0:n1]
+            sums = _digit_sums(x[n0:n1], plan.weights, conv, chunk_out.shape)
+            counters += self._finish_chunk(plan, sums, 0, self.bias, self._acc_omode, chunk_out,
+                                           _slice(u, n0, n1, out[0].size))
         return counters
 
     def _run_sparse(self, plan: _Plan, x, stride, padding, out_hw, out, u,
@@ -992,6 +1061,25 @@ class PreparedWeights:
         return self._starts[dtype]
 
 
+def _digit_sums(x, packed: tuple, dot, shape) -> np.ndarray:
+    """Exact sums of products of codes of up to 16 bits, from int8 dot products of their
+    base-256 digits (x = 256 x_hi + x_lo, w likewise, every digit in [-128, 127]):
+
+        sum x w = 65536 sum x_hi w_hi + 256 sum (x_hi w_lo + x_lo w_hi) + sum x_lo w_lo
+
+    the middle term as one dot product over the digits side by side (a fan-in twice as long).
+    Each digit sum fits int32 (the caller checks the fan-in); the result is int64 of ``shape``.
+    ``dot(digits, packed, into)`` fills int32 ``into`` (``shape``) with the dot products of
+    input digits (the codes' shape) and one packed weight digit."""
+    parts = int8.digits(x)  # high, (high, low), low
+    sums = [np.empty(shape, np.int32) for _ in parts]
+    for digits, weights, into in zip(parts, packed, sums, strict=True):
+        dot(digits, weights, into)
+    out = np.empty(shape, np.int64)
+    int8.combine_digits(*(s.reshape(-1) for s in sums), out.reshape(-1))
+    return out
+
+
 def _per_mac_lanes(acc_bits: int, product_max: int, wrap: bool):
     """The lane dtype of a per-MAC register of ``acc_bits`` whose products stay within
     ``product_max``: float32 for a saturating register whose every value (register +
@@ -1016,7 +1104,7 @@ def _sparse_lanes(plan: _Plan, dp: Datapath):
     wider than 62 bits whose add could leave int64); those layers run densely."""
     if plan.path in ("float32", "float64"):
         return (np.float32 if plan.path == "float32" else np.float64), False
-    if plan.path == "int8":  # runs densely, also for the zero-skipping datapath (_choose_plan)
+    if plan.path in ("int8", "int8x2"):  # run densely (int8 also for the zero-skipping datapath)
         return None
     if plan.path == "int64":
         return (np.int64, False) if plan.acc_bound < 1 << 63 else None

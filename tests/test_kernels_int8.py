@@ -243,3 +243,96 @@ def test_int8_convolution_tasks_across_rows_and_within_a_row(shape, kernel, padd
     assert counters.paths == {"int8": y.size}
     assert np.array_equal(y, y_float) and counters.acc_overflows > 0
     assert counters.to_dict() | {"paths": None} == float_counters.to_dict() | {"paths": None}
+
+
+# ------------------------------------------------------------- codes of up to 16 bits: digits
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(3, 1), (2, 5, 3), (1, 4, 2, 3)]))
+def test_digits_recompose_the_codes(seed, shape):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-32768, int8.DIGITS_MAX, shape, endpoint=True)
+    codes.flat[0], codes.flat[-1] = -32768, int8.DIGITS_MAX
+    high, both, low = int8.digits(codes)
+    assert high.dtype == low.dtype == both.dtype == np.int8
+    assert np.array_equal(256 * high.astype(np.int64) + low, codes)
+    assert np.array_equal(both, np.concatenate([high, low], axis=1))
+    assert not any(d.any() for d in int8.digits(np.zeros(shape, np.int64)))
+
+
+def wide_datapath(dp: Datapath) -> Datapath:
+    """dp with 16-bit codes (wider than a byte, digits within one), an exact sum."""
+    fmt = QFormat(16, 4)
+    acc_bits = None if dp.acc_bits is None else max(dp.acc_bits, 32)  # holds one product
+    return Datapath(fmt, fmt, out_fmt=dp.out_fmt, acc_bits=acc_bits,
+                    acc_overflow=dp.acc_overflow, acc_mode="final", rounding=dp.rounding,
+                    overflow=dp.overflow, kernel="dense")
+
+
+def digit_codes(rng, shape, zeros=0.0, low=-int8.DIGITS_MAX):
+    """Codes the digit path takes: weights from -32768, inputs (bounded by their largest
+    magnitude) from -DIGITS_MAX."""
+    codes = rng.integers(low, int8.DIGITS_MAX, shape, endpoint=True)
+    codes[rng.random(shape) < zeros] = 0
+    return codes
+
+
+@needs_vnni
+@settings(max_examples=40, deadline=None)
+@given(dp=datapaths(max_bits=16), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 9),
+       fan_in=st.integers(1, 60), n_out=st.sampled_from([25, 40, 70]))
+def test_int8_digit_linear_layers_match_reference(dp, seed, batch, fan_in, n_out):
+    """16-bit codes as int8 dot products of their digits (path int8x2): every rounding and
+    overflow mode, accumulators of any width, against the Python reference."""
+    dp = wide_datapath(dp)
+    rng = np.random.default_rng(seed)
+    x = digit_codes(rng, (batch, fan_in))
+    x[0, 0] = -int8.DIGITS_MAX  # the largest |x| the path takes
+    w = digit_codes(rng, (n_out, fan_in), 0.3, low=-32768)
+    w[0, 0] = -32768
+    b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 40)
+    counters = check_linear(dp, x, w, b)
+    assert counters.paths == {"int8x2": counters.outputs}
+
+
+@needs_vnni
+@settings(max_examples=30, deadline=None)
+@given(dp=datapaths(max_bits=16), seed=st.integers(0, 2**32 - 1),
+       channels=st.sampled_from([2, 3, 8]), size=st.integers(3, 7),
+       kernel=st.sampled_from([(1, 1), (3, 3), (2, 3)]), stride=st.sampled_from([1, 2]),
+       padding=st.integers(0, 2))
+def test_int8_digit_convolutions_match_reference(dp, seed, channels, size, kernel, stride,
+                                                 padding):
+    dp = wide_datapath(dp)
+    rng = np.random.default_rng(seed)
+    x = digit_codes(rng, (2, channels, size, size + 1))
+    w = digit_codes(rng, (17, channels, *kernel), 0.2, low=-32768)
+    b = random_codes(rng, dp.bias_format, (17,)) >> rng.integers(0, 40)
+    counters = check_conv(dp, x, w, b, stride, padding)
+    folded = int8.folds(channels, kernel[1])
+    assert counters.paths == {"float64" if folded else "int8x2": counters.outputs}
+
+
+@needs_vnni
+def test_int8_digit_path_is_taken_only_where_it_is_exact():
+    fmt = QFormat(16, 4)
+    dp = Datapath(fmt, fmt, kernel="dense")
+    rng = np.random.default_rng(4)
+    w = digit_codes(rng, (30, 40), low=-32768)
+    x = digit_codes(rng, (3, 40))
+    assert check_linear(dp, x, w, np.zeros(30, np.int64)).paths == {"int8x2": 90}
+    top = x.copy()
+    top[1, 2] = int8.DIGITS_MAX + 1  # its high digit would be 128
+    assert check_linear(dp, top, w, np.zeros(30, np.int64)).paths == {"float64": 90}
+    w_top = w.copy()
+    w_top[3, 3] = fmt.max_code
+    assert check_linear(dp, x, w_top, np.zeros(30, np.int64)).paths == {"float64": 90}
+    few = w[: dense.FEW_OUTPUTS]  # the fused few-output kernel's layers
+    assert "int8x2" not in check_linear(dp, x, few, np.zeros(len(few), np.int64)).paths
+    sparse_dp = Datapath(fmt, fmt, kernel="sparse")
+    assert check_linear(sparse_dp, x, w, np.zeros(30, np.int64)).paths == {
+        "sparse_float64": 90}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "AVAILABLE", False)
+        assert check_linear(dp, x, w, np.zeros(30, np.int64)).paths == {"float64": 90}

@@ -503,3 +503,49 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
             counts[task, 3] = min(counts[task, 3], bottom)
     n_acc, n_sat, top, bottom, _, _ = task_totals(counts)
     return n_acc, n_sat, top, bottom
+
+
+# Codes of up to 16 bits as two signed base-256 digits, code = 256 * high + low, low in
+# [-128, 127]: then the high digit fits a byte for codes in [-32768, DIGITS_MAX].
+DIGITS_MAX = 32639
+
+
+def digits(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, C, ...) integer codes in [-32768, :data:`DIGITS_MAX`] -> int8 digit arrays (high,
+    both, low): ``codes == 256 * high + low`` elementwise, ``both`` (N, 2C, ...) = high and low
+    side by side along axis 1. Zero codes give zero digits, so zero padding stays zero
+    padding."""
+    x = np.ascontiguousarray(codes)
+    n, c = x.shape[:2]
+    high = np.empty(x.shape, np.int8)
+    low = np.empty(x.shape, np.int8)
+    both = np.empty((n, 2 * c, *x.shape[2:]), np.int8)
+    _digits(x.reshape(n, c, -1), high.reshape(n, c, -1), low.reshape(n, c, -1),
+            both.reshape(n, 2 * c, -1))
+    return high, both, low
+
+
+@njit(cache=True, parallel=True)
+def _digits(x, high, low, both):
+    n, c, size = x.shape
+    for plane in prange(n * c):
+        img = plane // c
+        ch = plane - img * c
+        for t in range(size):
+            wide = np.int32(x[img, ch, t])
+            lo = ((wide + 128) & 255) - 128
+            hi = (wide - lo) >> 8
+            high[img, ch, t] = hi
+            low[img, ch, t] = lo
+            both[img, ch, t] = hi
+            both[img, c + ch, t] = lo
+
+
+@njit(cache=True, parallel=True)
+def combine_digits(high, middle, low, out):
+    """``out = 65536 * high + 256 * middle + low`` (int32 digit sums -> int64, flat arrays of
+    the same size): the exact sum of products of two-digit codes, from the sums of the digit
+    products ``high`` = sum x_hi w_hi, ``middle`` = sum (x_hi w_lo + x_lo w_hi), ``low`` = sum
+    x_lo w_lo."""
+    for i in prange(out.size):
+        out[i] = ((np.int64(high[i]) << 16) + (np.int64(middle[i]) << 8)) + np.int64(low[i])
