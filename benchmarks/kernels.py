@@ -34,10 +34,11 @@ from fxsim.datapath import Datapath, prepare
 from fxsim.kernels.dense import im2col
 
 
-def bench_shape(name, shape, fmt, acc_bits, repeats, rng):
+def bench_shape(name, shape, fmt, acc_bits, repeats, rng, code_max=None):
     kind, stride, padding = shape.kind, shape.stride, shape.padding
-    x = rng.integers(fmt.min_code, fmt.max_code, size=shape.x_shape, endpoint=True)
-    w = rng.integers(fmt.min_code, fmt.max_code, size=shape.w_shape, endpoint=True)
+    lo, hi = (fmt.min_code, fmt.max_code) if code_max is None else (-code_max, code_max)
+    x = rng.integers(lo, hi, size=shape.x_shape, endpoint=True)
+    w = rng.integers(lo, hi, size=shape.w_shape, endpoint=True)
     final = prepare(w, None, Datapath(fmt, fmt))
     per_mac = prepare(w, None, Datapath(fmt, fmt, acc_bits=acc_bits, acc_mode="per_mac"))
     xf, wf = x.astype(np.float32), w.astype(np.float32)
@@ -101,6 +102,10 @@ def main(argv=None):
     parser.add_argument("--json", help="write results to this JSON file")
     parser.add_argument("--layers", default=",".join(LAYERS),
                         help="comma-separated layer names (default: all)")
+    parser.add_argument("--code-max", type=int,
+                        help="draw input and weight codes from [-CODE_MAX, CODE_MAX] instead of "
+                             "the whole format (e.g. 32639: 16-bit codes whose base-256 digits "
+                             "fit a byte)")
     args = parser.parse_args(argv)
     names = args.layers.split(",")
     unknown = [n for n in names if n not in LAYERS]
@@ -111,12 +116,14 @@ def main(argv=None):
     for name in names:
         print(f"  {name} ...", file=sys.stderr)
         rng = np.random.default_rng([0, list(LAYERS).index(name)])  # the same codes, any selection
-        rows.append(bench_shape(name, LAYERS[name], fmt, args.acc_bits, args.repeats, rng))
+        rows.append(bench_shape(name, LAYERS[name], fmt, args.acc_bits, args.repeats, rng,
+                                args.code_max))
     header = ("| layer | MMAC | f32 gemm GMAC/s | f32 layer GMAC/s | int final GMAC/s (path) "
               "| final / f32 layer | final / f32 gemm | int64 codes / f32 layer "
               "| per_mac GMAC/s (path) | per_mac / f32 layer |")
+    inputs = "" if args.code_max is None else f", codes in [-{args.code_max}, {args.code_max}]"
     print(f"\nformat {fmt} (codes as {code_dtype(fmt)}), per_mac accumulator {args.acc_bits} "
-          f"bits, medians of {args.repeats}, {os.cpu_count()} cores\n")
+          f"bits{inputs}, medians of {args.repeats}, {os.cpu_count()} cores\n")
     print(header)
     print("|---" * 10 + "|")
     for r in rows:
@@ -130,7 +137,7 @@ def main(argv=None):
     if args.json:
         meta = {"python": platform.python_version(), "numpy": np.__version__,
                 "machine": platform.machine(), "cores": os.cpu_count(), "format": str(fmt),
-                "repeats": args.repeats}
+                "repeats": args.repeats, "code_max": args.code_max}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
