@@ -490,6 +490,10 @@ class PreparedWeights:
         sees few input ranges)."""
         key = ("int8_mac", x_max_abs, nonnegative)
         if key not in self._casts:
+            kept = [k for k in self._casts if isinstance(k, tuple) and k[0] == "int8_mac"]
+            if len(kept) >= _PLANS_KEPT:  # as many as plans: inputs of many ranges
+                for old in kept:
+                    del self._casts[old]
             dp = self.datapath
             if "int8_mac" not in self._casts:
                 self._casts["int8_mac"] = int8_mac.pack_weights(self.matrix)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxsim import QFormat
+from fxsim import QFormat, datapath
 from fxsim.datapath import Datapath, prepare
 from fxsim.kernels import dense, int8, int8_mac
 from tests.test_datapath import check_conv, check_linear, datapaths, random_codes
@@ -235,3 +235,8 @@ def test_tables_are_kept_per_input_range():
     assert np.array_equal(y_signed, y_again)
     fresh = prepare(prepared.weights, None, prepared.datapath)
     assert np.array_equal(y_relu, fresh.linear(relu)[0])
+    # inputs of ever new ranges (an attack's steps) keep a bounded number of tables
+    for top in range(1, 3 * datapath._PLANS_KEPT):
+        prepared.linear(np.clip(x, -top, top))
+    kept = [k for k in prepared._casts if isinstance(k, tuple) and k[0] == "int8_mac"]
+    assert 0 < len(kept) <= datapath._PLANS_KEPT
