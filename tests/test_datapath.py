@@ -120,8 +120,8 @@ def test_conv2d_column_orders_match_reference(size, acc_mode):
 
 
 # Each kernel path, forced by the formats and the accumulator, checked against the reference.
-# Saturating per-MAC registers whose values stay below 2^24 run in float32 lanes, wrapping
-# ones in int32 lanes.
+# Saturating per-MAC registers whose values stay below 2^24 run in float32 lanes (below 2^53,
+# registers wider than 30 bits: float64 lanes), wrapping ones in int32 (int64) lanes.
 BOTH = ("sat", "wrap")
 PATHS = [
     ("float32", QFormat(8, 2), QFormat(8, 2), None, "final", BOTH),
@@ -131,7 +131,8 @@ PATHS = [
     ("per_mac_float32", QFormat(8, 2), QFormat(8, 2), 17, "per_mac", ("sat",)),
     ("per_mac_int32", QFormat(8, 2), QFormat(8, 2), 17, "per_mac", ("wrap",)),
     ("per_mac_int32", QFormat(12, 2), QFormat(12, 2), 24, "per_mac", BOTH),
-    ("per_mac_int64", QFormat(16, 4), QFormat(16, 2), 33, "per_mac", BOTH),
+    ("per_mac_float64", QFormat(16, 4), QFormat(16, 2), 33, "per_mac", ("sat",)),
+    ("per_mac_int64", QFormat(16, 4), QFormat(16, 2), 33, "per_mac", ("wrap",)),
     ("per_mac_int64", QFormat(32, 4), QFormat(31, 2), 64, "per_mac", BOTH),
     ("float32", QFormat(8, 2), QFormat(8, 2), 40, "per_mac", BOTH),  # cannot overflow: exact
 ]
@@ -171,7 +172,7 @@ REGISTER_LANES = [
     (QFormat(8, 2), 19, "sat", "float32"),
     (QFormat(8, 2), 19, "wrap", "int32"),
     (QFormat(12, 2), 26, "sat", "int32"),
-    (QFormat(16, 4), 36, "sat", "int64"),
+    (QFormat(16, 4), 36, "sat", "float64"),
     (QFormat(16, 4), 36, "wrap", "int64"),
 ]
 # 8-bit codes on a CPU with int8 dot products: the same registers on fxsim.kernels.int8_mac

@@ -163,7 +163,8 @@ SPARSE_PATHS = [
     ("sparse_per_mac_float32", QFormat(8, 2), 17, "per_mac", ("sat",)),
     ("sparse_per_mac_int32", QFormat(8, 2), 17, "per_mac", ("wrap",)),
     ("sparse_per_mac_int32", QFormat(12, 2), 25, "per_mac", BOTH),
-    ("sparse_per_mac_int64", QFormat(16, 4), 32, "per_mac", BOTH),
+    ("sparse_per_mac_float64", QFormat(16, 4), 32, "per_mac", ("sat",)),
+    ("sparse_per_mac_int64", QFormat(16, 4), 32, "per_mac", ("wrap",)),
 ]
 
 
