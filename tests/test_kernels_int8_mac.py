@@ -201,12 +201,13 @@ def test_int8_per_mac_path_is_taken_only_where_it_is_exact():
         assert counters.paths == {path: 120}, (dp, zeros)
         executed = np.count_nonzero(w) * 4 if dp.kernel == "sparse" else w.size * 4
         assert counters.executed_macs == executed
-    # a register whose biased values would leave int32: int64 lanes (one output, one row)
+    # a register whose biased values would leave int32: float64 lanes, as a saturating
+    # register of 31 bits takes elsewhere (one output, one row)
     fan_in = 70_000
     assert not int8_mac.fits(31, 128, 128 * fan_in)
     x, w = np.full((1, fan_in), -128), np.full((1, fan_in), -128)
     _, counters = prepare(w, None, per_mac(acc_bits=31, kernel="dense")).linear(x)
-    assert counters.paths == {"per_mac_int64": 1}
+    assert counters.paths == {"per_mac_float64": 1}
     expected, events = stepped_registers(x, w, [0], 31, False)
     assert counters.acc_overflows == events > 0
     assert counters.max_abs_acc == abs(int(expected[0, 0])) == (1 << 30) - 1
