@@ -217,15 +217,16 @@ _micro_42, _micro_12 = _MICRO[MR, 2], _MICRO[1, 2]
 _micro_41, _micro_11 = _MICRO[MR, 1], _MICRO[1, 1]
 
 
-def pack_weights(w: np.ndarray) -> np.ndarray:
-    """(J, K) integer weight codes in [-128, 127] -> (ceil(K / 4), J16, 4) uint8 ``w + 128``,
-    J16 = J rounded up to whole vectors of 16: quad q, output j holds the weights of inputs 4q ..
-    4q + 3; padding (beyond K or J) is 0."""
+def pack_weights(w: np.ndarray, offset: int = 128) -> np.ndarray:
+    """(J, K) integer weight codes in [-128, 127] -> (ceil(K / 4), J16, 4) uint8 ``w +
+    offset`` (mod 256: with ``offset`` 0, the signed bytes), J16 = J rounded up to whole
+    vectors of 16: quad q, output j holds the weights of inputs 4q .. 4q + 3; padding (beyond
+    K or J) is 0."""
     n_out, fan_in = w.shape
     quads = -(-fan_in // QUAD)
     padded = -(-n_out // LANES) * LANES
     packed = np.zeros((quads * QUAD, padded), np.uint8)
-    packed[:fan_in, :n_out] = (np.asarray(w, np.int16) + 128).T
+    packed[:fan_in, :n_out] = ((np.asarray(w, np.int16) + offset) & 255).T
     return np.ascontiguousarray(packed.reshape(quads, QUAD, padded).transpose(0, 2, 1))
 
 

@@ -34,6 +34,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fxsim.kernels import int8
 from fxsim.kernels.int8 import LANES, QUAD, _dot_intrinsic
 
 # Quads of the fan-in per checked group: a smaller group needs less headroom (its bound is
@@ -49,14 +50,9 @@ CHUNK = 64
 
 
 def pack_weights(w: np.ndarray) -> np.ndarray:
-    """(J, K) weight codes in [-128, 127] -> (ceil(K / 4), J16, 4) int8: quad q, output j holds
-    the weights of inputs 4q .. 4q + 3, J16 = J rounded up to whole vectors; padding is 0."""
-    n_out, fan_in = w.shape
-    quads = -(-fan_in // QUAD)
-    padded = -(-n_out // LANES) * LANES
-    packed = np.zeros((quads * QUAD, padded), np.int8)
-    packed[:fan_in, :n_out] = np.asarray(w).T
-    return np.ascontiguousarray(packed.reshape(quads, QUAD, padded).transpose(0, 2, 1))
+    """(J, K) weight codes in [-128, 127] -> (ceil(K / 4), J16, 4) int8: the layout of
+    :func:`fxsim.kernels.int8.pack_weights`, the weights as they are (signed bytes)."""
+    return int8.pack_weights(w, offset=0).view(np.int8)
 
 
 def thresholds(w: np.ndarray, x_min: int, x_max: int, lo: int, hi: int,
