@@ -17,7 +17,9 @@ P < 2^63. A per_mac register
 that can never leave its range (P + max|bias| <= its max) behaves exactly like the exact sum;
 otherwise the per-MAC kernel runs: on int8 dot products where the codes fit a byte and the CPU
 has them (:mod:`fxsim.kernels.int8_mac`: groups of products proven unable to reach a rail run
-as dot products, the others MAC by MAC), else on float32 / int32 / int64 lanes.
+as dot products, the others MAC by MAC), else on float32 / float64 / int32 / int64 lanes.
+Codes of up to 16 bits whose base-256 digits fit a byte take exact sums as int8 dot products
+of their digits (path ``int8x2``) where float32 cannot hold them.
 """
 
 from __future__ import annotations
