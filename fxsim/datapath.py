@@ -486,6 +486,13 @@ class PreparedWeights:
                 and self._byte_codes()
                 and int8_mac.fits(dp.acc_bits, x_max_abs, self.row_abs_max))
 
+    def _runs_int8_mac(self, plan: _Plan) -> bool:
+        """Whether this call's per-MAC register runs on int8 dot products: a per-MAC plan that
+        :meth:`_int8_mac` allows, on the dense datapath or on the zero-skipping one where it
+        runs every weight anyway (density above _PAIRS_ABOVE, filler zeros)."""
+        return (plan.path.startswith("per_mac") and self._int8_mac(plan.x_max_abs)
+                and (not self.use_sparse or self.density > _PAIRS_ABOVE))
+
     def _int8_mac_tables(self, x_max_abs: int, nonnegative: bool) -> tuple:
         """(packed weights, start values (J16,) int32, limits, corr) for
         :func:`int8_mac.per_mac_rows`, inputs in [0 or -x_max_abs, x_max_abs] (kept: a layer
@@ -611,8 +618,7 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, oh * ow), _output_dtype(out_dtype, dp.output_fmt))
         u = uniform_draws(dp.rounding, out.size, dp.seed)
-        if (plan.path.startswith("per_mac") and self._int8_mac(x_max_abs)
-                and (not self.use_sparse or self.density > _PAIRS_ABOVE)):
+        if self._runs_int8_mac(plan):
             counters = self._run_int8_mac(plan, x, out, u, (kh, kw, sh, sw, ph, pw))
             return out.reshape(n, n_out, oh, ow), self._as_datapath_ran(plan, counters)
         lanes = _sparse_lanes(plan, dp)
@@ -671,8 +677,7 @@ class PreparedWeights:
         plan = self.plan(x_max_abs)
         out = np.empty((n, n_out, 1), _output_dtype(out_dtype, self.datapath.output_fmt))
         u = uniform_draws(self.datapath.rounding, out.size, self.datapath.seed)
-        if (plan.path.startswith("per_mac") and self._int8_mac(x_max_abs)
-                and (not self.use_sparse or self.density > _PAIRS_ABOVE)):
+        if self._runs_int8_mac(plan):
             counters = self._run_int8_mac(plan, x, out, u)
             return out.reshape(n, n_out), self._as_datapath_ran(plan, counters)
         lanes = _sparse_lanes(plan, self.datapath)
