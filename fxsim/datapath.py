@@ -44,7 +44,7 @@ from fxsim.fixedpoint import (
     requantize_with_count,
     uniform_draws,
 )
-from fxsim.kernels import dense, int8, int8_mac, sparse
+from fxsim.kernels import dense, int8, int8_mac, int8_sparse, sparse
 
 ACC_MODES = ("final", "per_mac")
 KERNELS = ("auto", "dense", "sparse")
@@ -70,12 +70,17 @@ _PAIRS_ABOVE = 0.7
 # AVX-512 VNNI), 3-6x faster than BLAS, the zero-skipping kernel wins only lower: measured
 # (docs/results/sparse.md) below ~0.1-0.15 on the convolutions (at 0.1: 1.15-1.38x faster on
 # three, 0.95x on cifarnet.conv6) and below ~0.07 on lenet5.fc1 (1.11x at 0.05).
+# Where the CPU also has AVX-512 VBMI, the zero-skipping sums run as int8 dot products too
+# (fxsim.kernels.int8_sparse, path int8_gather), and win from ~0.5-0.6 down (sparse.md, 2
+# cores, 8-bit: at 0.5 1.08-1.22x faster on every layer but cifarnet.conv2, 0.97x; at 0.6
+# 0.91-1.11x, at 0.75 0.81-1.06x).
 # A per-MAC register that runs on int8 dot products (fxsim.kernels.int8_mac) outruns the
 # zero-skipping per-MAC kernel above ~0.22-0.4 on the convolutions (lenet5.conv2 excepted:
 # skipping was 1.13x faster at 0.5) and ~0.1 on lenet5.fc1 (per-MAC table of
 # docs/results/sparse.md, 20-bit register).
 SPARSE_DENSITY_THRESHOLD = {"conv": 0.3, "linear": 0.15, "conv_per_mac": _PAIRS_ABOVE,
                             "conv_int8": 0.12, "linear_int8": 0.06,
+                            "conv_int8_gather": 0.5, "linear_int8_gather": 0.6,
                             "conv_per_mac_int8": 0.3, "linear_per_mac_int8": 0.12}
 
 # How many im2col elements one chunk of images may produce. Small enough that the im2col and
@@ -378,7 +383,7 @@ class PreparedWeights:
         x_worst = max(-fmt.min_code, fmt.max_code)
         worst = x_worst * self.row_abs_max
         if self._int8_dot(worst) and not self._may_overflow(worst, "per_mac"):
-            kind += "_int8"
+            kind += "_int8_gather" if int8_sparse.AVAILABLE else "_int8"
         elif self._may_overflow(worst, "per_mac") and self._int8_mac(x_worst):
             kind += "_per_mac_int8"
         return self.density < SPARSE_DENSITY_THRESHOLD[kind]
@@ -445,6 +450,9 @@ class PreparedWeights:
         if self._int8_dot(bound) and (not self.use_sparse or self.compressed.fills_blocks()):
             return _Plan("int8", self._int8_weights(), None, 0, np.int8, bound + bias_max,
                          x_max_abs)
+        if self._int8_dot(bound) and int8_sparse.AVAILABLE:  # and the zero-skipping datapath
+            return _Plan("int8_gather", self._int8_schedule(), None, 0, np.int8,
+                         bound + bias_max, x_max_abs)
         if bound >= 1 << 24 and self._int8_digits(x_max_abs) and not self.use_sparse:
             return _Plan("int8x2", self._int8_digit_weights(), None, 0, np.int16,
                          bound + bias_max, x_max_abs)
@@ -595,6 +603,15 @@ class PreparedWeights:
                                    int8.pack_conv_weights(w, int8.folds(w.shape[1], w.shape[3])))
         return self._casts["int8"]
 
+    def _int8_schedule(self) -> int8_sparse.Schedule:
+        """The zero-skipping schedule of :mod:`fxsim.kernels.int8_sparse` (built once)."""
+        if "int8_gather" not in self._casts:
+            w = self.weights
+            self._casts["int8_gather"] = (
+                int8_sparse.linear_schedule(w) if w.ndim == 2 else
+                int8_sparse.conv_schedule(w, int8.folds(w.shape[1], w.shape[3])))
+        return self._casts["int8_gather"]
+
     def conv2d(self, x_codes, stride=1, padding=0, out_dtype=None):
         """Run as a convolution; see :func:`conv2d`."""
         sh, sw = _pair(stride, "stride")
@@ -634,7 +651,7 @@ class PreparedWeights:
             counters = self._run_sparse(plan, x, (sh, sw), (ph, pw), (oh, ow), out, u,
                                         every_weight=not skip)
             return out.reshape(n, n_out, oh, ow), counters
-        if plan.path == "int8":
+        if plan.path in ("int8", "int8_gather"):
             counters = self._conv_int8(plan, x, (sh, sw), (ph, pw), out, u)
             return out.reshape(n, n_out, oh, ow), self._as_datapath_ran(plan, counters)
         if plan.path == "int8x2":
@@ -661,7 +678,8 @@ class PreparedWeights:
         if few is not None:
             return few
         worst = self.plan(max(-fmt.min_code, fmt.max_code))
-        if worst.path in ("float32", "int8") and not self.use_sparse:
+        if worst.path == "int8_gather" or (worst.path in ("float32", "int8")
+                                           and not self.use_sparse):
             # any input in the format keeps the bound under 2^24 (2^31): check and cast in one
             # serial pass before the GEMM (Numba-only paths keep the parallel check: measured,
             # the serial cast made the sparse lenet5.fc2 0.18 -> 0.23 ms)
@@ -700,8 +718,8 @@ class PreparedWeights:
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
             # float and int8 paths multiply x @ w.T
-            x_rows = (plan.path.startswith("float") or plan.path in ("int8", "int8x2")
-                      or over_outputs)
+            x_rows = (plan.path.startswith("float")
+                      or plan.path in ("int8", "int8x2", "int8_gather") or over_outputs)
             if x_rows:
                 cols = x[n0:n1].astype(plan.cols_dtype, copy=False)  # (N, K)
             else:
@@ -716,7 +734,8 @@ class PreparedWeights:
         _run_int8_mac's callers) only the stored weights are executed MACs. (Other dense
         fallbacks, such as per-MAC registers wider than 62 bits, report the dense datapath
         they ran.)"""
-        if not self.use_sparse or not set(counters.paths) <= {"int8", "per_mac_int8"}:
+        if not self.use_sparse or not set(counters.paths) <= {"int8", "int8_gather",
+                                                               "per_mac_int8"}:
             return counters
         executed = self.compressed.nnz * (counters.outputs // self.matrix.shape[0])
         return dataclasses.replace(counters, executed_macs=executed,
@@ -810,6 +829,11 @@ class PreparedWeights:
             elif plan.path == "int8":  # a linear layer (convolutions: _conv_int8)
                 sums = np.empty((n_img, n_out), np.int32)
                 int8.dot_rows(cols, plan.weights, sums)
+            elif plan.path == "int8_gather":  # zero-skipping, a linear layer
+                sums = np.empty((n_img, n_out), np.int32)
+                sc = plan.weights
+                int8_sparse.linear_sums(cols, sc.runs, sc.run_ptr, sc.step_ptr, sc.table,
+                                        sc.corr, sc.reach, sums)
             elif plan.path == "int8x2":  # a linear layer (convolutions: _conv_int8_digits)
                 sums = _digit_sums(cols, plan.weights, lambda x, packed, into: int8.dot_rows(
                     np.ascontiguousarray(x), packed, into), (n_img, n_out))
@@ -873,8 +897,9 @@ class PreparedWeights:
         )
 
     def _conv_int8(self, plan: _Plan, x, stride, padding, out, u) -> Counters:
-        """The convolution as int8 dot products (:func:`int8.conv_sums`: no im2col), chunk
-        by chunk of images; fills ``out`` (N, J, P)."""
+        """The convolution as int8 dot products, no im2col: dense (:func:`int8.conv_sums`) or,
+        on the ``int8_gather`` path, zero-skipping (:func:`int8_sparse.conv_sums`), chunk by
+        chunk of images; fills ``out`` (N, J, P)."""
         n, c = x.shape[:2]
         kh, kw = self.weights.shape[2:]
         fold = int8.folds(c, kw)
@@ -885,19 +910,26 @@ class PreparedWeights:
         rq = _fast_requant(self._acc_omode, dp.acc_frac_bits - dp.output_fmt.frac_bits, plan, dp)
         for n0 in range(0, n, per_chunk):
             n1 = min(n, n0 + per_chunk)
-            xp, pixel_sums = int8.layout(x[n0:n1], padding, kw if fold else 1)
             chunk_out = out[n0:n1]
+            sums = np.empty(chunk_out.shape if rq is None else (0, 0, 0), np.int32)
+            codes = np.empty((0, 0, 0), out.dtype) if rq is None else chunk_out
+            rq_args = sparse.NO_REQUANT if rq is None else rq
+            if plan.path == "int8_gather":
+                sc = plan.weights
+                xflat, shape = int8_sparse.conv_input(x[n0:n1], padding, kw if fold else 1,
+                                                      sc.reach)
+                fused = int8_sparse.conv_sums(xflat, shape, sc.runs, sc.run_ptr, sc.step_ptr,
+                                              sc.table, sc.corr, kh, 1 if fold else kw,
+                                              *stride, self.bias, rq_args, codes, sums)
+            else:
+                xp, pixel_sums = int8.layout(x[n0:n1], padding, kw if fold else 1)
+                fused = int8.conv_sums(xp, pixel_sums, plan.weights, kh, 1 if fold else kw,
+                                       *stride, self.bias, rq_args, codes, sums)
             if rq is None:
-                sums = np.empty(chunk_out.shape, np.int32)
-                int8.conv_sums(xp, pixel_sums, plan.weights, kh, 1 if fold else kw, *stride,
-                               self.bias, sparse.NO_REQUANT, np.empty((0, 0, 0), out.dtype),
-                               sums)
                 counters += self._finish_chunk(plan, sums, 0, self.bias, self._acc_omode,
                                                chunk_out, _slice(u, n0, n1, out[0].size))
-                continue
-            fused = int8.conv_sums(xp, pixel_sums, plan.weights, kh, 1 if fold else kw, *stride,
-                                   self.bias, rq, chunk_out, np.empty((0, 0, 0), np.int32))
-            counters += self._dense_counters(plan, chunk_out, *fused)
+            else:
+                counters += self._dense_counters(plan, chunk_out, *fused)
         return counters
 
     def _conv_int8_digits(self, plan: _Plan, x, stride, padding, out, u) -> Counters:
@@ -1122,7 +1154,7 @@ def _sparse_lanes(plan: _Plan, dp: Datapath):
     wider than 62 bits whose add could leave int64); those layers run densely."""
     if plan.path in ("float32", "float64"):
         return (np.float32 if plan.path == "float32" else np.float64), False
-    if plan.path in ("int8", "int8x2"):  # run densely (int8 also for the zero-skipping datapath)
+    if plan.path in ("int8", "int8x2", "int8_gather"):  # int8 dot products, their own kernels
         return None
     if plan.path == "int64":
         return (np.int64, False) if plan.acc_bound < 1 << 63 else None

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fxsim import QFormat
 from fxsim.datapath import Datapath, conv2d, prepare
-from fxsim.kernels import dense, int8
+from fxsim.kernels import dense, int8, int8_sparse
 from tests.test_datapath import check_conv, check_linear, datapaths, random_codes
 
 needs_vnni = pytest.mark.skipif(not int8.AVAILABLE, reason="the CPU has no AVX-512 VNNI")
@@ -93,7 +93,9 @@ def test_int8_path_is_taken_only_where_it_is_exact():
     cases = [
         (Datapath(fmt, fmt, kernel="dense"), 30, 0, "int8"),
         (Datapath(fmt, fmt, kernel="dense"), dense.FEW_OUTPUTS, 0, "float32"),  # fused kernel
-        (Datapath(fmt, fmt, kernel="sparse"), 30, 0.5, "sparse_float32"),  # skips zeros
+        # skips zeros: int8 sums where the CPU gathers inputs by lane (VBMI), else float32
+        (Datapath(fmt, fmt, kernel="sparse"), 30, 0.5,
+         "sparse_int8_gather" if int8_sparse.AVAILABLE else "sparse_float32"),
         # few zeros: the zero-skipping datapath runs densely (filler zeros), counted as skipping
         (Datapath(fmt, fmt, kernel="sparse"), 30, 0.1, "sparse_int8"),
         (Datapath(QFormat(9, 2), fmt, kernel="dense"), 30, 0, "float32"),  # beyond a byte
@@ -201,12 +203,14 @@ def test_folded_layout_holds_each_window_row():
 
 
 @needs_vnni
-def test_auto_skips_zeros_only_well_below_the_int8_dense_speed():
-    """With int8 dot products the dense sums outrun the zero-skipping kernel down to a density
-    of ~0.1 (docs/results/sparse.md): kernel="auto" uses the int8 thresholds there."""
+def test_auto_skips_zeros_only_well_below_the_int8_dense_speed(monkeypatch):
+    """With int8 dot products the dense sums outrun the float zero-skipping kernel down to a
+    density of ~0.1 (docs/results/sparse.md): kernel="auto" uses the int8 thresholds there,
+    on hosts without the int8 zero-skipping kernel (VNNI without VBMI)."""
     from fxsim.datapath import SPARSE_DENSITY_THRESHOLD
     from fxsim.kernels.sparse import random_mask
 
+    monkeypatch.setattr(int8_sparse, "AVAILABLE", False)
     rng = np.random.default_rng(2)
     fmt = QFormat(8, 2)
     for kind, shape in (("linear", (40, 200)), ("conv", (40, 8, 3, 3))):

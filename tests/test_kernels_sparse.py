@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fxsim import QFormat, code_dtype, datapath
 from fxsim.datapath import Datapath, prepare
 from fxsim.errors import ShapeError
-from fxsim.kernels import int8, sparse
+from fxsim.kernels import int8, int8_sparse, sparse
 from fxsim.kernels.dense import FEW_OUTPUTS
 from fxsim.kernels.sparse import CompressedWeights, random_mask
 
@@ -71,12 +71,16 @@ def check_mac_counters(c_s, w, positions):
 
 
 @contextlib.contextmanager
-def kernel_variant(small_chunks: bool, quads: str):
+def kernel_variant(small_chunks: bool, quads: str, gather: bool = True):
     """With ``small_chunks``, the exact sums' kernel takes the fan-in one input channel (or
     input) per chunk, as few stored weights as the density allows; else chunks sized for speed
     (at these layer sizes: the whole fan-in at once). ``quads``: "all" runs every block of four
-    output channels over its union of columns, "none" none, "auto" where it pays."""
+    output channels over its union of columns, "none" none, "auto" where it pays. Without
+    ``gather``, codes of a byte take the float lanes, as on hosts without VBMI, instead of
+    int8_sparse's kernels."""
     with pytest.MonkeyPatch.context() as patch:
+        if not gather:
+            patch.setattr(int8_sparse, "AVAILABLE", False)
         if small_chunks:
             patch.setattr(sparse, "CHUNK_BYTES", 1)
             patch.setattr(sparse, "QUAD_CHUNK_BYTES", 1)
@@ -123,16 +127,17 @@ def make_weights(rng, dp, shape, mask_kind):
 @given(case=layer_cases(), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), batch=st.integers(1, 70),
-       small_chunks=st.booleans(), quads=st.sampled_from(["auto", "all", "none"]))
+       small_chunks=st.booleans(), quads=st.sampled_from(["auto", "all", "none"]),
+       gather=st.booleans())
 def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel, batch,
-                                               small_chunks, quads):
+                                               small_chunks, quads, gather):
     # up to 70 images x 21 output columns: output rows longer than one task's tile of lanes
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
     w, mask = make_weights(rng, dp, (6, 3, *kernel), mask_kind)  # a block of 4 channels + 2
     b = random_bias(rng, dp, 6)
     x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, 3, 6, 17), endpoint=True)
-    with kernel_variant(small_chunks, quads):
+    with kernel_variant(small_chunks, quads, gather):
         _, c_s = run_both(dp, w, b, x, mask, conv=True, stride=stride, padding=padding)
     check_mac_counters(c_s, w, c_s.outputs // 6)
 
@@ -140,16 +145,16 @@ def test_sparse_conv_is_bit_identical_to_dense(case, stride, padding, kernel, ba
 @settings(max_examples=120, deadline=None)
 @given(case=layer_cases(), fan_in=st.integers(1, 50), batch=st.integers(1, 70),
        outputs=st.sampled_from([6, 30]), small_chunks=st.booleans(),
-       quads=st.sampled_from(["auto", "all", "none"]))
+       quads=st.sampled_from(["auto", "all", "none"]), gather=st.booleans())
 def test_sparse_linear_is_bit_identical_to_dense(case, fan_in, batch, outputs, small_chunks,
-                                                 quads):
+                                                 quads, gather):
     # 6 outputs: the fused few-output kernels; 30: the general ones (FEW_OUTPUTS = 24)
     dp, mask_kind, seed = case
     rng = np.random.default_rng(seed)
     w, mask = make_weights(rng, dp, (outputs, fan_in), mask_kind)
     b = random_bias(rng, dp, outputs)
     x = rng.integers(dp.act_fmt.min_code, dp.act_fmt.max_code, (batch, fan_in), endpoint=True)
-    with kernel_variant(small_chunks, quads):
+    with kernel_variant(small_chunks, quads, gather):
         _, c_s = run_both(dp, w, b, x, mask, conv=False)
     check_mac_counters(c_s, w, batch)
 
@@ -170,7 +175,8 @@ SPARSE_PATHS = [
 
 @pytest.mark.parametrize(("path", "fmt", "acc_bits", "mode", "acc_overflow"),
                          [(*case[:4], ovf) for case in SPARSE_PATHS for ovf in case[4]])
-def test_each_sparse_lane_type(path, fmt, acc_bits, mode, acc_overflow):
+def test_each_sparse_lane_type(path, fmt, acc_bits, mode, acc_overflow, monkeypatch):
+    monkeypatch.setattr(int8_sparse, "AVAILABLE", False)  # 8-bit codes: the float32 lanes
     rng = np.random.default_rng(len(path) + (acc_bits or 0))
     dp = Datapath(fmt, fmt, out_fmt=QFormat(16, 8), acc_bits=acc_bits, acc_mode=mode,
                   acc_overflow=acc_overflow)

@@ -267,26 +267,42 @@ def layout(x: np.ndarray, padding, fold_kw: int = 1) -> tuple[np.ndarray, np.nda
     holds the window row that starts there, ``x[c, y, x + kj]`` at ``kj * C + c``, then zeros
     up to D = :func:`channel_quads` (kw * C); W' = W + 2pw - kw + 1, and the convolution is
     kh x 1."""
+    flat, shape, pixel_sums = layout_buffer(x, padding, fold_kw)
+    return flat.reshape(shape), pixel_sums
+
+
+def layout_buffer(x: np.ndarray, padding, fold_kw: int = 1, spare: int = 0,
+                  biased: bool = False) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """:func:`layout` as a flat int8 buffer with ``spare`` zero bytes after the layout (so
+    that wide loads near its end stay inside it): (buffer, the layout's shape (N, H', W', D),
+    ``pixel_sums``). With ``biased``, every byte of the layout (padding included) holds its
+    code + 128 as an unsigned byte (the bytes viewed as uint8), and ``pixel_sums`` is empty."""
     n, c, h, w = x.shape
     ph, pw = padding
     hp, wp = h + 2 * ph, w + 2 * pw
     width = wp - fold_kw + 1
-    xp = np.empty((n, hp, width, channel_quads(c * fold_kw)), np.int8)
-    pixel_sums = np.empty((n, hp, width), np.int32)
-    _layout(np.ascontiguousarray(x), ph, pw, fold_kw, xp, pixel_sums)
-    return xp, pixel_sums
+    shape = (n, hp, width, channel_quads(c * fold_kw))
+    size = n * hp * width * shape[3]
+    flat = np.empty(size + spare, np.int8)
+    flat[size:] = 0
+    sums = np.empty((0, 0, 0) if biased else (n, hp, width), np.int32)
+    _layout(np.ascontiguousarray(x), ph, pw, fold_kw, 128 if biased else 0,
+            flat[:size].reshape(shape), sums)
+    return flat, shape, sums
 
 
 @njit(cache=True, parallel=True)
-def _layout(x, ph, pw, fold_kw, out, pixel_sums):
+def _layout(x, ph, pw, fold_kw, flip, out, pixel_sums):
     n_img, channels, h, w = x.shape
     hp, width, depth = out.shape[1], out.shape[2], out.shape[3]
     words = out.reshape(-1).view(np.int32)  # a pixel's depth is whole quads: whole words
     per_row = width * (depth // QUAD)
+    # code + flip (mod 256) is code ^ flip for flip 0 or 128: in every byte of a word at once
+    flip_word = np.int32(np.uint32(flip * 0x01010101))
     for task in prange(n_img * hp):
         img = task // hp
         y = task - img * hp
-        words[task * per_row : (task + 1) * per_row] = 0
+        words[task * per_row : (task + 1) * per_row] = flip_word
         dst = out[img, y]
         if ph <= y < ph + h:
             # unfolded, four channels' codes of a pixel go as one little-endian word: rows
@@ -302,7 +318,8 @@ def _layout(x, ph, pw, fold_kw, out, pixel_sums):
                 for ix in range(w):
                     row_words[ix * (depth // QUAD) + q] = (
                         (np.int32(r0[ix]) & 255) | ((np.int32(r1[ix]) & 255) << 8)
-                        | ((np.int32(r2[ix]) & 255) << 16) | (np.int32(r3[ix]) << 24))
+                        | ((np.int32(r2[ix]) & 255) << 16) | (np.int32(r3[ix]) << 24)
+                    ) ^ flip_word
             for c in range(QUAD * quads, channels):
                 row = x[img, c, y - ph]
                 for kj in range(fold_kw):
@@ -311,9 +328,10 @@ def _layout(x, ph, pw, fold_kw, out, pixel_sums):
                     lo = max(0, pw - kj)
                     hi = min(width, w + pw - kj)
                     for ix in range(lo, hi):
-                        dst[ix, at] = row[ix + kj - pw]
-        for ix in range(width):
-            pixel_sums[img, y, ix] = _byte_sum(dst[ix])
+                        dst[ix, at] = np.int8(np.int32(row[ix + kj - pw]) ^ flip)
+        if pixel_sums.shape[0] > 0:
+            for ix in range(width):
+                pixel_sums[img, y, ix] = _byte_sum(dst[ix])
 
 
 @njit(inline="always")

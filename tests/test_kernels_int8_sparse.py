@@ -1,0 +1,276 @@
+"""The zero-skipping int8 kernels (vpermb + vpdpbusd): the schedule holds every stored weight
+exactly once; the sums are exact against int64 arithmetic; the layers that take them match the
+Python reference. Kernel tests are skipped where the CPU lacks AVX-512 VNNI or VBMI; there the
+float zero-skipping kernel runs (tests/test_kernels_sparse.py covers it on any machine)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxsim import QFormat
+from fxsim.datapath import Datapath, conv2d, prepare
+from fxsim.kernels import dense, int8, int8_sparse, sparse
+from fxsim.kernels.int8_sparse import BLOCK, GROUPS, LANES, STEP
+from tests.test_datapath import check_conv, check_linear, datapaths, random_codes
+
+needs_vbmi = pytest.mark.skipif(not int8_sparse.AVAILABLE,
+                                reason="the CPU has no AVX-512 VNNI and VBMI")
+DENSITIES = [0.0, 0.02, 0.1, 0.5, 1.0]
+
+
+def sparse_codes(rng, shape, density, lo=-128, hi=127):
+    w = rng.integers(lo, hi, shape, endpoint=True)
+    return np.where(rng.random(shape) < density, w, 0)
+
+
+def unpack(schedule: int8_sparse.Schedule, n_seg: int, seg_len: int) -> np.ndarray:
+    """The (J, S, L) weights a schedule multiplies, rebuilt from its runs and steps, checking
+    on the way that no two weights share a slot's input and that spare slots hold weight 0."""
+    panels = schedule.run_ptr.size - 1
+    w = np.zeros((panels * GROUPS * LANES, n_seg, seg_len + BLOCK), np.int64)
+    seen = np.zeros(w.shape, bool)
+    step = 0
+    for panel in range(panels):
+        assert schedule.step_ptr[panel] == step
+        for run in schedule.runs[schedule.run_ptr[panel] : schedule.run_ptr[panel + 1]]:
+            seg, first, counts = run[0], run[1], run[2:]
+            assert first % BLOCK == 0 and counts.any()
+            for g, count in enumerate(counts):
+                for _ in range(count):
+                    entry = schedule.table[step * STEP : (step + 1) * STEP]
+                    index, weight = entry[:BLOCK], entry[BLOCK:].view(np.int8)
+                    for byte in range(BLOCK):
+                        j = (panel * GROUPS + g) * LANES + byte // 4
+                        if weight[byte] == 0:
+                            continue
+                        k = first + index[byte]
+                        assert index[byte] < BLOCK and not seen[j, seg, k]
+                        seen[j, seg, k] = True
+                        w[j, seg, k] = weight[byte]
+                    step += 1
+    assert schedule.steps == step == schedule.step_ptr[-1]
+    return w[:, :, :seg_len]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_out=st.integers(1, 140), n_seg=st.integers(1, 3),
+       seg_len=st.integers(1, 200), density=st.sampled_from(DENSITIES))
+def test_schedule_holds_every_stored_weight_once(seed, n_out, n_seg, seg_len, density):
+    rng = np.random.default_rng(seed)
+    w = sparse_codes(rng, (n_out, n_seg, seg_len), density)
+    schedule = int8_sparse.Schedule(w)
+    rebuilt = unpack(schedule, n_seg, seg_len)
+    assert np.array_equal(rebuilt[:n_out], w) and not rebuilt[n_out:].any()
+    # each (group, block) takes as many steps as its fullest lane needs, four weights a step
+    panels = -(-n_out // (GROUPS * LANES))
+    blocks = -(-seg_len // BLOCK)
+    padded = np.zeros((panels * GROUPS * LANES, n_seg, blocks * BLOCK), bool)
+    padded[:n_out, :, :seg_len] = w != 0
+    counts = padded.reshape(-1, LANES, n_seg, blocks, BLOCK).sum(axis=4)
+    assert schedule.steps == int((-(-counts // 4)).max(axis=1).sum())
+    corr = 128 * w.reshape(n_out, -1).sum(axis=1)
+    assert np.array_equal(schedule.corr.astype(np.int64) % 2**32, corr % 2**32)
+
+
+def test_schedule_of_a_hand_worked_layer():
+    # 2 outputs, a fan-in of 70 (blocks 0..63 and 64..69): output 0 stores five weights in the
+    # first block (two steps: four, then one), output 1 one weight in the second block
+    w = np.zeros((2, 1, 70), np.int64)
+    w[0, 0, [1, 5, 9, 60, 63]] = [-1, 2, -3, 4, -128]
+    w[1, 0, 66] = 127
+    schedule = int8_sparse.linear_schedule(w[:, 0])
+    assert schedule.runs.tolist() == [[0, 0, 2, 0, 0, 0], [0, 64, 1, 0, 0, 0]]
+    assert schedule.run_ptr.tolist() == [0, 2] and schedule.step_ptr.tolist() == [0, 3]
+    assert schedule.steps == 3 and schedule.reach == 128
+    table = schedule.table.reshape(3, 2, BLOCK)
+    assert table[0, 0, :4].tolist() == [1, 5, 9, 60]  # lane 0, step 0: its first four inputs
+    assert table[0, 1, :4].view(np.int8).tolist() == [-1, 2, -3, 4]
+    assert table[1, 0, 0] == 63 and table[1, 1, :1].view(np.int8).tolist() == [-128]
+    assert not table[1, 1, 1:].any()  # spare slots: weight 0
+    assert table[2, 0, 4] == 2 and table[2, 1, 4] == 127  # lane 1 (bytes 4..7), input 64 + 2
+    assert not np.delete(table[2, 1], 4).any()
+    assert schedule.corr.tolist() == [128 * (-126), 128 * 127]
+
+
+def linear_sums(x, w):
+    schedule = int8_sparse.linear_schedule(w)
+    sums = np.empty((x.shape[0], w.shape[0]), np.int32)
+    int8_sparse.linear_sums(np.ascontiguousarray(x, np.int8), schedule.runs, schedule.run_ptr,
+                            schedule.step_ptr, schedule.table, schedule.corr, schedule.reach,
+                            sums)
+    return sums
+
+
+@needs_vbmi
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 40), fan_in=st.integers(1, 300),
+       n_out=st.integers(1, 150), density=st.sampled_from(DENSITIES))
+def test_linear_sums_are_exact(seed, batch, fan_in, n_out, density):
+    # batches around the micro-kernel's 4 images and a task's 32, fan-ins around whole
+    # blocks (64 bytes: the last image's block loads run from a padded copy), outputs around
+    # whole vectors (16) and panels (64)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 127, (batch, fan_in), endpoint=True)
+    w = sparse_codes(rng, (n_out, fan_in), density)
+    x[0] = -128
+    assert np.array_equal(linear_sums(x, w), x @ w.T)
+
+
+@needs_vbmi
+@pytest.mark.parametrize(("x_code", "w_code"), [(-128, -128), (-128, 127), (127, 127),
+                                                (127, -128), (0, 127)])
+def test_linear_sums_are_exact_up_to_the_int32_bound(x_code, w_code):
+    # the largest fan-in whose worst sum fits int32, every weight stored: the biased sum
+    # (x + 128) * w * K wraps int32 (up to twice over), and so does the correction
+    fan_in = (2**31 - 1) // (128 * 128)
+    x = np.full((5, fan_in), x_code, np.int8)
+    w = np.full((17, fan_in), w_code, np.int64)
+    assert (linear_sums(x, w) == x_code * w_code * fan_in).all()
+
+
+def conv_sums_int64(x, w, stride, padding):
+    """(N, J, P) exact sums by im2col in int64: the independent check."""
+    n = x.shape[0]
+    cols = dense.im2col(x.astype(np.int64), w.shape[2], w.shape[3], stride, padding)
+    return (w.reshape(w.shape[0], -1) @ cols).reshape(w.shape[0], n, -1).transpose(1, 0, 2)
+
+
+@needs_vbmi
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
+       channels=st.sampled_from([1, 2, 3, 5, 8, 20, 37]), size=st.integers(1, 9),
+       kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (2, 4), (3, 1)]),
+       stride=st.sampled_from([(1, 1), (2, 2), (3, 3), (1, 2)]), padding=st.integers(0, 2),
+       n_out=st.sampled_from([1, 16, 17, 50, 64, 65, 130]), density=st.sampled_from(DENSITIES))
+def test_conv_sums_are_exact(seed, batch, channels, size, kernel, stride, padding, n_out,
+                             density):
+    """Folded and unfolded layouts (int8.folds), window rows of up to 3 blocks, strides in
+    both directions, zero padding (which the biased layout holds as 128), outputs around
+    whole vectors and panels."""
+    kh, kw = kernel
+    if size + 2 * padding < max(kh, kw):
+        return  # no output: another test's subject
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 127, (batch, channels, size, size + 1), endpoint=True).astype(np.int8)
+    w = sparse_codes(rng, (n_out, channels, kh, kw), density)
+    fold = int8.folds(channels, kw)
+    schedule = int8_sparse.conv_schedule(w, fold)
+    xflat, shape = int8_sparse.conv_input(x, (padding, padding), kw if fold else 1,
+                                          schedule.reach)
+    expected = conv_sums_int64(x, w, stride, (padding, padding))
+    sums = np.empty(expected.shape, np.int32)
+    int8_sparse.conv_sums(xflat, shape, schedule.runs, schedule.run_ptr, schedule.step_ptr,
+                          schedule.table, schedule.corr, kh, 1 if fold else kw, *stride,
+                          np.zeros(n_out, np.int64), sparse.NO_REQUANT,
+                          np.empty((0, 0, 0), np.int8), sums)
+    assert np.array_equal(sums, expected)
+
+
+def test_biased_layout_holds_each_code_plus_128():
+    x = np.arange(-60, 60, dtype=np.int8).reshape(2, 5, 3, 4)  # 5 channels: one quad + one
+    for fold_kw in (1, 3):
+        flat, shape, pixel_sums = int8.layout_buffer(x, (1, 2), fold_kw, spare=70, biased=True)
+        plain, _ = int8.layout(x, (1, 2), fold_kw)
+        assert shape == plain.shape and flat.size == plain.size + 70 and pixel_sums.size == 0
+        biased = flat[: plain.size].reshape(shape).view(np.uint8).astype(np.int64)
+        assert np.array_equal(biased, plain.astype(np.int64) + 128)  # padding: 0 + 128
+        assert not flat[plain.size :].any()
+
+
+def sparse_datapath(dp: Datapath) -> Datapath:
+    return Datapath(dp.act_fmt, dp.weight_fmt, out_fmt=dp.out_fmt, acc_bits=dp.acc_bits,
+                    acc_overflow=dp.acc_overflow, acc_mode="final", rounding=dp.rounding,
+                    overflow=dp.overflow, kernel="sparse")
+
+
+@needs_vbmi
+@settings(max_examples=60, deadline=None)
+@given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 20),
+       fan_in=st.integers(1, 150), n_out=st.sampled_from([25, 64, 130]),
+       density=st.sampled_from([0.05, 0.3, 0.6]))
+def test_zero_skipping_int8_linear_layers_match_reference(dp, seed, batch, fan_in, n_out,
+                                                          density):
+    """Every rounding and overflow mode, any accumulator width applied once: bit for bit and
+    counter for counter the Python reference, only the stored weights executed."""
+    dp = sparse_datapath(dp)
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (batch, fan_in))
+    w = random_codes(rng, dp.weight_fmt, (n_out, fan_in), 1 - density)
+    b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
+    counters = check_linear(dp, x, w, b)
+    if not prepare(w, b, dp).compressed.fills_blocks():
+        assert counters.paths == {"sparse_int8_gather": counters.outputs}
+    assert counters.executed_macs == np.count_nonzero(w) * batch
+
+
+@needs_vbmi
+@settings(max_examples=60, deadline=None)
+@given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
+       channels=st.sampled_from([1, 3, 8, 20]), size=st.integers(3, 9),
+       kernel=st.sampled_from([(3, 3), (5, 5), (2, 4)]), stride=st.sampled_from([1, 2]),
+       padding=st.integers(0, 2), n_out=st.sampled_from([5, 17, 64, 70]),
+       density=st.sampled_from([0.05, 0.3, 0.6]))
+def test_zero_skipping_int8_convolutions_match_reference(dp, seed, batch, channels, size,
+                                                         kernel, stride, padding, n_out,
+                                                         density):
+    """As above for convolutions: requantised inside the kernel where the vectorised
+    requantisation applies, after it elsewhere."""
+    kh, kw = kernel
+    if size + 2 * padding < max(kh, kw):
+        return
+    dp = sparse_datapath(dp)
+    rng = np.random.default_rng(seed)
+    x = random_codes(rng, dp.act_fmt, (batch, channels, size, size + 1))
+    w = random_codes(rng, dp.weight_fmt, (n_out, channels, kh, kw), 1 - density)
+    b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
+    counters = check_conv(dp, x, w, b, stride, padding)
+    if not prepare(w, b, dp).compressed.fills_blocks():
+        assert counters.paths == {"sparse_int8_gather": counters.outputs}
+    assert counters.executed_macs == np.count_nonzero(w) * counters.outputs // n_out
+
+
+@needs_vbmi
+def test_gather_path_is_taken_only_where_it_is_exact():
+    """Zero-skipping int8 sums where the dense ones would run as int8 dot products and few
+    enough weights are stored; elsewhere the other zero-skipping kernels."""
+    fmt = QFormat(8, 2)
+    rng = np.random.default_rng(4)
+    x = random_codes(rng, fmt, (3, 4, 6, 6))
+    cases = [
+        (Datapath(fmt, fmt, kernel="sparse"), 0.3, "sparse_int8_gather"),
+        (Datapath(fmt, fmt, kernel="sparse"), 0.95, "sparse_int8"),  # filler zeros, densely
+        (Datapath(QFormat(9, 2), fmt, kernel="sparse"), 0.3, "sparse_float32"),  # 9 bits
+        # a per-MAC register that can overflow: its own kernels
+        (Datapath(fmt, fmt, kernel="sparse", acc_bits=16, acc_mode="per_mac"), 0.3,
+         "sparse_per_mac_float32"),
+    ]
+    for dp, density, path in cases:
+        w = np.where(rng.random((20, 4, 3, 3)) < density, 127, 0)
+        _, counters = conv2d(x, w, None, dp, padding=1)
+        assert counters.paths == {path: counters.outputs}, (dp, density)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8_sparse, "AVAILABLE", False)  # VNNI without VBMI (Cascade Lake)
+        w = np.where(rng.random((20, 4, 3, 3)) < 0.3, 127, 0)
+        _, counters = conv2d(x, w, None, Datapath(fmt, fmt, kernel="sparse"), padding=1)
+        assert counters.paths == {"sparse_float32": counters.outputs}
+
+
+@needs_vbmi
+def test_auto_skips_zeros_below_the_gather_thresholds():
+    """With the int8 zero-skipping kernel, skipping pays from about half the weights down
+    (docs/results/sparse.md): kernel="auto" uses its own thresholds, above the float ones."""
+    from fxsim.datapath import SPARSE_DENSITY_THRESHOLD
+    from fxsim.kernels.sparse import random_mask
+
+    rng = np.random.default_rng(2)
+    fmt = QFormat(8, 2)
+    for kind, shape in (("linear", (40, 200)), ("conv", (40, 8, 3, 3))):
+        x = random_codes(rng, fmt, (2, 200) if kind == "linear" else (2, 8, 5, 5))
+        threshold = SPARSE_DENSITY_THRESHOLD[f"{kind}_int8_gather"]
+        assert SPARSE_DENSITY_THRESHOLD[kind] < threshold < 0.75  # below the filler-zero rule
+        for density, path in ((threshold - 0.05, "sparse_int8_gather"), (threshold + 0.1, "int8")):
+            w = np.where(random_mask(shape, density, rng), 3, 0)
+            layer = prepare(w, None, Datapath(fmt, fmt))
+            _, counters = layer.linear(x) if kind == "linear" else layer.conv2d(x, padding=1)
+            assert set(counters.paths) == {path}, (kind, density)
