@@ -383,7 +383,10 @@ class PreparedWeights:
         x_worst = max(-fmt.min_code, fmt.max_code)
         worst = x_worst * self.row_abs_max
         if self._int8_dot(worst) and not self._may_overflow(worst, "per_mac"):
-            kind += "_int8_gather" if int8_sparse.AVAILABLE else "_int8"
+            # (a linear layer with few outputs keeps the float thresholds: its dense fused
+            # kernel and the zero-skipping one both take ~0.04-0.05 ms on lenet5.fc2, per-call
+            # costs, at densities 0.05-0.5)
+            kind += "_int8_gather" if self._int8_gather(worst) else "_int8"
         elif self._may_overflow(worst, "per_mac") and self._int8_mac(x_worst):
             kind += "_per_mac_int8"
         return self.density < SPARSE_DENSITY_THRESHOLD[kind]
@@ -450,7 +453,7 @@ class PreparedWeights:
         if self._int8_dot(bound) and (not self.use_sparse or self.compressed.fills_blocks()):
             return _Plan("int8", self._int8_weights(), None, 0, np.int8, bound + bias_max,
                          x_max_abs)
-        if self._int8_dot(bound) and int8_sparse.AVAILABLE:  # and the zero-skipping datapath
+        if self.use_sparse and self._int8_gather(bound):
             return _Plan("int8_gather", self._int8_schedule(), None, 0, np.int8,
                          bound + bias_max, x_max_abs)
         if bound >= 1 << 24 and self._int8_digits(x_max_abs) and not self.use_sparse:
@@ -479,6 +482,13 @@ class PreparedWeights:
         return (int8.AVAILABLE and self._byte_codes()
                 and (self.weights.ndim == 4 or self.weights.shape[0] > dense.FEW_OUTPUTS)
                 and bound < 1 << 31)
+
+    def _int8_gather(self, bound: int) -> bool:
+        """Whether zero-skipping sums can run as int8 dot products
+        (:mod:`fxsim.kernels.int8_sparse`): the host has them, both formats' codes fit a byte
+        and no sum leaves int32. Any number of outputs: a layer with few of them fills fewer
+        lanes, but skips as well."""
+        return int8_sparse.AVAILABLE and self._byte_codes() and bound < 1 << 31
 
     def _byte_codes(self) -> bool:
         """Whether the input's and the weights' codes all fit a signed byte."""

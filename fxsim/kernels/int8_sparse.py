@@ -359,14 +359,20 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
         p0 = oy0 * ow + ox0
         j0 = width * panel
         for j in range(j0, min(j0 + width, n_out)):
-            row = c[(j - j0) * n_pos :]
-            for t in range(n_pos):  # int32 casts wrap: exact mod 2^32, see the module notes
-                lanes[t] = np.int32(row[t] - corr[j])
-            if not fused:
-                sums[img, j, p0 : p0 + n_pos] = lanes
-                continue
-            n_acc, n_sat, top, bottom = requantise_lanes(lanes, bias[j], rq, wide,
-                                                         codes[img, j, p0 : p0 + n_pos])
+            row = c[(j - j0) * n_pos : (j - j0 + 1) * n_pos]
+            dest = codes[img, j, p0 : p0 + n_pos] if fused else codes[0, 0, :0]
+            if fused and rq[11]:
+                # the int32 requantisation adds in int32, wrapping: the biased sums plus
+                # bias - corr give sum + bias exactly (it fits int32: rq[11]), one pass fewer
+                n_acc, n_sat, top, bottom = requantise_lanes(row, np.int64(bias[j]) - corr[j],
+                                                             rq, wide, dest)
+            else:
+                for t in range(n_pos):  # int32 casts wrap: exact mod 2^32 (module notes)
+                    lanes[t] = np.int32(row[t] - corr[j])
+                if not fused:
+                    sums[img, j, p0 : p0 + n_pos] = lanes
+                    continue
+                n_acc, n_sat, top, bottom = requantise_lanes(lanes, bias[j], rq, wide, dest)
             counts[task, 0] += n_acc
             counts[task, 1] += n_sat
             counts[task, 2] = max(counts[task, 2], top)
