@@ -383,9 +383,6 @@ class PreparedWeights:
         x_worst = max(-fmt.min_code, fmt.max_code)
         worst = x_worst * self.row_abs_max
         if self._int8_dot(worst) and not self._may_overflow(worst, "per_mac"):
-            # (a linear layer with few outputs keeps the float thresholds: its dense fused
-            # kernel and the zero-skipping one both take ~0.04-0.05 ms on lenet5.fc2, per-call
-            # costs, at densities 0.05-0.5)
             kind += "_int8_gather" if self._int8_gather(worst) else "_int8"
         elif self._may_overflow(worst, "per_mac") and self._int8_mac(x_worst):
             kind += "_per_mac_int8"
@@ -484,11 +481,13 @@ class PreparedWeights:
                 and bound < 1 << 31)
 
     def _int8_gather(self, bound: int) -> bool:
-        """Whether zero-skipping sums can run as int8 dot products
-        (:mod:`fxsim.kernels.int8_sparse`): the host has them, both formats' codes fit a byte
-        and no sum leaves int32. Any number of outputs: a layer with few of them fills fewer
-        lanes, but skips as well."""
-        return int8_sparse.AVAILABLE and self._byte_codes() and bound < 1 << 31
+        """Whether zero-skipping sums run as int8 dot products (:mod:`fxsim.kernels.int8_sparse`):
+        where dense ones can (:meth:`_int8_dot`), the host also has VBMI, and the layer's window
+        rows are long enough to gather from (:data:`int8_sparse.MIN_SEGMENT`). (A linear layer
+        with few outputs keeps the fused float kernels: on lenet5.fc2 both take ~0.04-0.05 ms,
+        per-call costs, at densities 0.02-1.)"""
+        return (int8_sparse.AVAILABLE and self._int8_dot(bound)
+                and int8_sparse.segment_bytes(self.weights.shape) >= int8_sparse.MIN_SEGMENT)
 
     def _byte_codes(self) -> bool:
         """Whether the input's and the weights' codes all fit a signed byte."""

@@ -200,14 +200,15 @@ def test_zero_skipping_int8_linear_layers_match_reference(dp, seed, batch, fan_i
     b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
     counters = check_linear(dp, x, w, b)
     if not prepare(w, b, dp).compressed.fills_blocks():
-        assert counters.paths == {"sparse_int8_gather": counters.outputs}
+        path = "sparse_int8_gather" if fan_in >= int8_sparse.MIN_SEGMENT else "sparse_float32"
+        assert counters.paths == {path: counters.outputs}
     assert counters.executed_macs == np.count_nonzero(w) * batch
 
 
 @needs_vbmi
 @settings(max_examples=60, deadline=None)
 @given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
-       channels=st.sampled_from([1, 3, 8, 20]), size=st.integers(3, 9),
+       channels=st.sampled_from([1, 3, 8, 13, 20]), size=st.integers(3, 9),
        kernel=st.sampled_from([(3, 3), (5, 5), (2, 4)]), stride=st.sampled_from([1, 2]),
        padding=st.integers(0, 2), n_out=st.sampled_from([5, 17, 64, 70]),
        density=st.sampled_from([0.05, 0.3, 0.6]))
@@ -225,8 +226,10 @@ def test_zero_skipping_int8_convolutions_match_reference(dp, seed, batch, channe
     w = random_codes(rng, dp.weight_fmt, (n_out, channels, kh, kw), 1 - density)
     b = random_codes(rng, dp.bias_format, (n_out,)) >> rng.integers(0, 60)
     counters = check_conv(dp, x, w, b, stride, padding)
+    rows = int8_sparse.segment_bytes(w.shape)
     if not prepare(w, b, dp).compressed.fills_blocks():
-        assert counters.paths == {"sparse_int8_gather": counters.outputs}
+        path = "sparse_int8_gather" if rows >= int8_sparse.MIN_SEGMENT else "sparse_float32"
+        assert counters.paths == {path: counters.outputs}
     assert counters.executed_macs == np.count_nonzero(w) * counters.outputs // n_out
 
 
@@ -236,7 +239,7 @@ def test_gather_path_is_taken_only_where_it_is_exact():
     enough weights are stored; elsewhere the other zero-skipping kernels."""
     fmt = QFormat(8, 2)
     rng = np.random.default_rng(4)
-    x = random_codes(rng, fmt, (3, 4, 6, 6))
+    x = random_codes(rng, fmt, (3, 16, 6, 6))  # window rows of 3 x 16 bytes
     cases = [
         (Datapath(fmt, fmt, kernel="sparse"), 0.3, "sparse_int8_gather"),
         (Datapath(fmt, fmt, kernel="sparse"), 0.95, "sparse_int8"),  # filler zeros, densely
@@ -246,12 +249,19 @@ def test_gather_path_is_taken_only_where_it_is_exact():
          "sparse_per_mac_float32"),
     ]
     for dp, density, path in cases:
-        w = np.where(rng.random((20, 4, 3, 3)) < density, 127, 0)
+        w = np.where(rng.random((20, 16, 3, 3)) < density, 127, 0)  # 16 bits: overflows
         _, counters = conv2d(x, w, None, dp, padding=1)
         assert counters.paths == {path: counters.outputs}, (dp, density)
+    # window rows shorter than MIN_SEGMENT (4 channels, 3 wide: 12 bytes): the float kernel
+    w = np.where(rng.random((20, 4, 3, 3)) < 0.3, 1, 0)
+    _, counters = conv2d(x[:, :4], w, None, Datapath(fmt, fmt, kernel="sparse"), padding=1)
+    assert counters.paths == {"sparse_float32": counters.outputs}
+    assert int8_sparse.segment_bytes((20, 4, 3, 3)) == 12
+    assert int8_sparse.segment_bytes((20, 1, 5, 5)) == 8  # LeNet5's conv1, folded
+    assert int8_sparse.segment_bytes((50, 20, 5, 5)) == 100
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(int8_sparse, "AVAILABLE", False)  # VNNI without VBMI (Cascade Lake)
-        w = np.where(rng.random((20, 4, 3, 3)) < 0.3, 127, 0)
+        w = np.where(rng.random((20, 16, 3, 3)) < 0.3, 1, 0)
         _, counters = conv2d(x, w, None, Datapath(fmt, fmt, kernel="sparse"), padding=1)
         assert counters.paths == {"sparse_float32": counters.outputs}
 
@@ -265,8 +275,8 @@ def test_auto_skips_zeros_below_the_gather_thresholds():
 
     rng = np.random.default_rng(2)
     fmt = QFormat(8, 2)
-    for kind, shape in (("linear", (40, 200)), ("conv", (40, 8, 3, 3))):
-        x = random_codes(rng, fmt, (2, 200) if kind == "linear" else (2, 8, 5, 5))
+    for kind, shape in (("linear", (40, 200)), ("conv", (40, 16, 3, 3))):
+        x = random_codes(rng, fmt, (2, 200) if kind == "linear" else (2, 16, 5, 5))
         threshold = SPARSE_DENSITY_THRESHOLD[f"{kind}_int8_gather"]
         assert SPARSE_DENSITY_THRESHOLD[kind] < threshold < 0.75  # below the filler-zero rule
         for density, path in ((threshold - 0.05, "sparse_int8_gather"), (threshold + 0.1, "int8")):
