@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fxsim import QFormat
 from fxsim.datapath import Datapath, conv2d, prepare
 from fxsim.kernels import dense, int8, int8_sparse, sparse
-from fxsim.kernels.int8_sparse import BLOCK, GROUPS, LANES, STEP
+from fxsim.kernels.int8_sparse import BLOCK, GROUPS, LANES, STEP, WINDOW_STEP
 from tests.test_datapath import check_conv, check_linear, datapaths, random_codes
 
 needs_vbmi = pytest.mark.skipif(not int8_sparse.AVAILABLE,
@@ -28,14 +28,14 @@ def unpack(schedule: int8_sparse.Schedule, n_seg: int, seg_len: int) -> np.ndarr
     """The (J, S, L) weights a schedule multiplies, rebuilt from its runs and steps, checking
     on the way that no two weights share a slot's input and that spare slots hold weight 0."""
     panels = schedule.run_ptr.size - 1
-    w = np.zeros((panels * GROUPS * LANES, n_seg, seg_len + BLOCK), np.int64)
+    w = np.zeros((panels * GROUPS * LANES, n_seg, seg_len + 2 * BLOCK), np.int64)
     seen = np.zeros(w.shape, bool)
     step = 0
     for panel in range(panels):
         assert schedule.step_ptr[panel] == step
         for run in schedule.runs[schedule.run_ptr[panel] : schedule.run_ptr[panel + 1]]:
             seg, first, counts = run[0], run[1], run[2:]
-            assert first % BLOCK == 0 and counts.any()
+            assert first % WINDOW_STEP == 0 and counts.any()
             for g, count in enumerate(counts):
                 for _ in range(count):
                     entry = schedule.table[step * STEP : (step + 1) * STEP]
@@ -45,7 +45,7 @@ def unpack(schedule: int8_sparse.Schedule, n_seg: int, seg_len: int) -> np.ndarr
                         if weight[byte] == 0:
                             continue
                         k = first + index[byte]
-                        assert index[byte] < BLOCK and not seen[j, seg, k]
+                        assert index[byte] < BLOCK and k < seg_len and not seen[j, seg, k]
                         seen[j, seg, k] = True
                         w[j, seg, k] = weight[byte]
                     step += 1
@@ -62,34 +62,58 @@ def test_schedule_holds_every_stored_weight_once(seed, n_out, n_seg, seg_len, de
     schedule = int8_sparse.Schedule(w)
     rebuilt = unpack(schedule, n_seg, seg_len)
     assert np.array_equal(rebuilt[:n_out], w) and not rebuilt[n_out:].any()
-    # each (group, block) takes as many steps as its fullest lane needs, four weights a step
-    panels = -(-n_out // (GROUPS * LANES))
-    blocks = -(-seg_len // BLOCK)
-    padded = np.zeros((panels * GROUPS * LANES, n_seg, blocks * BLOCK), bool)
-    padded[:n_out, :, :seg_len] = w != 0
-    counts = padded.reshape(-1, LANES, n_seg, blocks, BLOCK).sum(axis=4)
-    assert schedule.steps == int((-(-counts // 4)).max(axis=1).sum())
+    expected = 0
+    for seg in range(n_seg):
+        for first in range(0, n_out, LANES):
+            rows = [list(np.nonzero(w[j, seg])[0]) for j in range(first, min(first + LANES, n_out))]
+            expected += greedy_steps(rows, seg_len)
+    assert schedule.steps == expected
     corr = 128 * w.reshape(n_out, -1).sum(axis=1)
     assert np.array_equal(schedule.corr.astype(np.int64) % 2**32, corr % 2**32)
 
 
+def greedy_steps(rows: list, seg_len: int) -> int:
+    """The steps one group of 16 rows (each a sorted list of its weights' positions in a
+    segment) takes, by the rule of int8_sparse.Schedule, in plain Python: windows of 64 every
+    32 bytes; each takes as many steps as the fullest row needs for the weights no later window
+    holds, and every row fills its slots with its next weights inside the window."""
+    starts = [0]
+    while starts[-1] + BLOCK < seg_len:
+        starts.append(starts[-1] + WINDOW_STEP)
+    done = [0] * len(rows)
+    total = 0
+    for i, start in enumerate(starts):
+        only_here = starts[i + 1] if i + 1 < len(starts) else seg_len
+        need = max(-(-sum(1 for k in row[done[r]:] if k < only_here) // 4)
+                   for r, row in enumerate(rows))
+        for r, row in enumerate(rows):
+            held = sum(1 for k in row[done[r]:] if k < start + BLOCK)
+            done[r] += min(4 * need, held)
+        total += need
+    assert done == [len(row) for row in rows]
+    return total
+
+
 def test_schedule_of_a_hand_worked_layer():
-    # 2 outputs, a fan-in of 70 (blocks 0..63 and 64..69): output 0 stores five weights in the
-    # first block (two steps: four, then one), output 1 one weight in the second block
+    # 2 outputs, a fan-in of 70: windows 0..63 and 32..95 (clipped to 69). Output 0 stores
+    # five weights; the first window must take the three below 32 (one step), and fills that
+    # step with the next one it holds (60). The second window takes output 0's last (63) and
+    # output 1's only weight (66) in one step: two steps, where windows 0..63 and 64..69
+    # without overlap would take three.
     w = np.zeros((2, 1, 70), np.int64)
     w[0, 0, [1, 5, 9, 60, 63]] = [-1, 2, -3, 4, -128]
     w[1, 0, 66] = 127
     schedule = int8_sparse.linear_schedule(w[:, 0])
-    assert schedule.runs.tolist() == [[0, 0, 2, 0, 0, 0], [0, 64, 1, 0, 0, 0]]
-    assert schedule.run_ptr.tolist() == [0, 2] and schedule.step_ptr.tolist() == [0, 3]
-    assert schedule.steps == 3 and schedule.reach == 128
-    table = schedule.table.reshape(3, 2, BLOCK)
+    assert schedule.runs.tolist() == [[0, 0, 1, 0, 0, 0], [0, 32, 1, 0, 0, 0]]
+    assert schedule.run_ptr.tolist() == [0, 2] and schedule.step_ptr.tolist() == [0, 2]
+    assert schedule.steps == 2 and schedule.reach == 96
+    table = schedule.table.reshape(2, 2, BLOCK)
     assert table[0, 0, :4].tolist() == [1, 5, 9, 60]  # lane 0, step 0: its first four inputs
     assert table[0, 1, :4].view(np.int8).tolist() == [-1, 2, -3, 4]
-    assert table[1, 0, 0] == 63 and table[1, 1, :1].view(np.int8).tolist() == [-128]
-    assert not table[1, 1, 1:].any()  # spare slots: weight 0
-    assert table[2, 0, 4] == 2 and table[2, 1, 4] == 127  # lane 1 (bytes 4..7), input 64 + 2
-    assert not np.delete(table[2, 1], 4).any()
+    assert not table[0, 1, 4:].any()  # spare slots: weight 0
+    assert table[1, 0, 0] == 63 - 32 and table[1, 1, 0] == 128  # -128 as a byte
+    assert table[1, 0, 4] == 66 - 32 and table[1, 1, 4] == 127  # lane 1: bytes 4..7
+    assert not np.delete(table[1, 1], [0, 4]).any()
     assert schedule.corr.tolist() == [128 * (-126), 128 * 127]
 
 

@@ -46,6 +46,8 @@ from fxsim.kernels.int8 import LANES, QUAD, _dot_intrinsic, _store_transposed
 BLOCK = 64
 # Bytes of one step of the schedule: 64 byte indices, then 64 weights.
 STEP = 2 * BLOCK
+# Windows of a segment start this many bytes apart (see Schedule).
+WINDOW_STEP = BLOCK // 2
 # Input vectors (images, or output positions) per micro-kernel call: each step's indices and
 # weights are loaded once for MR of them (4, 6 and 8 measured equal on lenet5.fc1), and
 # groups of 16 output channels per call: each block of the input is loaded once for GROUPS
@@ -101,14 +103,22 @@ class Schedule:
     """The zero-skipping schedule of one weight matrix (see the module notes).
 
     Output channels go in groups of 16 (a vector of lanes) and groups in panels of
-    :data:`GROUPS` (one micro-kernel call). ``runs`` (R, 2 + GROUPS) int32, per panel the
-    blocks where some weight is stored: segment, first byte in the segment, then each group's
-    steps; ``run_ptr`` / ``step_ptr`` (panels + 1,) int64: each panel's first run / step;
-    ``table`` (steps * STEP,) uint8: the steps in order (panel, run, group), each 64 byte
-    indices into the run's block, then 64 int8 weights (as uint8), lane l's at bytes 4l ..
-    4l + 3; ``corr`` (J,) int32: 128 times each output's weight sum (mod 2^32); ``reach``:
-    bytes past a segment's start that a block load reads; ``steps``: ``vpdpbusd`` per input
-    vector; ``n_out``.
+    :data:`GROUPS` (one micro-kernel call). Each segment is read through windows of 64 bytes
+    that start every :data:`WINDOW_STEP` bytes, so that every weight lies in one or two of
+    them. Window by window, a group takes as many steps as its fullest lane needs for the
+    weights that no later window holds (ceil(n / 4)); every lane then fills its spare slots
+    with the next weights of its row that the window holds, so that later windows need fewer
+    steps (against windows that do not overlap, 13-25 % fewer steps at density 0.1 on the
+    LeNet5 and CifarNet layers, 8-20 % at 0.3).
+
+    ``runs`` (R, 2 + GROUPS) int32, per panel the windows where some weight is taken:
+    segment, first byte of the window in the segment, then each group's steps; ``run_ptr`` /
+    ``step_ptr`` (panels + 1,) int64: each panel's first run / step; ``table`` (steps *
+    STEP,) uint8: the steps in order (panel, run, group), each 64 byte indices into the run's
+    window, then 64 int8 weights (as uint8), lane l's at bytes 4l .. 4l + 3, spare slots
+    weight 0; ``corr`` (J,) int32: 128 times each output's weight sum (mod 2^32);
+    ``reach``: bytes past a segment's start that a window load reads; ``steps``:
+    ``vpdpbusd`` per input vector; ``n_out``.
     """
 
     def __init__(self, w_segments: np.ndarray):
@@ -117,31 +127,51 @@ class Schedule:
         w = np.asarray(w_segments)
         n_out, n_seg, seg_len = w.shape
         panels = -(-n_out // (GROUPS * LANES))
-        n_blocks = -(-seg_len // BLOCK)
-        padded = np.zeros((panels * GROUPS * LANES, n_seg, n_blocks * BLOCK), np.int64)
-        padded[:n_out, :, :seg_len] = w
-        blocks = padded.reshape(panels, GROUPS, LANES, n_seg, n_blocks, BLOCK)
-        nonzero = blocks != 0
-        counts = nonzero.sum(axis=5)  # (P, G, 16, S, B)
-        steps = (-(-counts // QUAD)).max(axis=2).transpose(0, 2, 3, 1)  # (P, S, B, G)
-        p_idx, s_idx, b_idx = np.nonzero(steps.any(axis=3))  # runs, in (panel, s, b) order
+        rows = panels * GROUPS * LANES
+        padded = np.zeros((rows, n_seg, seg_len), np.int64)
+        padded[:n_out] = w
+        nonzero = padded != 0
+        n_win = 1 + max(0, -(-(seg_len - BLOCK) // WINDOW_STEP))
+        starts = WINDOW_STEP * np.arange(n_win)
+        only_here = np.append(starts[1:], seg_len)  # a window's weights no later one holds
+        held = np.minimum(starts + BLOCK, seg_len)  # the end of what a window holds
+        below = np.zeros((rows, n_seg, seg_len + 1), np.int64)  # weights of a row below x
+        np.cumsum(nonzero, axis=2, out=below[:, :, 1:])
+        # window by window, each row's weights taken so far (a prefix of its row)
+        taken = np.zeros((rows, n_seg, n_win + 1), np.int64)
+        steps = np.zeros((panels, n_seg, n_win, GROUPS), np.int64)
+        for i in range(n_win):
+            done = taken[:, :, i]
+            must = below[:, :, only_here[i]] - done
+            need = (-(-must // QUAD)).reshape(panels, GROUPS, LANES, n_seg).max(axis=2)
+            steps[:, :, i] = need.transpose(0, 2, 1)
+            slots = QUAD * np.repeat(need, LANES, axis=1).reshape(rows, n_seg)
+            taken[:, :, i + 1] = done + np.minimum(slots, below[:, :, held[i]] - done)
+        p_idx, s_idx, i_idx = np.nonzero(steps.any(axis=3))  # runs, in (panel, s, i) order
         self.runs = np.concatenate(
-            [np.stack([s_idx, b_idx * BLOCK], axis=1), steps[p_idx, s_idx, b_idx]],
+            [np.stack([s_idx, starts[i_idx]], axis=1), steps[p_idx, s_idx, i_idx]],
             axis=1).astype(np.int32).reshape(-1, 2 + GROUPS)
         self.run_ptr = np.searchsorted(p_idx, np.arange(panels + 1)).astype(np.int64)
-        first = np.zeros(steps.size + 1, np.int64)  # each (panel, s, b, group)'s first step
+        first = np.zeros(steps.size + 1, np.int64)  # each (panel, s, i, group)'s first step
         np.cumsum(steps.reshape(-1), out=first[1:])
-        self.step_ptr = first[::n_seg * n_blocks * GROUPS].copy()
-        # every stored weight's slot: its rank r among its lane's weights in the block gives
-        # step r // 4 of its group's steps in the block's run and byte 4 * lane + r % 4
-        p, g, lane, s, b, k = np.nonzero(nonzero)  # sorted by (p, g, lane, s, b, k)
-        key = (((p * GROUPS + g) * LANES + lane) * n_seg + s) * n_blocks + b
-        rank = np.arange(key.size) - np.searchsorted(key, key)
-        step = first[((p * n_seg + s) * n_blocks + b) * GROUPS + g] + rank // QUAD
-        byte = QUAD * lane + rank % QUAD
+        self.step_ptr = first[:: n_seg * n_win * GROUPS].copy()
+        # every stored weight's slot: its rank r in its row gives the window that took it
+        # (the last i with taken[i] <= r), step (r - taken[i]) // 4 of its group's steps in
+        # that window's run and byte 4 * lane + (r - taken[i]) % 4
+        j, s, k = np.nonzero(nonzero)  # sorted by (j, s, k)
+        row = j * n_seg + s
+        rank = np.arange(row.size) - np.searchsorted(row, row)
+        offsets = (seg_len + 1) * np.arange(rows * n_seg)[:, None]  # rows one after another
+        flat_taken = (taken[:, :, :n_win].reshape(rows * n_seg, n_win) + offsets).reshape(-1)
+        window = np.searchsorted(flat_taken, rank + (seg_len + 1) * row, side="right")
+        window -= row * n_win + 1
+        slot = rank - taken[j, s, window]
+        panel, group, lane = j // (GROUPS * LANES), (j // LANES) % GROUPS, j % LANES
+        step = first[((panel * n_seg + s) * n_win + window) * GROUPS + group] + slot // QUAD
+        byte = QUAD * lane + slot % QUAD
         self.table = np.zeros(first[-1] * STEP, np.uint8)
-        self.table[step * STEP + byte] = k
-        self.table[step * STEP + BLOCK + byte] = blocks[p, g, lane, s, b, k] & 255
+        self.table[step * STEP + byte] = k - starts[window]
+        self.table[step * STEP + BLOCK + byte] = padded[j, s, k] & 255
         corr = 128 * w.reshape(n_out, -1).astype(np.int64).sum(axis=1)
         self.corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
         self.reach = int(self.runs[:, 1].max()) + BLOCK if len(self.runs) else 0
