@@ -125,58 +125,72 @@ class Schedule:
         """``w_segments`` (J, S, L) integer weight codes in [-128, 127]: each output's fan-in
         in S segments of L bytes, in the order of the input layout."""
         w = np.asarray(w_segments)
-        n_out, n_seg, seg_len = w.shape
-        panels = -(-n_out // (GROUPS * LANES))
-        rows = panels * GROUPS * LANES
-        padded = np.zeros((rows, n_seg, seg_len), np.int64)
-        padded[:n_out] = w
-        nonzero = padded != 0
-        n_win = 1 + max(0, -(-(seg_len - BLOCK) // WINDOW_STEP))
-        starts = WINDOW_STEP * np.arange(n_win)
-        only_here = np.append(starts[1:], seg_len)  # a window's weights no later one holds
-        held = np.minimum(starts + BLOCK, seg_len)  # the end of what a window holds
-        below = np.zeros((rows, n_seg, seg_len + 1), np.int64)  # weights of a row below x
-        np.cumsum(nonzero, axis=2, out=below[:, :, 1:])
-        # window by window, each row's weights taken so far (a prefix of its row)
-        taken = np.zeros((rows, n_seg, n_win + 1), np.int64)
-        steps = np.zeros((panels, n_seg, n_win, GROUPS), np.int64)
-        for i in range(n_win):
-            done = taken[:, :, i]
-            must = below[:, :, only_here[i]] - done
-            need = (-(-must // QUAD)).reshape(panels, GROUPS, LANES, n_seg).max(axis=2)
-            steps[:, :, i] = need.transpose(0, 2, 1)
-            slots = QUAD * np.repeat(need, LANES, axis=1).reshape(rows, n_seg)
-            taken[:, :, i + 1] = done + np.minimum(slots, below[:, :, held[i]] - done)
-        p_idx, s_idx, i_idx = np.nonzero(steps.any(axis=3))  # runs, in (panel, s, i) order
-        self.runs = np.concatenate(
-            [np.stack([s_idx, starts[i_idx]], axis=1), steps[p_idx, s_idx, i_idx]],
-            axis=1).astype(np.int32).reshape(-1, 2 + GROUPS)
-        self.run_ptr = np.searchsorted(p_idx, np.arange(panels + 1)).astype(np.int64)
-        first = np.zeros(steps.size + 1, np.int64)  # each (panel, s, i, group)'s first step
-        np.cumsum(steps.reshape(-1), out=first[1:])
-        self.step_ptr = first[:: n_seg * n_win * GROUPS].copy()
-        # every stored weight's slot: its rank r in its row gives the window that took it
-        # (the last i with taken[i] <= r), step (r - taken[i]) // 4 of its group's steps in
-        # that window's run and byte 4 * lane + (r - taken[i]) % 4
-        j, s, k = np.nonzero(nonzero)  # sorted by (j, s, k)
-        row = j * n_seg + s
-        rank = np.arange(row.size) - np.searchsorted(row, row)
-        offsets = (seg_len + 1) * np.arange(rows * n_seg)[:, None]  # rows one after another
-        flat_taken = (taken[:, :, :n_win].reshape(rows * n_seg, n_win) + offsets).reshape(-1)
-        window = np.searchsorted(flat_taken, rank + (seg_len + 1) * row, side="right")
-        window -= row * n_win + 1
-        slot = rank - taken[j, s, window]
-        panel, group, lane = j // (GROUPS * LANES), (j // LANES) % GROUPS, j % LANES
-        step = first[((panel * n_seg + s) * n_win + window) * GROUPS + group] + slot // QUAD
-        byte = QUAD * lane + slot % QUAD
-        self.table = np.zeros(first[-1] * STEP, np.uint8)
-        self.table[step * STEP + byte] = k - starts[window]
-        self.table[step * STEP + BLOCK + byte] = padded[j, s, k] & 255
-        corr = 128 * w.reshape(n_out, -1).astype(np.int64).sum(axis=1)
+        n_out, _, seg_len = w.shape
+        width = GROUPS * LANES
+        panels = -(-n_out // width)
+        # panel by panel: building costs a few times one panel's weights in memory
+        pieces = [_panel_schedule(w[width * p : width * (p + 1)], seg_len)
+                  for p in range(panels)]
+        self.runs = np.concatenate([runs for runs, _ in pieces] or [np.zeros((0, 2 + GROUPS))]
+                                   ).astype(np.int32).reshape(-1, 2 + GROUPS)
+        self.run_ptr = np.zeros(panels + 1, np.int64)
+        np.cumsum([len(runs) for runs, _ in pieces], out=self.run_ptr[1:])
+        self.step_ptr = np.zeros(panels + 1, np.int64)
+        np.cumsum([len(table) // STEP for _, table in pieces], out=self.step_ptr[1:])
+        self.table = np.concatenate([table for _, table in pieces] or [np.zeros(0, np.uint8)])
+        corr = 128 * w.reshape(n_out, -1).sum(axis=1, dtype=np.int64)
         self.corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
         self.reach = int(self.runs[:, 1].max()) + BLOCK if len(self.runs) else 0
-        self.steps = int(steps.sum())
+        self.steps = int(self.step_ptr[-1])
         self.n_out = n_out
+
+
+def _panel_schedule(w: np.ndarray, seg_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """One panel's part of a :class:`Schedule`: ``w`` (up to GROUPS * 16, S, L) weight codes ->
+    (runs (R, 2 + GROUPS), table (steps * STEP,) uint8)."""
+    n_seg = w.shape[1]
+    rows = GROUPS * LANES
+    padded = np.zeros((rows, n_seg, seg_len), np.int8)  # codes of a byte
+    padded[: len(w)] = w
+    nonzero = padded != 0
+    n_win = 1 + max(0, -(-(seg_len - BLOCK) // WINDOW_STEP))
+    starts = WINDOW_STEP * np.arange(n_win)
+    only_here = np.append(starts[1:], seg_len)  # a window's weights no later one holds
+    held = np.minimum(starts + BLOCK, seg_len)  # the end of what a window holds
+    below = np.zeros((rows, n_seg, seg_len + 1), np.int32)  # weights of a row below x
+    np.cumsum(nonzero, axis=2, out=below[:, :, 1:])
+    # window by window, each row's weights taken so far (a prefix of its row)
+    taken = np.zeros((rows, n_seg, n_win + 1), np.int64)
+    steps = np.zeros((n_seg, n_win, GROUPS), np.int64)
+    for i in range(n_win):
+        done = taken[:, :, i]
+        must = below[:, :, only_here[i]] - done
+        need = (-(-must // QUAD)).reshape(GROUPS, LANES, n_seg).max(axis=1)  # (G, S)
+        steps[:, i] = need.T
+        slots = QUAD * np.repeat(need, LANES, axis=0)
+        taken[:, :, i + 1] = done + np.minimum(slots, below[:, :, held[i]] - done)
+    s_idx, i_idx = np.nonzero(steps.any(axis=2))  # runs, in (segment, window) order
+    runs = np.concatenate([np.stack([s_idx, starts[i_idx]], axis=1), steps[s_idx, i_idx]],
+                          axis=1)
+    first = np.zeros(steps.size + 1, np.int64)  # each (segment, window, group)'s first step
+    np.cumsum(steps.reshape(-1), out=first[1:])
+    # every stored weight's slot: its rank r in its row gives the window that took it (the
+    # last i with taken[i] <= r), step (r - taken[i]) // 4 of its group's steps in that
+    # window's run and byte 4 * lane + (r - taken[i]) % 4
+    j, s, k = np.nonzero(nonzero)  # sorted by (j, s, k)
+    row = j * n_seg + s
+    rank = np.arange(row.size) - np.searchsorted(row, row)
+    offsets = (seg_len + 1) * np.arange(rows * n_seg)[:, None]  # rows one after another
+    flat_taken = (taken[:, :, :n_win].reshape(rows * n_seg, n_win) + offsets).reshape(-1)
+    window = np.searchsorted(flat_taken, rank + (seg_len + 1) * row, side="right")
+    window -= row * n_win + 1
+    slot = rank - taken[j, s, window]
+    step = first[(s * n_win + window) * GROUPS + j // LANES] + slot // QUAD
+    byte = QUAD * (j % LANES) + slot % QUAD
+    table = np.zeros(first[-1] * STEP, np.uint8)
+    table[step * STEP + byte] = k - starts[window]
+    table[step * STEP + BLOCK + byte] = padded[j, s, k].view(np.uint8)
+    return runs, table
 
 
 def linear_schedule(w: np.ndarray) -> Schedule:
