@@ -308,3 +308,21 @@ def test_auto_skips_zeros_below_the_gather_thresholds():
             layer = prepare(w, None, Datapath(fmt, fmt))
             _, counters = layer.linear(x) if kind == "linear" else layer.conv2d(x, padding=1)
             assert set(counters.paths) == {path}, (kind, density)
+
+
+@needs_vbmi
+def test_conv_sums_over_bands_and_pieces_of_rows():
+    # 1,100 output columns: each row is cut into pieces of at most 1,024 positions (tasks of
+    # int8.task_grid), and 3 rows make bands of one row each
+    rng = np.random.default_rng(6)
+    x = rng.integers(-128, 127, (2, 16, 3, 1100), endpoint=True).astype(np.int8)
+    w = sparse_codes(rng, (20, 16, 3, 3), 0.2)
+    schedule = int8_sparse.conv_schedule(w, False)
+    xflat, shape = int8_sparse.conv_input(x, (1, 1), 1, schedule.reach)
+    expected = conv_sums_int64(x, w, (1, 1), (1, 1))
+    sums = np.empty(expected.shape, np.int32)
+    int8_sparse.conv_sums(xflat, shape, schedule.runs, schedule.run_ptr, schedule.step_ptr,
+                          schedule.table, schedule.corr, 3, 3, 1, 1, np.zeros(20, np.int64),
+                          sparse.NO_REQUANT, np.empty((0, 0, 0), np.int8), sums)
+    assert int8.task_grid(3, 1100) == (1, 1024, 3, 2)
+    assert np.array_equal(sums, expected)

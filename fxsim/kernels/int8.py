@@ -441,6 +441,29 @@ def _byte_sum(codes):
 TASK_POSITIONS = 1024
 
 
+@njit(inline="always")
+def task_grid(oh, ow):
+    """How a convolution's OH x OW outputs per image split into tasks: (band, piece, bands,
+    pieces): ``band`` output rows of ``piece`` positions each (whole rows, or pieces of a row
+    wider than :data:`TASK_POSITIONS`), ``bands`` x ``pieces`` tasks per image and panel."""
+    band = max(1, TASK_POSITIONS // ow)
+    piece = min(ow, TASK_POSITIONS)
+    return band, piece, (oh + band - 1) // band, (ow + piece - 1) // piece
+
+
+@njit(inline="always")
+def task_at(task, panels, band, piece, bands, pieces, oh, ow):
+    """Task ``task`` of :func:`task_grid`'s split, panels innermost -> (panel, image, first and
+    last output row + 1, first output column, positions per row)."""
+    panel = task % panels
+    rest = task // panels
+    ox0 = (rest % pieces) * piece
+    rest //= pieces
+    oy0 = (rest % bands) * band
+    img = rest // bands
+    return panel, img, oy0, min(oh, oy0 + band), ox0, min(piece, ow - ox0)
+
+
 @njit(cache=True, parallel=True)
 def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
     """Exact convolution sums as int32, straight from the :func:`layout` layout (no im2col):
@@ -472,22 +495,14 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
     sums_flat = pixel_sums.reshape(-1)
     w_ld = padded * QUAD
     row_quads = kw * depth // QUAD
-    band = max(1, TASK_POSITIONS // ow)  # output rows per task
-    piece = min(ow, TASK_POSITIONS)  # positions per task and row
-    bands = (oh + band - 1) // band
-    pieces = (ow + piece - 1) // piece
+    band, piece, bands, pieces = task_grid(oh, ow)
     panels = (padded + PANEL - 1) // PANEL
     n_tasks = n_img * bands * pieces * panels
     counts = np.zeros((n_tasks, 4), np.int64)
     for task in prange(n_tasks):
-        j0 = (task % panels) * PANEL
-        rest = task // panels
-        ox0 = (rest % pieces) * piece
-        rest //= pieces
-        oy0 = (rest % bands) * band
-        img = rest // bands
-        oy1 = min(oh, oy0 + band)
-        count = min(piece, ow - ox0)  # positions per row
+        panel, img, oy0, oy1, ox0, count = task_at(task, panels, band, piece, bands, pieces,
+                                                   oh, ow)
+        j0 = panel * PANEL
         n_pos = (oy1 - oy0) * count  # consecutive positions from oy0 * ow + ox0
         cols = min(PANEL, padded - j0)
         c = np.empty(cols * n_pos, np.int32)  # (channel, position): every entry is stored

@@ -56,9 +56,6 @@ MR = 4
 GROUPS = 4
 # A linear task: ROWS images x one panel of outputs (the panel's schedule stays in L1).
 ROWS = 32
-# A convolution task: up to TASK_POSITIONS output positions of one image x one panel, as in
-# fxsim.kernels.int8.conv_sums.
-TASK_POSITIONS = int8.TASK_POSITIONS
 
 
 # The shortest segment (a convolution's window row in the layout, a linear layer's fan-in) that
@@ -386,8 +383,8 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
     once (``bias``, ``rq``) into ``codes``; with ``codes`` of shape (0, 0, 0) the int32 sums go
     to ``sums`` (N, J, OH * OW). Returns the fused counters (accumulator overflow events,
     output saturations, largest and smallest sum; zeros when not fused). A task is up to
-    :data:`TASK_POSITIONS` output positions of one image (whole output rows, or a piece of
-    one) x one panel of outputs."""
+    :data:`fxsim.kernels.int8.TASK_POSITIONS` output positions of one image (whole output
+    rows, or a piece of one, :func:`fxsim.kernels.int8.task_grid`) x one panel of outputs."""
     n_img, hp, wp, depth = shape
     fused = codes.shape[0] > 0
     n_out = corr.size
@@ -396,21 +393,12 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
     oh = (hp - kh) // sh + 1
     ow = (wp - kw) // sw + 1
     x_seg = wp * depth
-    band = max(1, TASK_POSITIONS // ow)  # output rows per task
-    piece = min(ow, TASK_POSITIONS)  # positions per task and row
-    bands = (oh + band - 1) // band
-    pieces = (ow + piece - 1) // piece
+    band, piece, bands, pieces = int8.task_grid(oh, ow)
     n_tasks = n_img * bands * pieces * panels
     counts = np.zeros((n_tasks, 4), np.int64)
     for task in prange(n_tasks):
-        panel = task % panels
-        rest = task // panels
-        ox0 = (rest % pieces) * piece
-        rest //= pieces
-        oy0 = (rest % bands) * band
-        img = rest // bands
-        oy1 = min(oh, oy0 + band)
-        count = min(piece, ow - ox0)  # positions per row
+        panel, img, oy0, oy1, ox0, count = int8.task_at(task, panels, band, piece, bands,
+                                                        pieces, oh, ow)
         n_pos = (oy1 - oy0) * count  # consecutive positions from oy0 * ow + ox0
         c = np.empty(width * n_pos, np.int32)  # (channel, position)
         r0, r1, s0 = run_ptr[panel], run_ptr[panel + 1], step_ptr[panel]
