@@ -53,7 +53,7 @@ def unpack(schedule: int8_sparse.Schedule, n_seg: int, seg_len: int) -> np.ndarr
     return w[:, :, :seg_len]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_out=st.integers(1, 140), n_seg=st.integers(1, 3),
        seg_len=st.integers(1, 200), density=st.sampled_from(DENSITIES))
 def test_schedule_holds_every_stored_weight_once(seed, n_out, n_seg, seg_len, density):
@@ -127,7 +127,7 @@ def linear_sums(x, w):
 
 
 @needs_vbmi
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 40), fan_in=st.integers(1, 300),
        n_out=st.integers(1, 150), density=st.sampled_from(DENSITIES))
 def test_linear_sums_are_exact(seed, batch, fan_in, n_out, density):
@@ -161,7 +161,7 @@ def conv_sums_int64(x, w, stride, padding):
 
 
 @needs_vbmi
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
        channels=st.sampled_from([1, 2, 3, 5, 8, 20, 37]), size=st.integers(1, 9),
        kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (2, 4), (3, 1)]),
@@ -209,7 +209,7 @@ def sparse_datapath(dp: Datapath) -> Datapath:
 
 
 @needs_vbmi
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 20),
        fan_in=st.integers(1, 150), n_out=st.sampled_from([25, 64, 130]),
        density=st.sampled_from([0.05, 0.3, 0.6]))
@@ -230,7 +230,7 @@ def test_zero_skipping_int8_linear_layers_match_reference(dp, seed, batch, fan_i
 
 
 @needs_vbmi
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
        channels=st.sampled_from([1, 3, 8, 13, 20]), size=st.integers(3, 9),
        kernel=st.sampled_from([(3, 3), (5, 5), (2, 4)]), stride=st.sampled_from([1, 2]),
