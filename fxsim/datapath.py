@@ -72,8 +72,8 @@ _PAIRS_ABOVE = 0.7
 # three, 0.95x on cifarnet.conv6) and below ~0.07 on lenet5.fc1 (1.11x at 0.05).
 # Where the CPU also has AVX-512 VBMI, the zero-skipping sums run as int8 dot products too
 # (fxsim.kernels.int8_sparse, path int8_gather), and win from ~0.5-0.6 down (sparse.md, 2
-# cores, 8-bit: at 0.5 1.08-1.22x faster on every layer but cifarnet.conv2, 0.97x; at 0.6
-# 0.91-1.11x, at 0.75 0.81-1.06x).
+# cores, 8-bit: at 0.5 1.03-1.55x faster on every layer it takes, four runs; a scan before
+# its last 5-15 % gain: at 0.6 0.91-1.11x, lenet5.fc1 1.11x, at 0.75 0.81-1.06x).
 # A per-MAC register that runs on int8 dot products (fxsim.kernels.int8_mac) outruns the
 # zero-skipping per-MAC kernel above ~0.22-0.4 on the convolutions (lenet5.conv2 excepted:
 # skipping was 1.13x faster at 0.5) and ~0.1 on lenet5.fc1 (per-MAC table of

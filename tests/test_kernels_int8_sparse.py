@@ -231,10 +231,10 @@ def test_zero_skipping_int8_linear_layers_match_reference(dp, seed, batch, fan_i
 
 @needs_vbmi
 @settings(max_examples=40, deadline=None)
-@given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
-       channels=st.sampled_from([1, 3, 8, 13, 20]), size=st.integers(3, 9),
+@given(dp=datapaths(max_bits=8), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 2),
+       channels=st.sampled_from([1, 3, 8, 13]), size=st.integers(3, 7),
        kernel=st.sampled_from([(3, 3), (5, 5), (2, 4)]), stride=st.sampled_from([1, 2]),
-       padding=st.integers(0, 2), n_out=st.sampled_from([5, 17, 64, 70]),
+       padding=st.integers(0, 2), n_out=st.sampled_from([5, 17, 70]),
        density=st.sampled_from([0.05, 0.3, 0.6]))
 def test_zero_skipping_int8_convolutions_match_reference(dp, seed, batch, channels, size,
                                                          kernel, stride, padding, n_out,

@@ -3,28 +3,31 @@ byte permute (x86 AVX-512 VBMI ``vpermb``) and takes four of them per ``vpdpbusd
 
 The dense int8 kernel (:mod:`fxsim.kernels.int8`) broadcasts one quad of inputs to 16 output
 channels: every lane multiplies the same four inputs by its own weights. Pruned weights make
-that wasteful, and skipping a quad only where all 16 x 4 of its weights are zero skips little
-(at density 0.1, a third of the quads still hold a weight for one channel, and every lane
-that shares the quad). Here the lanes are still 16 output channels, but each lane takes its
-own next four stored weights: ``vpermb`` picks, from a 64-byte block of the input, the four
-inputs those weights meet, lane by lane, and ``vpdpbusd`` multiplies and adds them. A block's
-products for a group of 16 channels take as many steps as its fullest lane needs (ceil(nnz /
-4)); the other lanes' spare slots hold weight 0. Time follows the stored weights: at density
-0.1 about a fifth of the dense kernel's instructions (docs/results/sparse.md).
+that wasteful, and skipping a quad only where all 16 x 4 of its weights are zero skips almost
+nothing (at density 0.1 a third of the quads hold a weight of any one channel, and nearly
+all a weight of one of 16). Here the lanes are still 16 output channels, but each lane takes
+its own next four stored weights: ``vpermb`` picks, from a 64-byte window of the input, the
+four inputs those weights meet, lane by lane, and ``vpdpbusd`` multiplies and adds them. A
+window's products for a group of 16 channels take as many steps as its fullest lane needs
+(ceil(nnz / 4)); the other lanes' spare slots hold weight 0. Time follows the stored
+weights: at density 0.1 a fifth to a sixth of the dense kernel's dot products, each beside
+one ``vpermb`` (docs/results/sparse.md).
 
-The schedule (:func:`schedule`) is built once per weight matrix: for each group of 16 output
-channels, a list of runs (a 64-byte block of the fan-in and its number of steps) and, per
-step, 64 byte indices into the block and the 64 weights (int8) they meet. The fan-in is taken
-in segments: a linear layer's one row, or a convolution's window rows (``kw * D`` contiguous
-bytes of the :func:`fxsim.kernels.int8.layout` layout, ``W' * D`` apart), so a convolution
-needs no im2col.
+The schedule (:class:`Schedule`) is built once per weight matrix: per panel of four groups
+of 16 output channels, a list of runs (a 64-byte window of the fan-in and each group's number
+of steps in it) and, per step, 64 byte indices into the window and the 64 weights (int8) they
+meet. The fan-in is taken in segments: a linear layer's one row, or a convolution's window rows
+(``kw * D`` contiguous bytes of the :func:`fxsim.kernels.int8.layout` layout, ``W' * D``
+apart), so a convolution needs no im2col.
 
-Exactness. ``vpdpbusd`` needs one unsigned operand: inputs go in as ``x + 128`` (0..255,
-flipped in registers as each block is loaded) and weights as they are, so a lane sums ``sum w
-(x + 128) = sum w x + 128 * sum w``, and the last term is one constant per output channel
-(``corr``), subtracted at the end. A spare slot has weight 0 and adds nothing. The int32 lanes
-wrap, so every sum is exact modulo 2^32; the caller uses this kernel only where every true sum
-fits int32 (the bound of :mod:`fxsim.kernels.int8`), so the subtraction gives it exactly.
+Exactness. ``vpdpbusd`` needs one unsigned operand: inputs go in as ``x + 128`` (0..255: a
+convolution's layout is written biased, a linear layer's rows are flipped in registers as each
+window is loaded) and weights as they are, so a lane sums ``sum w (x + 128) = sum w x + 128 *
+sum w``, and the last term is one constant per output channel (``corr``), subtracted at the
+end (or folded into the int32 requantisation's bias). A spare slot has weight 0 and adds
+nothing. The int32 lanes wrap, so every sum is exact modulo 2^32; the caller uses this kernel
+only where every true sum fits int32 (the bound of :mod:`fxsim.kernels.int8`), so the
+subtraction gives it exactly.
 
 Only where the host has AVX-512 VNNI and VBMI (:data:`AVAILABLE`).
 """
