@@ -242,12 +242,11 @@ def folds(channels: int, kw: int) -> bool:
     return channel_quads(channels * kw) < kw * channel_quads(channels)
 
 
-def pack_conv_weights(w: np.ndarray, fold: bool) -> np.ndarray:
-    """(J, C, KH, KW) weight codes -> :func:`pack_weights` of the fan-in in the order in which
-    :func:`conv_sums` reads a window from the :func:`layout` layout: (kh, kw, c), each pixel's
-    channels padded to a quad, or with ``fold`` (kh, (kw, c)), each window row padded to a quad
-    (an exact sum does not depend on the order of its terms). The padding weights (128
-    unsigned) meet only the layout's zero codes."""
+def layout_weights(w: np.ndarray, fold: bool) -> np.ndarray:
+    """(J, C, KH, KW) weight codes -> (J, KH, KW', D) int64: each output's weights in the
+    order in which a window sits in the :func:`layout` layout: (kh, kw, c), each pixel's
+    channels padded with zeros to D = :func:`channel_quads` (C), or with ``fold`` (kh, (kw,
+    c)), KW' = 1, each window row padded to D = :func:`channel_quads` (KW * C)."""
     n_out, channels, kh, kw = w.shape
     rows = np.asarray(w).transpose(0, 2, 3, 1)  # (J, kh, kw, C)
     if fold:
@@ -255,7 +254,15 @@ def pack_conv_weights(w: np.ndarray, fold: bool) -> np.ndarray:
     depth = rows.shape[3]
     nhwc = np.zeros((*rows.shape[:3], channel_quads(depth)), np.int64)
     nhwc[..., :depth] = rows
-    return pack_weights(nhwc.reshape(n_out, -1))
+    return nhwc
+
+
+def pack_conv_weights(w: np.ndarray, fold: bool) -> np.ndarray:
+    """(J, C, KH, KW) weight codes -> :func:`pack_weights` of the fan-in in the order in which
+    :func:`conv_sums` reads a window from the :func:`layout` layout (:func:`layout_weights`;
+    an exact sum does not depend on the order of its terms). The padding weights (128
+    unsigned) meet only the layout's zero codes."""
+    return pack_weights(layout_weights(w, fold).reshape(w.shape[0], -1))
 
 
 def layout(x: np.ndarray, padding, fold_kw: int = 1) -> tuple[np.ndarray, np.ndarray]:

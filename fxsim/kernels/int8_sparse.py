@@ -202,15 +202,9 @@ def linear_schedule(w: np.ndarray) -> Schedule:
 def conv_schedule(w: np.ndarray, fold: bool) -> Schedule:
     """(J, C, KH, KW) weight codes -> the schedule of a convolution over the
     :func:`fxsim.kernels.int8.layout` layout (folded or not, see :func:`int8.folds`): KH
-    segments, the window rows, each ``kw * D`` bytes (folded: D)."""
-    n_out, channels, kh, kw = w.shape
-    rows = np.asarray(w).transpose(0, 2, 3, 1)  # (J, kh, kw, C): the layout's order
-    if fold:
-        rows = rows.reshape(n_out, kh, 1, kw * channels)
-    depth = rows.shape[3]
-    padded = np.zeros((*rows.shape[:3], int8.channel_quads(depth)), np.int64)
-    padded[..., :depth] = rows
-    return Schedule(padded.reshape(n_out, kh, -1))
+    segments, the window rows, each ``kw * D`` bytes (folded: D), in the layout's order
+    (:func:`int8.layout_weights`)."""
+    return Schedule(int8.layout_weights(w, fold).reshape(w.shape[0], w.shape[2], -1))
 
 
 def _permute_intrinsic(builder):
