@@ -202,6 +202,45 @@ def test_folded_layout_holds_each_window_row():
     assert int8.folds(1, 5) and not int8.folds(20, 5) and not int8.folds(3, 3)
 
 
+def reference_layout(x, padding, fold_kw):
+    """int8.layout in numpy: the zero-padded image, each pixel's window row of fold_kw columns
+    in (kj, c) order, zeros up to whole quads."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), np.int8)
+    padded[:, :, ph : ph + h, pw : pw + w] = x
+    width = w + 2 * pw - fold_kw + 1
+    out = np.zeros((n, h + 2 * ph, width, int8.channel_quads(c * fold_kw)), np.int8)
+    for kj in range(fold_kw):
+        out[..., kj * c : (kj + 1) * c] = padded[..., kj : kj + width].transpose(0, 2, 3, 1)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
+       channels=st.sampled_from([3, 64, 66, 128, 192]), h=st.integers(1, 5),
+       w=st.integers(1, 40), padding=st.integers(0, 2), fold_kw=st.sampled_from([1, 3]),
+       biased=st.booleans())
+def test_layout_matches_numpy(seed, batch, channels, h, w, padding, fold_kw, biased):
+    """Blocks of 64 channels turned around in registers (16 pixels at a time, a last shorter
+    one, the end of the input by words), other channels word by word, folded rows byte by
+    byte: each against numpy, the pixel sums too, the padding and the spare bytes zero."""
+    if fold_kw > w + 2 * padding:
+        return
+    x = np.random.default_rng(seed).integers(-128, 128, (batch, channels, h, w), dtype=np.int8)
+    flat, shape, pixel_sums = int8.layout_buffer(x, (padding, padding), fold_kw, spare=9,
+                                                 biased=biased)
+    expected = reference_layout(x, (padding, padding), fold_kw)
+    laid = flat[: expected.size].reshape(shape)
+    assert shape == expected.shape and not flat[expected.size :].any()
+    if biased:
+        assert np.array_equal(laid.view(np.uint8), expected.view(np.uint8) ^ 128)
+        assert pixel_sums.size == 0
+    else:
+        assert np.array_equal(laid, expected)
+        assert np.array_equal(pixel_sums, expected.sum(axis=3, dtype=np.int32))
+
+
 @needs_vnni
 def test_auto_skips_zeros_only_well_below_the_int8_dense_speed(monkeypatch):
     """With int8 dot products the dense sums outrun the float zero-skipping kernel down to a
