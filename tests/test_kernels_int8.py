@@ -218,16 +218,18 @@ def reference_layout(x, padding, fold_kw):
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 3),
-       channels=st.sampled_from([3, 64, 66, 128, 192]), h=st.integers(1, 5),
+       channels=st.sampled_from([3, 16, 20, 64, 66, 80, 192]), h=st.integers(1, 5),
        w=st.integers(1, 40), padding=st.integers(0, 2), fold_kw=st.sampled_from([1, 3]),
-       biased=st.booleans())
-def test_layout_matches_numpy(seed, batch, channels, h, w, padding, fold_kw, biased):
-    """Blocks of 64 channels turned around in registers (16 pixels at a time, a last shorter
-    one, the end of the input by words), other channels word by word, folded rows byte by
-    byte: each against numpy, the pixel sums too, the padding and the spare bytes zero."""
+       biased=st.booleans(), dtype=st.sampled_from([np.int8, np.uint8, np.int16, np.int64]))
+def test_layout_matches_numpy(seed, batch, channels, h, w, padding, fold_kw, biased, dtype):
+    """Blocks of 64 and of 16 channels turned around in registers (16 pixels at a time, a last
+    shorter one, the end of the input by words), other channels word by word, folded rows byte
+    by byte, codes of wider dtypes word by word: each against numpy, the pixel sums too, the
+    padding and the spare bytes zero."""
     if fold_kw > w + 2 * padding:
         return
-    x = np.random.default_rng(seed).integers(-128, 128, (batch, channels, h, w), dtype=np.int8)
+    low = 0 if dtype == np.uint8 else -128  # codes that fit int8, in any integer dtype
+    x = np.random.default_rng(seed).integers(low, 128, (batch, channels, h, w)).astype(dtype)
     flat, shape, pixel_sums = int8.layout_buffer(x, (padding, padding), fold_kw, spare=9,
                                                  biased=biased)
     expected = reference_layout(x, (padding, padding), fold_kw)

@@ -298,91 +298,125 @@ def layout_buffer(x: np.ndarray, padding, fold_kw: int = 1, spare: int = 0,
     return flat, shape, sums
 
 
-# Channels x pixels that _pixels_block turns around at once: 64 channel rows of 16 bytes in,
-# 16 pixels of 64 bytes out.
-BLOCK_CHANNELS = 64
+# Pixels that a block of _layout turns around at once (16 bytes of each channel row in), and
+# the channels of its two block sizes.
 BLOCK_PIXELS = 16
+BLOCK_CHANNELS = 64
+SMALL_BLOCK_CHANNELS = 16
 
 
-@intrinsic
-def _pixels_block(typingctx, x, x_off, plane, out, out_off, depth, count, flip, summed, sums,
-                  sums_off):
-    """``out[out_off + p * depth + c] = x[x_off + c * plane + p] ^ flip`` for channels c < 64
-    and pixels p < ``count`` (at most 16), and with ``summed`` ``sums[sums_off + p] +=`` the sum
-    of those 64 codes (int32, before the flip): 64 channel rows (NCHW, ``plane`` bytes apart)
-    turned into 16 pixels' channel vectors (NHWC) in registers. Reads 16 bytes of every row
-    whatever ``count``. A byte permute turns each quad of rows into 16 pixels' words of four
-    channels; a 16 x 16 transpose of those words (four rounds of two-source dword shuffles, each
-    swapping the off-diagonal halves of 2^k x 2^k blocks) gives each pixel's 64 bytes, stored
-    at once. Plain vector IR: LLVM picks the shuffles for the target."""
-    sig = types.void(x, x_off, plane, out, out_off, depth, count, flip, summed, sums, sums_off)
+def _pixels_block_of(channels: int):
+    """An intrinsic ``block(x, x_off, plane, out, out_off, depth, count, flip, summed, sums,
+    sums_off)``: ``out[out_off + p * depth + c] = x[x_off + c * plane + p] ^ flip`` for
+    ``channels`` (64 or 16) channels c and pixels p < ``count`` (at most 16), and with
+    ``summed`` ``sums[sums_off + p] +=`` the sum of those codes (int32, before the flip):
+    channel rows (NCHW, ``plane`` bytes apart) turned into 16 pixels' channel vectors (NHWC) in
+    registers. Reads 16 bytes of every row whatever ``count``. A byte permute turns each quad
+    of rows into 16 pixels' words of four channels; for 64 channels a 16 x 16 transpose of
+    those words (four rounds of two-source dword shuffles, each swapping the off-diagonal
+    halves of 2^k x 2^k blocks) gives each pixel's 64 bytes, for 16 channels one gather of
+    four words per pixel its 16 bytes, each stored at once. Plain vector IR: LLVM picks the
+    shuffles for the target."""
+    quads = channels // QUAD
 
-    def codegen(context, builder, signature, args):
-        x_arr, x_off, plane, out_arr, out_off, depth, count, flip, summed, sums_arr, sums_off = args
-        x_ptr = context.make_array(signature.args[0])(context, builder, x_arr).data
-        out_ptr = context.make_array(signature.args[3])(context, builder, out_arr).data
-        sums_ptr = context.make_array(signature.args[9])(context, builder, sums_arr).data
-        i8, i32 = ir.IntType(8), ir.IntType(32)
-        v16b, v64b = ir.VectorType(i8, BLOCK_PIXELS), ir.VectorType(i8, BLOCK_CHANNELS)
-        v16 = ir.VectorType(i32, LANES)
-        index = x_off.type
+    @intrinsic
+    def block(typingctx, x, x_off, plane, out, out_off, depth, count, flip, summed, sums,
+              sums_off):
+        sig = types.void(x, x_off, plane, out, out_off, depth, count, flip, summed, sums,
+                         sums_off)
 
-        def mask(values, size):
-            return ir.Constant(ir.VectorType(i32, size), values)
+        def codegen(context, builder, signature, args):
+            (x_arr, x_off, plane, out_arr, out_off, depth, count, flip, summed, sums_arr,
+             sums_off) = args
+            x_ptr = context.make_array(signature.args[0])(context, builder, x_arr).data
+            out_ptr = context.make_array(signature.args[3])(context, builder, out_arr).data
+            sums_ptr = context.make_array(signature.args[9])(context, builder, sums_arr).data
+            i8, i32 = ir.IntType(8), ir.IntType(32)
+            v16b, v64b = ir.VectorType(i8, BLOCK_PIXELS), ir.VectorType(i8, 64)
+            v16 = ir.VectorType(i32, LANES)
+            index = x_off.type
 
-        def row(c):
-            at = builder.add(x_off, builder.mul(plane, ir.Constant(index, c)))
-            return builder.load(builder.bitcast(builder.gep(x_ptr, [at]), v16b.as_pointer()),
-                                align=1)
+            def mask(values):
+                return ir.Constant(ir.VectorType(i32, len(values)), values)
 
-        # words[q][p]: channels 4q .. 4q + 3 of pixel p
-        words = []
-        for q in range(BLOCK_CHANNELS // QUAD):
-            r = [row(QUAD * q + k) for k in range(QUAD)]
-            low = builder.shuffle_vector(r[0], r[1], mask(list(range(32)), 32))
-            high = builder.shuffle_vector(r[2], r[3], mask(list(range(32)), 32))
-            rows4 = builder.shuffle_vector(low, high, mask(list(range(64)), 64))
-            pixel_major = [BLOCK_PIXELS * k + p for p in range(BLOCK_PIXELS) for k in range(QUAD)]
-            words.append(builder.bitcast(
-                builder.shuffle_vector(rows4, rows4, mask(pixel_major, 64)), v16))
-        with builder.if_then(summed):  # sums[sums_off + p] += the codes of pixel p
-            # plain vector IR (any target): bytes widened to i16 and added over the 16 quads
-            # (|sum| <= 16 * 128), then each word's four added in i32
-            v64h = ir.VectorType(ir.IntType(16), BLOCK_CHANNELS)
-            wide = ir.Constant(v64h, None)
-            for vec in words:
-                wide = builder.add(wide, builder.sext(builder.bitcast(vec, v64b), v64h))
-            total = ir.Constant(v16, None)
-            for k in range(QUAD):
-                part = builder.shuffle_vector(wide, wide, mask(
-                    [QUAD * p + k for p in range(BLOCK_PIXELS)], BLOCK_PIXELS))
-                total = builder.add(total, builder.sext(part, v16))
-            for p in range(BLOCK_PIXELS):
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(index, p), count)):
+            def row(c):
+                at = builder.add(x_off, builder.mul(plane, ir.Constant(index, c)))
+                ptr = builder.bitcast(builder.gep(x_ptr, [at]), v16b.as_pointer())
+                return builder.load(ptr, align=1)
+
+            def concat(a, b):
+                return builder.shuffle_vector(a, b, mask(list(range(2 * a.type.count))))
+
+            def each_pixel(emit):  # emit(p) for pixels p < count
+                for p in range(BLOCK_PIXELS):
+                    with builder.if_then(builder.icmp_signed("<", ir.Constant(index, p), count)):
+                        emit(p)
+
+            # words[q][p]: channels 4q .. 4q + 3 of pixel p
+            pixel_major = mask([BLOCK_PIXELS * k + p for p in range(BLOCK_PIXELS)
+                                for k in range(QUAD)])
+            words = []
+            for q in range(quads):
+                r = [row(QUAD * q + k) for k in range(QUAD)]
+                rows4 = concat(concat(r[0], r[1]), concat(r[2], r[3]))
+                words.append(builder.bitcast(
+                    builder.shuffle_vector(rows4, rows4, pixel_major), v16))
+            with builder.if_then(summed):  # sums[sums_off + p] += the codes of pixel p
+                # bytes widened to i16 and added over the quads (|sum| <= 16 * 128), then
+                # each word's four added in i32
+                v64h = ir.VectorType(ir.IntType(16), 64)
+                wide = ir.Constant(v64h, None)
+                for vec in words:
+                    wide = builder.add(wide, builder.sext(builder.bitcast(vec, v64b), v64h))
+                total = ir.Constant(v16, None)
+                for k in range(QUAD):
+                    part = builder.shuffle_vector(wide, wide, mask(
+                        [QUAD * p + k for p in range(BLOCK_PIXELS)]))
+                    total = builder.add(total, builder.sext(part, v16))
+
+                def add_sum(p):
                     ptr = builder.gep(sums_ptr, [builder.add(sums_off, ir.Constant(index, p))])
                     builder.store(builder.add(builder.load(ptr), builder.extract_element(
                         total, ir.Constant(i32, p))), ptr)
-        for k in range(4):  # transpose: (q, p) -> (p, q), one bit of both per round
-            bit = 1 << k
-            for i in range(LANES):
-                if i & bit:
-                    continue
-                j = i | bit
-                keep_i = [p if not p & bit else LANES + (p ^ bit) for p in range(LANES)]
-                keep_j = [LANES + p if p & bit else p ^ bit for p in range(LANES)]
-                words[i], words[j] = (builder.shuffle_vector(words[i], words[j], mask(keep_i, 16)),
-                                      builder.shuffle_vector(words[i], words[j], mask(keep_j, 16)))
-        splat = builder.insert_element(ir.Constant(v64b, None), builder.trunc(flip, i8),
-                                       ir.Constant(i32, 0))
-        splat = builder.shuffle_vector(splat, splat, mask([0] * 64, 64))
-        for p in range(BLOCK_PIXELS):
-            with builder.if_then(builder.icmp_signed("<", ir.Constant(index, p), count)):
-                at = builder.add(out_off, builder.mul(depth, ir.Constant(index, p)))
-                ptr = builder.bitcast(builder.gep(out_ptr, [at]), v64b.as_pointer())
-                builder.store(builder.xor(builder.bitcast(words[p], v64b), splat), ptr, align=1)
-        return context.get_dummy_value()
 
-    return sig, codegen
+                each_pixel(add_sum)
+            if quads == LANES:  # transpose: (q, p) -> (p, q), one bit of both per round
+                for k in range(4):
+                    bit = 1 << k
+                    keep_i = mask([p if not p & bit else LANES + (p ^ bit)
+                                   for p in range(LANES)])
+                    keep_j = mask([LANES + p if p & bit else p ^ bit for p in range(LANES)])
+                    for i in range(LANES):
+                        if not i & bit:
+                            a, b = words[i], words[i | bit]
+                            words[i] = builder.shuffle_vector(a, b, keep_i)
+                            words[i | bit] = builder.shuffle_vector(a, b, keep_j)
+                pixels = words
+            else:  # pixel p: word p of each quad
+                every = concat(concat(words[0], words[1]), concat(words[2], words[3]))
+                pixels = [builder.shuffle_vector(every, every, mask(
+                    [LANES * q + p for q in range(quads)])) for p in range(BLOCK_PIXELS)]
+            vec_bytes = ir.VectorType(i8, channels)
+            splat = builder.insert_element(ir.Constant(vec_bytes, None),
+                                           builder.trunc(flip, i8), ir.Constant(i32, 0))
+            splat = builder.shuffle_vector(splat, splat, mask([0] * channels))
+
+            def store(p):
+                at = builder.add(out_off, builder.mul(depth, ir.Constant(index, p)))
+                ptr = builder.bitcast(builder.gep(out_ptr, [at]), vec_bytes.as_pointer())
+                builder.store(builder.xor(builder.bitcast(pixels[p], vec_bytes), splat), ptr,
+                              align=1)
+
+            each_pixel(store)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block
+
+
+_pixels_block = _pixels_block_of(BLOCK_CHANNELS)
+_pixels_block_small = _pixels_block_of(SMALL_BLOCK_CHANNELS)
 
 
 @njit(cache=True, parallel=True)
@@ -392,8 +426,10 @@ def _layout(x, ph, pw, fold_kw, flip, out, pixel_sums):
     flat_out = out.reshape(-1)
     flat_x = x.reshape(-1)
     words = flat_out.view(np.int32)  # a pixel's depth is whole quads: whole words
+    # blocks read the codes as bytes: codes of one byte, unfolded
+    bytewise = fold_kw == 1 and x.itemsize == 1
     # pixel sums added up in registers by the blocks, where they lay out every channel
-    summed = pixel_sums.shape[0] > 0 and fold_kw == 1 and channels % BLOCK_CHANNELS == 0
+    summed = pixel_sums.shape[0] > 0 and bytewise and channels % SMALL_BLOCK_CHANNELS == 0
     flat_sums = pixel_sums.reshape(-1)
     per_row = width * (depth // QUAD)
     # code + flip (mod 256) is code ^ flip for flip 0 or 128: in every byte of a word at once
@@ -408,22 +444,31 @@ def _layout(x, ph, pw, fold_kw, flip, out, pixel_sums):
         if summed:
             pixel_sums[img, y] = 0  # the blocks add to it; padding pixels sum to 0
         if ph <= y < ph + h:
-            # unfolded, 64 channels at a time are turned around in registers, 16 pixels per
-            # block (a last, shorter block reads past its row: inside x but for the very end,
-            # which takes the word loop below). CifarNet conv1's input, 2 cores: 32 images in
-            # cache 0.51 -> 0.08 ms; 128 images, 4.1-4.9 -> 0.4-1.1 ms (memory-bound)
-            blocks = channels // BLOCK_CHANNELS if fold_kw == 1 else 0
-            for b in range(blocks):
-                c0 = b * BLOCK_CHANNELS
+            # unfolded, 64 channels at a time (then 16) are turned around in registers, 16
+            # pixels per block (a last, shorter block reads past its row: inside x but for the
+            # very end, which takes the word loop below). CifarNet conv1's input, 2 cores: 32
+            # images in cache 0.51 -> 0.08 ms; 128 images, 4.1-4.9 -> 0.4-1.1 ms (memory-bound)
+            c0 = 0
+            while bytewise and c0 + SMALL_BLOCK_CHANNELS <= channels:
+                big = c0 + BLOCK_CHANNELS <= channels
+                size = BLOCK_CHANNELS if big else SMALL_BLOCK_CHANNELS
                 x_row = ((img * channels + c0) * h + y - ph) * w
-                if x_row + (BLOCK_CHANNELS - 1) * h * w + w - 1 + BLOCK_PIXELS > flat_x.size:
+                if x_row + (size - 1) * h * w + w - 1 + BLOCK_PIXELS > flat_x.size:
                     break
                 out_row = (task * width + pw) * depth + c0
                 for ix0 in range(0, w, BLOCK_PIXELS):
-                    _pixels_block(flat_x, x_row + ix0, h * w, flat_out, out_row + ix0 * depth,
-                                  depth, min(BLOCK_PIXELS, w - ix0), flip, summed, flat_sums,
-                                  task * width + pw + ix0)
-                done += BLOCK_CHANNELS // QUAD
+                    count = min(BLOCK_PIXELS, w - ix0)
+                    sums_at = task * width + pw + ix0
+                    if big:
+                        _pixels_block(flat_x, x_row + ix0, h * w, flat_out,
+                                      out_row + ix0 * depth, depth, count, flip, summed,
+                                      flat_sums, sums_at)
+                    else:
+                        _pixels_block_small(flat_x, x_row + ix0, h * w, flat_out,
+                                            out_row + ix0 * depth, depth, count, flip, summed,
+                                            flat_sums, sums_at)
+                c0 += size
+            done = c0 // QUAD
             # the other channels: four channels' codes of a pixel go as one little-endian word,
             # rows read as vectors, a word stored per pixel
             quads = channels // QUAD if fold_kw == 1 else 0
