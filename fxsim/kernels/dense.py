@@ -671,7 +671,6 @@ def requantise_row(acc, rq, dest):
     return n_acc, n_sat, top, bottom
 
 
-
 @intrinsic
 def _ashr32(typingctx, value, shift):
     """``value >> shift`` in int32 (an arithmetic shift, ``shift`` 0..31). Numba's ``>>``

@@ -439,8 +439,7 @@ def _layout(x, ph, pw, fold_kw, flip, out, pixel_sums):
         y = task - img * hp
         words[task * per_row : (task + 1) * per_row] = flip_word
         dst = out[img, y]
-        # quads laid out by whole blocks (a padding row: all of them, by the fill)
-        done = 0 if ph <= y < ph + h else channels // QUAD
+        done = channels // QUAD  # quads laid out by whole blocks (a padding row: all, by the fill)
         if summed:
             pixel_sums[img, y] = 0  # the blocks add to it; padding pixels sum to 0
         if ph <= y < ph + h:
