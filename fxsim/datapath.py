@@ -779,17 +779,19 @@ class PreparedWeights:
             used, col_pos = self._used_inputs()
             result = sparse.linear_few_outputs(x, cw.row_ptr, col_pos, used,
                                                self._values_as(plan.cols_dtype), self.bias, rq,
-                                               out)
+                                               dense.code_bytes(out))
         elif cw is not None:
             # the zero-skipping datapath where at most a quarter of the weights are zero: all
             # outputs run as one block over every input, as the blocks of four channels of
             # sparse.sparse_sum do (same rule), pruned weights as zeros (lenet5.fc2 at density
             # 1: 0.09 -> 0.045 ms)
             path, executed = f"sparse_{plan.path}", cw.nnz * x.shape[0]
-            result = dense.linear_few_outputs(x, plan.weights, self.bias, rq, out)
+            result = dense.linear_few_outputs(x, plan.weights, self.bias, rq,
+                                              dense.code_bytes(out))
         else:
             path, executed = plan.path, out.size * fan_in
-            result = dense.linear_few_outputs(x, plan.weights, self.bias, rq, out)
+            result = dense.linear_few_outputs(x, plan.weights, self.bias, rq,
+                                              dense.code_bytes(out))
         acc_events, sat_events, highest, lowest, x_lo, x_hi = result
         if x_lo < fmt.min_code or x_hi > fmt.max_code:
             check_codes(x, fmt, "x")  # raises, naming the first code out of range
@@ -921,7 +923,7 @@ class PreparedWeights:
             n1 = min(n, n0 + per_chunk)
             chunk_out = out[n0:n1]
             sums = np.empty(chunk_out.shape if rq is None else (0, 0, 0), np.int32)
-            codes = np.empty((0, 0, 0), out.dtype) if rq is None else chunk_out
+            codes = np.empty((0, 0, 0), np.uint8) if rq is None else dense.code_bytes(chunk_out)
             rq_args = sparse.NO_REQUANT if rq is None else rq
             if plan.path == "int8_gather":
                 sc = plan.weights
@@ -949,7 +951,7 @@ class PreparedWeights:
         kh, kw = self.weights.shape[2:]
         per_chunk = _images_per_chunk(out[0].size)
         counters = Counters(weight_bytes=self.weight_bytes())
-        no_codes = np.empty((0, 0, 0), out.dtype)
+        no_codes = np.empty((0, 0, 0), np.uint8)
 
         def conv(digits, packed, into):
             fold = int8.folds(digits.shape[1], kw)
@@ -1006,7 +1008,7 @@ class PreparedWeights:
         # applies and the codes are cheap to transpose: they come out batch-last, (J, P, N), and
         # are transposed as codes
         rq = _fast_requant(acc_omode, shift, plan, dp) if _codes_transpose_cheaply(out) else None
-        no_codes = np.empty((0, 0), out.dtype)
+        no_codes = np.empty((0, 0), np.uint8)
         # the laid-out input and the sums of a chunk stay in L2 / L3 and are reused from the heap
         per_chunk = _images_per_chunk(max(c * hp * row_len, n_out * per_img))
         counters = Counters(weight_bytes=self.weight_bytes())
@@ -1034,12 +1036,13 @@ class PreparedWeights:
             if per_mac:
                 sums, events, *fused = sparse.sparse_per_mac(
                     xt, row_ptr, bases, values, out_hw, stride[0], row_len, start, wrap, lo,
-                    hi, mask, plan.x_max_abs, tile, groups, rq_args, codes, paired, quad_rows)
+                    hi, mask, plan.x_max_abs, tile, groups, rq_args, dense.code_bytes(codes),
+                    paired, quad_rows)
             else:
                 quads = self._quads_for(columns, (hp, wp), stride[1], lanes)
                 sums, *fused = sparse.sparse_sum(
-                    xt, self._chunks_for(columns), bases, values, quads, bias, rq_args, codes,
-                    out_hw, stride[0], row_len, tile, groups)
+                    xt, self._chunks_for(columns), bases, values, quads, bias, rq_args,
+                    dense.code_bytes(codes), out_hw, stride[0], row_len, tile, groups)
                 events = 0
             chunk_out = out[n0:n1]
             if rq is not None:
@@ -1210,13 +1213,14 @@ def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, 
         lo, hi, bits, signed = format_args(dp.output_fmt)
         kernel = dense.finish_serial if serial else dense.finish
         return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi, bits,
-                      signed, dp.rounding.code, dp.overflow.code, u, out)
-    lane_bias = 1 if bias_last else 0
+                      signed, dp.rounding.code, dp.overflow.code, u, dense.code_bytes(out))
     if rq[11] and sums.flags.c_contiguous:
-        # the int32 kernel, with the bias as int32 (exact: rq[11] bounds |sum + bias| < 2^31)
-        bias, lane_bias = bias.astype(np.int32), 2 if bias_last else 3
+        # the int32 kernel; a bias per lane as int32 (exact: rq[11] bounds |sum + bias| < 2^31)
+        lane_bias = bias.astype(np.int32) if bias_last else np.empty(0, np.int32)
+        kernel = dense.finish_lanes_serial if serial else dense.finish_lanes
+        return kernel(sums, bias, lane_bias, rq, dense.code_bytes(out))
     kernel = dense.finish_fast_serial if serial else dense.finish_fast
-    return kernel(sums, bias, lane_bias, rq, out)
+    return kernel(sums, bias, bias_last, rq, dense.code_bytes(out))
 
 
 def _codes_transpose_cheaply(out: np.ndarray) -> bool:
@@ -1242,7 +1246,7 @@ def _finish_batch_last(sums, bias, acc_omode, shift, plan: _Plan, dp: Datapath, 
     if rq is not None:
         codes = np.empty((n_out * per_img, n_img), out.dtype)
         result = dense.finish_fast_rows(sums.reshape(n_out * per_img, n_img), bias, per_img,
-                                        rq, codes)
+                                        rq, dense.code_bytes(codes))
         dense.transpose2d(codes, out=out.reshape(n_img, n_out * per_img))
         return result
     if per_img == 1:  # a linear layer: one (1, J) row per image, the bias along it

@@ -67,11 +67,11 @@ def _lanes_and_row(lanes, bias, rq, wide_rq, out_lanes, out_row):
     """requantise_lanes with ``bias`` (one for every lane, or an array of one per lane), and
     the int64 row kernel on the same biased sums."""
     wide = np.empty(lanes.size, np.int64)
-    got = dense.requantise_lanes(lanes, bias, rq, wide, out_lanes)
+    got = dense.requantise_lanes(lanes, bias, rq, wide, out_lanes.view(np.uint8))
     acc = np.empty(lanes.size, np.int64)
     for t in range(lanes.size):
         acc[t] = np.int64(lanes[t]) + np.int64(dense.bias_at(bias, t))
-    want = dense.requantise_row(acc, wide_rq, out_row)
+    want = dense.requantise_row(acc, wide_rq, out_row.view(np.uint8))
     return got, want
 
 

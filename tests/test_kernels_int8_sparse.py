@@ -187,7 +187,7 @@ def test_conv_sums_are_exact(seed, batch, channels, size, kernel, stride, paddin
     int8_sparse.conv_sums(xflat, shape, schedule.runs, schedule.run_ptr, schedule.step_ptr,
                           schedule.table, schedule.corr, kh, 1 if fold else kw, *stride,
                           np.zeros(n_out, np.int64), sparse.NO_REQUANT,
-                          np.empty((0, 0, 0), np.int8), sums)
+                          np.empty((0, 0, 0), np.uint8), sums)
     assert np.array_equal(sums, expected)
 
 
@@ -323,6 +323,6 @@ def test_conv_sums_over_bands_and_pieces_of_rows():
     sums = np.empty(expected.shape, np.int32)
     int8_sparse.conv_sums(xflat, shape, schedule.runs, schedule.run_ptr, schedule.step_ptr,
                           schedule.table, schedule.corr, 3, 3, 1, 1, np.zeros(20, np.int64),
-                          sparse.NO_REQUANT, np.empty((0, 0, 0), np.int8), sums)
+                          sparse.NO_REQUANT, np.empty((0, 0, 0), np.uint8), sums)
     assert int8.task_grid(3, 1100) == (1, 1024, 3, 2)
     assert np.array_equal(sums, expected)

@@ -468,6 +468,7 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
     n_fours = n_img // 4
     n_units = units(n_img, n_fours)
     events = np.empty(n_units, np.int64)  # every task fills its entry
+    zero = np.int64(0)  # not a literal 0: that would be another compilation of the callees
     for unit in prange(n_units):
         i = unit_first(unit, n_fours)
         acc0 = start.copy()
@@ -485,9 +486,9 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
             acc1 = start.copy()
             acc2 = start.copy()
             acc3 = start.copy()
-            per_mac_products_quad(acc0, acc1, acc2, acc3, hits0, hits1, hits2, hits3, wflat, 0,
-                                  inputs.size, inputs, x[i][inputs], x[i + 1][inputs],
-                                  x[i + 2][inputs], x[i + 3][inputs], block, n_out, 0,
+            per_mac_products_quad(acc0, acc1, acc2, acc3, hits0, hits1, hits2, hits3, wflat,
+                                  zero, inputs.size, inputs, x[i][inputs], x[i + 1][inputs],
+                                  x[i + 2][inputs], x[i + 3][inputs], block, n_out, zero,
                                   w_max_abs, wrap, lo, hi, mask)
             out[i + 1] = acc1
             out[i + 2] = acc2
@@ -495,14 +496,14 @@ def dot_per_mac_rows(x, wt, start, lo, hi, mask, wrap, w_max_abs):
         elif i + 1 < n_img:
             inputs = np.flatnonzero((x[i] != 0) | (x[i + 1] != 0))
             acc1 = start.copy()
-            per_mac_products_pair(acc0, acc1, hits0, hits1, wflat, 0, inputs.size, inputs,
-                                  x[i][inputs], x[i + 1][inputs], n_out, 0, w_max_abs, wrap,
+            per_mac_products_pair(acc0, acc1, hits0, hits1, wflat, zero, inputs.size, inputs,
+                                  x[i][inputs], x[i + 1][inputs], n_out, zero, w_max_abs, wrap,
                                   lo, hi, mask)
             out[i + 1] = acc1
         else:
             inputs = np.flatnonzero(x[i])
-            per_mac_products(acc0, hits0, wflat, 0, inputs.size, inputs, x[i][inputs], n_out,
-                             0, w_max_abs, wrap, lo, hi, mask)
+            per_mac_products(acc0, hits0, wflat, zero, inputs.size, inputs, x[i][inputs], n_out,
+                             zero, w_max_abs, wrap, lo, hi, mask)
         out[i] = acc0
         count = 0
         for t in range(n_out):
@@ -560,8 +561,9 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
     """Turn raw dot products into output codes: the general (scalar) kernel.
 
     ``sums`` (A, B, C), any strides, holds exact integer sums of products in any numeric dtype;
-    ``out`` is the C-contiguous int64 (A, B, C) result. ``bias`` (int64) is indexed by the last
-    axis when ``bias_last``, else by the middle one (conv: (N, J, P); linear: (N, 1, J)). With
+    ``out`` the bytes (:func:`code_bytes`) of the (A, B, C) codes. ``bias`` (int64) is indexed
+    by the last axis when ``bias_last``, else by the middle one (conv: (N, J, P); linear: (N,
+    1, J)). With
     ``acc_omode >= 0`` the exact sum then meets an ``acc_bits`` accumulator once (``final``
     mode). The result is requantised by ``shift`` fraction bits into ``[lo, hi]``. ``u`` holds
     one uniform draw per element of ``out`` for stochastic rounding (empty otherwise).
@@ -569,7 +571,7 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
     Returns (accumulator overflow events, output saturation events, largest and smallest
     accumulator value before overflow); the caller takes |.| in Python, where -2^63 is safe.
     """
-    n_a, n_b, n_c = out.shape
+    n_a, n_b, n_c = sums.shape
     acc_lo = -(np.int64(1) << (acc_bits - 1)) if 0 < acc_bits < 64 else np.int64(-(1 << 63))
     acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if 0 < acc_bits < 64 else np.int64((1 << 63) - 1)
     stochastic = u.size > 0
@@ -586,6 +588,7 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
         n_sat = 0
         top = np.int64(0)
         bottom = np.int64(0)
+        row = np.empty(n_c, np.int64)
         for p in range(n_c):
             a = np.int64(sums[i, j, p]) + (bias[p] if bias_last else bias[j])
             top = max(top, a)
@@ -597,7 +600,8 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
             ui = u[(i * n_b + j) * n_c + p] if stochastic else 0.0
             code, sat = requantize_one(a, shift, lo, hi, bits, signed, rmode, omode, ui)
             n_sat += np.int64(sat)
-            out[i, j, p] = code
+            row[p] = code
+        store_codes(row, out[i, j])
         acc_events[task] = n_acc
         sat_events[task] = n_sat
         highest[task] = top
@@ -626,13 +630,62 @@ def rounding_offsets(rmode: int, shift: int) -> tuple[int, int, int]:
     return table[rmode]
 
 
+def code_bytes(codes: np.ndarray) -> np.ndarray:
+    """C-contiguous integer codes as the kernels that write codes take them: their bytes
+    (uint8, the last axis ``itemsize`` times as long). One compiled kernel then serves codes
+    of 1, 2, 4 and 8 bytes alike (the code size is a run-time value, :func:`code_size`):
+    compiling every kernel once per code dtype was most of a cold test run."""
+    if not codes.flags.c_contiguous:
+        raise ValueError("codes must be C-contiguous")
+    return codes.view(np.uint8)
+
+
 @njit(inline="always")
+def code_size(dest, count):
+    """Bytes per code of ``dest``, the bytes of ``count`` codes (1 when there are none)."""
+    return dest.size // count if count > 0 else 1
+
+
+@njit(inline="always")
+def _store(values, dest):
+    for p in range(values.size):
+        dest[p] = values[p]
+
+
+@njit(cache=True)
+def store_codes(values, dest):
+    """int64 ``values`` (codes that fit their dtype) into ``dest``, their bytes."""
+    size = code_size(dest, values.size)
+    if size == 1:
+        _store(values, dest.view(np.int8))
+    elif size == 2:
+        _store(values, dest.view(np.int16))
+    elif size == 4:
+        _store(values, dest.view(np.int32))
+    else:
+        _store(values, dest.view(np.int64))
+
+
+@njit(cache=True)
 def requantise_row(acc, rq, dest):
-    """One row of int64 sums ``acc`` (overwritten) -> output codes in ``dest``, in separate
-    branch-free passes so that every loop vectorises: the final accumulator's overflow, then
-    rounding and output overflow. ``rq`` is :func:`fast_requant_args`' tuple. Returns
-    (accumulator overflow events, output saturations, largest and smallest sum before the
-    accumulator's overflow)."""
+    """One row of int64 sums ``acc`` (overwritten) -> output codes in ``dest``, the bytes of
+    ``acc.size`` codes (:func:`code_bytes`), in separate branch-free passes so that every loop
+    vectorises: the final accumulator's overflow, then rounding and output overflow. ``rq`` is
+    :func:`fast_requant_args`' tuple. Returns (accumulator overflow events, output
+    saturations, largest and smallest sum before the accumulator's overflow)."""
+    size = code_size(dest, acc.size)
+    if size == 1:
+        return _requantise_row(acc, rq, dest.view(np.int8))
+    if size == 2:
+        return _requantise_row(acc, rq, dest.view(np.int16))
+    if size == 4:
+        return _requantise_row(acc, rq, dest.view(np.int32))
+    return _requantise_row(acc, rq, dest.view(np.int64))
+
+
+@njit(inline="always")
+def _requantise_row(acc, rq, dest):
+    """:func:`requantise_row` into the typed codes ``dest``."""
     shift, base, neg_extra, parity, lo, hi, sym_lo, mask, omode, acc_bits, acc_omode = rq[:11]
     has_acc = acc_omode >= 0 and 0 < acc_bits < 64
     acc_lo = -(np.int64(1) << (acc_bits - 1)) if has_acc else np.int64(0)
@@ -744,14 +797,21 @@ def _bias_at(bias, p):
 def requantise_lanes(lanes, bias, rq, wide, dest):
     """``lanes`` (exact sums in any numeric dtype) + ``bias`` (one int64 for every lane, or an
     array of one per lane: int32 where ``rq`` allows the int32 kernel, so that its lanes stay
-    int32) -> output codes in ``dest``:
+    int32) -> output codes in ``dest``, their bytes (:func:`code_bytes`):
     the int32 kernel where ``rq`` allows it, else through the int64 buffer ``wide`` (at least
     as long as ``lanes``) and :func:`requantise_row`. Returns what :func:`requantise_row`
     returns. Not inlined: the sparse kernels and :func:`finish_fast_rows` call it once per
-    row or tile (hundreds of lanes), and one compiled copy per (lane, code) dtype pair keeps
-    their many specialisations small to compile."""
+    row or tile (hundreds of lanes), and one compiled copy per lane dtype keeps their many
+    specialisations small to compile."""
     if rq[11]:
-        return _requantise_sat32(lanes, bias, rq, dest)
+        size = code_size(dest, lanes.size)
+        if size == 1:
+            return _requantise_sat32(lanes, bias, rq, dest.view(np.int8))
+        if size == 2:
+            return _requantise_sat32(lanes, bias, rq, dest.view(np.int16))
+        if size == 4:
+            return _requantise_sat32(lanes, bias, rq, dest.view(np.int32))
+        return _requantise_sat32(lanes, bias, rq, dest.view(np.int64))
     acc = wide[: lanes.size]
     for t in range(lanes.size):
         acc[t] = np.int64(lanes[t]) + bias_at(bias, t)
@@ -759,38 +819,60 @@ def requantise_lanes(lanes, bias, rq, wide, dest):
 
 
 @njit(inline="always")
-def _finish_fast(sums, bias, lane_bias, rq, out):
+def _task_stats(tasks):
+    """Per-task counters of a requantisation kernel: accumulator overflow events, output
+    saturations, largest and smallest sum (see :func:`totals`)."""
+    return (np.empty(tasks, np.int64), np.empty(tasks, np.int64), np.empty(tasks, np.int64),
+            np.empty(tasks, np.int64))
+
+
+@njit(inline="always")
+def _finish_fast(sums, bias, bias_last, rq, out):
     """:func:`_finish` for a right shift of 1..62 bits with a deterministic rounding mode
-    (``rq`` from :func:`fast_requant_args`), row by row. ``lane_bias`` 0: ``bias`` (int64) is
-    indexed by the middle axis, one per row, 1: by the last axis, one per lane, 2: the same
-    through :func:`requantise_lanes` (the int32 kernel: ``rq`` allows it, ``bias`` is int32 and
-    the rows are contiguous: 256 x 500 float32 sums to int8 codes on one core 0.088 -> 0.052
-    ms), 3: one per row, ``bias[j]``, through the same int32 kernel (contiguous rows: the int8
-    convolution's (N, J, P) sums). Other rows with one bias take the int64 pass (on the
-    transposed view a convolution's float sums are, the int32 kernel does not vectorise:
-    docs/results/kernels.md)."""
-    n_a, n_b, n_c = out.shape
+    (``rq`` from :func:`fast_requant_args`), row by row through the int64 pass
+    (:func:`requantise_row`), into ``out``, the codes' bytes (:func:`code_bytes`). ``bias``
+    (int64) is indexed by the last axis when ``bias_last`` (one per lane), else by the middle
+    one (one per row). Rows of any strides: on the transposed view a convolution's float sums
+    are, the int32 kernel does not vectorise (docs/results/kernels.md); contiguous rows that
+    it takes go to :func:`_finish_lanes`."""
+    n_a, n_b, n_c = sums.shape
     tasks = n_a * n_b
-    acc_events = np.empty(tasks, np.int64)
-    sat_events = np.empty(tasks, np.int64)
-    highest = np.empty(tasks, np.int64)
-    lowest = np.empty(tasks, np.int64)
+    acc_events, sat_events, highest, lowest = _task_stats(tasks)
     for task in prange(tasks):
         i = task % n_a  # channel-major, as in finish
         j = task // n_a
         acc = np.empty(n_c, np.int64)
-        if lane_bias == 2:
-            row = requantise_lanes(sums[i, j], bias, rq, acc, out[i, j])
-        elif lane_bias == 3:
-            row = requantise_lanes(sums[i, j], bias[j], rq, acc, out[i, j])
+        if bias_last:
+            for p in range(n_c):
+                acc[p] = np.int64(sums[i, j, p]) + bias[p]
         else:
-            if lane_bias == 1:
-                for p in range(n_c):
-                    acc[p] = np.int64(sums[i, j, p]) + bias[p]
-            else:
-                for p in range(n_c):
-                    acc[p] = np.int64(sums[i, j, p]) + bias[j]
-            row = requantise_row(acc, rq, out[i, j])
+            for p in range(n_c):
+                acc[p] = np.int64(sums[i, j, p]) + bias[j]
+        row = requantise_row(acc, rq, out[i, j])
+        acc_events[task], sat_events[task], highest[task], lowest[task] = row
+    return totals(acc_events, sat_events, highest, lowest)
+
+
+@njit(inline="always")
+def _finish_lanes(sums, bias, lane_bias, rq, out):
+    """:func:`_finish_fast` through :func:`requantise_lanes`' int32 kernel, where ``rq``
+    allows it and ``sums`` is C-contiguous: with ``lane_bias`` (C,) int32 one bias per lane
+    (a linear layer's (N, 1, J) sums: 256 x 500 float32 sums to int8 codes on one core 0.088
+    -> 0.052 ms; int32, so that its loads stay 16 lanes wide), with ``lane_bias`` empty
+    ``bias[j]`` (int64) per row (the int8 convolution's (N, J, P) sums). A kernel of its
+    own: every row type a kernel is compiled for compiles the calls of every branch."""
+    n_a, n_b, n_c = sums.shape
+    tasks = n_a * n_b
+    acc_events, sat_events, highest, lowest = _task_stats(tasks)
+    per_lane = lane_bias.size > 0
+    for task in prange(tasks):
+        i = task % n_a
+        j = task // n_a
+        acc = np.empty(n_c, np.int64)
+        if per_lane:
+            row = requantise_lanes(sums[i, j], lane_bias, rq, acc, out[i, j])
+        else:
+            row = requantise_lanes(sums[i, j], bias[j], rq, acc, out[i, j])
         acc_events[task], sat_events[task], highest[task], lowest[task] = row
     return totals(acc_events, sat_events, highest, lowest)
 
@@ -802,9 +884,10 @@ _ROW_BLOCKS = 64
 @njit(cache=True, parallel=True)
 def finish_fast_rows(sums, bias, rows_per_bias, rq, out):
     """:func:`finish_fast` for sums whose rows each belong to one bias: ``sums`` (R, C) any
-    numeric dtype, row r takes ``bias[r // rows_per_bias]``, into ``out`` (R, C) of any integer
-    dtype. Batch-last sums (J, P, N) are R = J * P rows of N images: requantised here in their
-    own order, every row contiguous and vectorised, then transposed to (N, J, P) as codes
+    numeric dtype, row r takes ``bias[r // rows_per_bias]``, into ``out``, the bytes of (R, C)
+    codes (:func:`code_bytes`). Batch-last sums (J, P, N) are R = J * P rows of N images:
+    requantised here in their own order, every row contiguous and vectorised, then transposed
+    to (N, J, P) as codes
     (:func:`transpose2d`), which is cheaper than requantising them in (N, J, P) order with
     stride N (measured in docs/results/sparse.md). Tasks are up to :data:`_ROW_BLOCKS` blocks
     of rows, each with one int64 buffer."""
@@ -874,15 +957,27 @@ def finish_serial(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bit
 
 
 @njit(cache=True, parallel=True)
-def finish_fast(sums, bias, lane_bias, rq, out):
+def finish_fast(sums, bias, bias_last, rq, out):
     """:func:`_finish_fast` over Numba's threads."""
-    return _finish_fast(sums, bias, lane_bias, rq, out)
+    return _finish_fast(sums, bias, bias_last, rq, out)
 
 
 @njit(cache=True)
-def finish_fast_serial(sums, bias, lane_bias, rq, out):
+def finish_fast_serial(sums, bias, bias_last, rq, out):
     """:func:`_finish_fast` on the calling thread."""
-    return _finish_fast(sums, bias, lane_bias, rq, out)
+    return _finish_fast(sums, bias, bias_last, rq, out)
+
+
+@njit(cache=True, parallel=True)
+def finish_lanes(sums, bias, lane_bias, rq, out):
+    """:func:`_finish_lanes` over Numba's threads."""
+    return _finish_lanes(sums, bias, lane_bias, rq, out)
+
+
+@njit(cache=True)
+def finish_lanes_serial(sums, bias, lane_bias, rq, out):
+    """:func:`_finish_lanes` on the calling thread."""
+    return _finish_lanes(sums, bias, lane_bias, rq, out)
 
 
 # A linear layer with at most this many outputs (on a float path, with the vectorised
@@ -899,7 +994,7 @@ _FEW_IMAGES = 4
 @njit(inline="always")
 def image_tasks(n_img, per_task, out):
     """A few-output linear kernel's tasks of ``per_task`` images each: (task count, a stats
-    row per task for :func:`finish_images` to fill, ``out`` flat)."""
+    row per task for :func:`finish_images` to fill, ``out`` (the codes' bytes) flat)."""
     tasks = (n_img + per_task - 1) // per_task
     return tasks, np.empty((tasks, 6), np.int64), out.reshape(-1)
 
@@ -934,13 +1029,14 @@ def _cast_rows(x, i0, rows, buf):
 
 
 @njit(inline="always")
-def finish_images(acc, rows, n_out, i0, rq, flat, stats, x_lo, x_hi):
+def finish_images(acc, rows, n_out, i0, rq, flat, size, stats, x_lo, x_hi):
     """The end of a few-output linear task: its ``rows`` images' biased sums ``acc`` (rows x
-    n_out, image-major) requantised into ``flat`` (the (N, J) codes, flattened) from image
-    ``i0`` on, and the task's ``stats`` row filled (accumulator overflows, saturations, largest
-    and smallest sum, smallest and largest input code) for :func:`task_totals`."""
+    n_out, image-major) requantised into ``flat`` (the bytes of the (N, J) codes, flattened,
+    ``size`` bytes a code) from image ``i0`` on, and the task's ``stats`` row filled
+    (accumulator overflows, saturations, largest and smallest sum, smallest and largest input
+    code) for :func:`task_totals`."""
     n_acc, n_sat, top, bottom = requantise_row(
-        acc[: rows * n_out], rq, flat[i0 * n_out : (i0 + rows) * n_out])
+        acc[: rows * n_out], rq, flat[i0 * n_out * size : (i0 + rows) * n_out * size])
     stats[0] = n_acc
     stats[1] = n_sat
     stats[2] = top
@@ -957,7 +1053,8 @@ def linear_few_outputs(x, w, bias, rq, out):
     weights in float lanes where the caller's bound makes every partial sum an integer the
     lanes hold exactly, in any order: that is what makes reassociating the dot products
     (``fastmath`` "reassoc", so that they vectorise) exact. ``bias`` (J,) int64, ``rq`` from
-    :func:`fast_requant_args`, ``out`` (N, J) integer codes. A task casts :data:`_FEW_IMAGES`
+    :func:`fast_requant_args`, ``out`` the bytes of (N, J) codes (:func:`code_bytes`). A
+    task casts :data:`_FEW_IMAGES`
     images into a buffer that stays in L1 and takes their J dot products together, so each
     weight vector is loaded once for all of them; their sums are requantised at once
     (:func:`requantise_row`). Returns (accumulator overflow events, output saturations,
@@ -966,6 +1063,7 @@ def linear_few_outputs(x, w, bias, rq, out):
     """
     n_img, fan_in = x.shape
     n_out = w.shape[0]
+    size = code_size(out, n_img * n_out)
     tasks, stats, flat = image_tasks(n_img, _FEW_IMAGES, out)
     for task in prange(tasks):
         i0, rows = task_images(task, _FEW_IMAGES, n_img)
@@ -986,7 +1084,7 @@ def linear_few_outputs(x, w, bias, rq, out):
             acc[n_out + j] = np.int64(s1) + bias[j]
             acc[2 * n_out + j] = np.int64(s2) + bias[j]
             acc[3 * n_out + j] = np.int64(s3) + bias[j]
-        finish_images(acc, rows, n_out, i0, rq, flat, stats[task], x_lo, x_hi)
+        finish_images(acc, rows, n_out, i0, rq, flat, size, stats[task], x_lo, x_hi)
     return task_totals(stats)
 
 

@@ -35,7 +35,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fxsim.kernels.dense import requantise_lanes, task_totals
+from fxsim.kernels.dense import code_size, requantise_lanes, task_totals
 
 # Output lanes of one vector (int32), and the fan-in entries one lane takes per instruction.
 LANES = 16
@@ -633,8 +633,9 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
     w'[j, ki, kj, d]``, w' the weights as :func:`pack_conv_weights` orders them (``packed``),
     ``kw`` 1 for a folded layout.
 
-    With ``codes`` (N, J, OH * OW) of an integer dtype, each output channel's sums of a task
-    are requantised at once, ``bias`` (J,) int64 added and ``rq`` from
+    With ``codes`` the bytes of (N, J, OH * OW) codes (:func:`fxsim.kernels.dense.code_bytes`),
+    each output channel's sums of a task are requantised at once, ``bias`` (J,) int64 added
+    and ``rq`` from
     :func:`fxsim.kernels.dense.fast_requant_args`, into ``codes``, and the sums are never
     stored; with ``codes`` of shape (0, 0, 0) they go to ``sums`` (N, J, OH * OW) int32.
     Returns the fused counters (accumulator overflow events, output saturations, largest and
@@ -652,6 +653,7 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
     n_out = codes.shape[1] if fused else sums.shape[1]
     oh = (hp - kh) // sh + 1
     ow = (wp - kw) // sw + 1
+    size = code_size(codes[0, 0], oh * ow) if fused else 1
     xflat = xp.reshape(-1)
     wflat = packed.reshape(-1)
     sums_flat = pixel_sums.reshape(-1)
@@ -691,8 +693,8 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
             if not fused:
                 sums[img, j, p0 : p0 + n_pos] = lanes
                 continue
-            n_acc, n_sat, top, bottom = requantise_lanes(lanes, bias[j], rq, wide,
-                                                         codes[img, j, p0 : p0 + n_pos])
+            n_acc, n_sat, top, bottom = requantise_lanes(
+                lanes, bias[j], rq, wide, codes[img, j, p0 * size : (p0 + n_pos) * size])
             counts[task, 0] += n_acc
             counts[task, 1] += n_sat
             counts[task, 2] = max(counts[task, 2], top)

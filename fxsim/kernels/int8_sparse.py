@@ -41,7 +41,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fxsim.kernels import int8
-from fxsim.kernels.dense import requantise_lanes, task_totals
+from fxsim.kernels.dense import code_size, requantise_lanes, task_totals
 from fxsim.kernels.int8 import LANES, QUAD, _dot_intrinsic, _store_transposed
 
 # Bytes of one block of the fan-in: one zmm register, the reach of vpermb. (Two registers
@@ -376,12 +376,13 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
     """Exact convolution sums of a :func:`conv_schedule` over the :func:`conv_input` buffer
     ``xflat`` (its layout's ``shape`` (N, H', W', D)), ``kw`` 1 for a folded layout: outputs
     (oy, ox) from the windows at (oy * sh, ox * sw). As :func:`fxsim.kernels.int8.conv_sums`:
-    with ``codes`` (N, J, OH * OW) each output channel's sums of a task are requantised at
-    once (``bias``, ``rq``) into ``codes``; with ``codes`` of shape (0, 0, 0) the int32 sums go
-    to ``sums`` (N, J, OH * OW). Returns the fused counters (accumulator overflow events,
-    output saturations, largest and smallest sum; zeros when not fused). A task is up to
-    :data:`fxsim.kernels.int8.TASK_POSITIONS` output positions of one image (whole output
-    rows, or a piece of one, :func:`fxsim.kernels.int8.task_grid`) x one panel of outputs."""
+    with ``codes`` the bytes of (N, J, OH * OW) codes each output channel's sums of a task are
+    requantised at once (``bias``, ``rq``) into ``codes``; with ``codes`` of shape (0, 0, 0)
+    the int32 sums go to ``sums`` (N, J, OH * OW). Returns the fused counters (accumulator
+    overflow events, output saturations, largest and smallest sum; zeros when not fused). A
+    task is up to :data:`fxsim.kernels.int8.TASK_POSITIONS` output positions of one image
+    (whole output rows, or a piece of one, :func:`fxsim.kernels.int8.task_grid`) x one panel of
+    outputs."""
     n_img, hp, wp, depth = shape
     fused = codes.shape[0] > 0
     n_out = corr.size
@@ -389,6 +390,7 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
     width = GROUPS * LANES
     oh = (hp - kh) // sh + 1
     ow = (wp - kw) // sw + 1
+    size = code_size(codes[0, 0], oh * ow) if fused else 1
     x_seg = wp * depth
     band, piece, bands, pieces = int8.task_grid(oh, ow)
     n_tasks = n_img * bands * pieces * panels
@@ -409,7 +411,7 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
         j0 = width * panel
         for j in range(j0, min(j0 + width, n_out)):
             row = c[(j - j0) * n_pos : (j - j0 + 1) * n_pos]
-            dest = codes[img, j, p0 : p0 + n_pos] if fused else codes[0, 0, :0]
+            dest = codes[img, j, p0 * size : (p0 + n_pos) * size] if fused else codes[0, 0, :0]
             if fused and rq[11]:
                 # the int32 requantisation adds in int32, wrapping: the biased sums plus
                 # bias - corr give sum + bias exactly (it fits int32: rq[11]), one pass fewer

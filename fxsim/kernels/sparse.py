@@ -34,6 +34,7 @@ from numba import njit, prange
 from fxsim.errors import ShapeError
 from fxsim.kernels.dense import (
     batch_last_row,
+    code_size,
     finish_images,
     image_tasks,
     phase_width,
@@ -333,16 +334,17 @@ NO_REQUANT = (0,) * 12
 
 
 @njit(cache=True, inline="always")
-def _emit(acc, j, dst, width, sums, codes, wide, bias, rq, counts):
+def _emit(acc, j, dst, width, sums, codes, size, wide, bias, rq, counts):
     """A finished tile of channel j's lanes: its raw sums into ``sums[j, dst:]``, or, when
-    ``codes`` is not empty, requantised while still in L1 (plus ``bias[j]``, see
-    :func:`fxsim.kernels.dense.requantise_lanes`) into ``codes[j, dst:]``, with the events and
-    extremes added into ``counts`` (acc overflows, saturations, max, min)."""
+    ``codes`` (the codes' bytes, ``size`` a code) is not empty, requantised while still in L1
+    (plus ``bias[j]``, see :func:`fxsim.kernels.dense.requantise_lanes`) into the codes of
+    ``[j, dst:]``, with the events and extremes added into ``counts`` (acc overflows,
+    saturations, max, min)."""
     if codes.shape[0] == 0:
         sums[j, dst : dst + width] = acc
         return
     n_acc, n_sat, top, bottom = requantise_lanes(acc, bias[j], rq, wide,
-                                                 codes[j, dst : dst + width])
+                                                 codes[j, dst * size : (dst + width) * size])
     counts[0] += n_acc
     counts[1] += n_sat
     counts[2] = max(counts[2], top)
@@ -368,7 +370,8 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
     inputs (:func:`fxsim.kernels.tile.add_products`, or four channels at a time,
     :func:`fxsim.kernels.tile.add_products_quad`).
 
-    With ``codes`` (J, P * N) of an integer dtype, each finished tile is requantised at once
+    With ``codes`` the bytes of (J, P * N) codes (:func:`fxsim.kernels.dense.code_bytes`),
+    each finished tile is requantised at once
     (``bias`` (J,) int64 added, ``rq`` from :func:`fxsim.kernels.dense.fast_requant_args`)
     into ``codes`` in the same (j, p, n) order, and the sums are never stored (LeNet5 conv2 at
     density 0.1: see docs/results/sparse.md). With ``codes`` of shape (0, 0) (and
@@ -386,6 +389,7 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
     per_row = (seg + tile - 1) // tile
     n_tasks = oh * per_row * groups
     fused = codes.shape[0] > 0
+    size = code_size(codes[0], oh * ow * n_img) if fused else 1
     sums = np.empty((n_out, 0 if fused else oh * ow * n_img), values.dtype)
     counts = np.empty((n_tasks, 4), np.int64)
     for task in prange(n_tasks):
@@ -408,7 +412,7 @@ def sparse_sum(xt, chunks, bases, values, quads, bias, rq, codes, out_hw, stride
                     add_products(acc[j - j0], xflat, chunks[j, chunk], chunks[j, chunk + 1],
                                  bases, values, n_img, src)
         for j in range(j0, j1):
-            _emit(acc[j - j0], j, dst, width, sums, codes, wide, bias, rq, counts[task])
+            _emit(acc[j - j0], j, dst, width, sums, codes, size, wide, bias, rq, counts[task])
     n_acc, n_sat, top, bottom, _, _ = task_totals(counts)
     return sums.reshape(n_out, 0 if fused else oh * ow, n_img), n_acc, n_sat, top, bottom
 
@@ -444,10 +448,12 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
     per_row = (seg + tile - 1) // tile
     n_tasks = oh * per_row * groups
     fused = codes.shape[0] > 0
+    size = code_size(codes[0], oh * ow * n_img) if fused else 1
     sums = np.empty((n_out, 0 if fused else oh * ow * n_img), np.int64)
     no_bias = _zeros(n_out)
     events = np.empty(n_tasks, np.int64)  # every task fills its entry
     counts = np.empty((n_tasks, 4), np.int64)
+    zero = np.int64(0)  # not a literal 0: that would be another compilation of the callees
     for task in prange(n_tasks):
         counts[task, :] = 0
         src, dst, width = _task(task // groups, per_row, seg, n_img, stride_h, row_len, tile)
@@ -475,24 +481,28 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
                     acc2[:] = start[j + 2]
                     acc3[:] = start[j + 3]
                     per_mac_products_quad(
-                        acc, acc1, acc2, acc3, hits, hits1, hits2, hits3, xflat, 0, fan_in,
+                        acc, acc1, acc2, acc3, hits, hits1, hits2, hits3, xflat, zero, fan_in,
                         bases, row, values[row_ptr[j + 1] : row_ptr[j + 1] + fan_in],
                         values[row_ptr[j + 2] : row_ptr[j + 2] + fan_in],
                         values[row_ptr[j + 3] : row_ptr[j + 3] + fan_in], quads[unit], n_img,
                         src, x_max_abs, wrap, lo, hi, mask)
-                    _emit(acc1, j + 1, dst, width, sums, codes, wide, no_bias, rq, counts[task])
-                    _emit(acc2, j + 2, dst, width, sums, codes, wide, no_bias, rq, counts[task])
-                    _emit(acc3, j + 3, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                    _emit(acc1, j + 1, dst, width, sums, codes, size, wide, no_bias,
+                          rq, counts[task])
+                    _emit(acc2, j + 2, dst, width, sums, codes, size, wide, no_bias,
+                          rq, counts[task])
+                    _emit(acc3, j + 3, dst, width, sums, codes, size, wide, no_bias,
+                          rq, counts[task])
                 elif j + 1 < n_out:
                     acc1[:] = start[j + 1]
-                    per_mac_products_pair(acc, acc1, hits, hits1, xflat, 0, fan_in, bases, row,
+                    per_mac_products_pair(acc, acc1, hits, hits1, xflat, zero, fan_in, bases, row,
                                           values[row_ptr[j + 1] : row_ptr[j + 1] + fan_in],
                                           n_img, src, x_max_abs, wrap, lo, hi, mask)
-                    _emit(acc1, j + 1, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                    _emit(acc1, j + 1, dst, width, sums, codes, size, wide, no_bias,
+                          rq, counts[task])
                 else:
-                    per_mac_products(acc, hits, xflat, 0, fan_in, bases, row, n_img, src,
+                    per_mac_products(acc, hits, xflat, zero, fan_in, bases, row, n_img, src,
                                      x_max_abs, wrap, lo, hi, mask)
-                _emit(acc, j, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                _emit(acc, j, dst, width, sums, codes, size, wide, no_bias, rq, counts[task])
                 for t in range(width):
                     count += hits[t] + hits1[t] + hits2[t] + hits3[t]
                 hits[:] = 0
@@ -504,7 +514,7 @@ def sparse_per_mac(xt, row_ptr, bases, values, out_hw, stride_h, row_len, start,
                 acc[:] = start[j]
                 per_mac_products(acc, hits, xflat, row_ptr[j], row_ptr[j + 1], bases, values,
                                  n_img, src, x_max_abs, wrap, lo, hi, mask)
-                _emit(acc, j, dst, width, sums, codes, wide, no_bias, rq, counts[task])
+                _emit(acc, j, dst, width, sums, codes, size, wide, no_bias, rq, counts[task])
                 for t in range(width):
                     count += hits[t]
                 hits[:] = 0
@@ -540,11 +550,13 @@ def linear_few_outputs(x, row_ptr, col_pos, used, values, bias, rq, out):
     weight of output j is one 32-lane multiply-add: work in proportion to the stored weights
     and the inputs they read, plus one requantisation of the task's sums.
     ``bias`` (J,) int64, ``rq`` from :func:`fxsim.kernels.dense.fast_requant_args`, ``out``
-    (N, J) codes. Returns (accumulator overflow events, output saturations, largest and
-    smallest sum, smallest and largest input code).
+    the bytes of (N, J) codes (:func:`fxsim.kernels.dense.code_bytes`). Returns (accumulator
+    overflow events, output saturations, largest and smallest sum, smallest and largest input
+    code).
     """
     n_img = x.shape[0]
     n_out = row_ptr.size - 1
+    size = code_size(out, n_img * n_out)
     tasks, stats, flat = image_tasks(n_img, _FEW_IMAGES, out)
     for task in prange(tasks):
         i0, rows = task_images(task, _FEW_IMAGES, n_img)
@@ -575,5 +587,5 @@ def linear_few_outputs(x, row_ptr, col_pos, used, values, bias, rq, out):
                     lanes[t] += v0 * b0[t]
             for r in range(rows):
                 acc[r * n_out + j] = np.int64(lanes[r]) + bias[j]
-        finish_images(acc, rows, n_out, i0, rq, flat, stats[task], x_lo, x_hi)
+        finish_images(acc, rows, n_out, i0, rq, flat, size, stats[task], x_lo, x_hi)
     return task_totals(stats)
