@@ -225,14 +225,15 @@ def deepfool(model, images, labels=None, candidates=10, overshoot=0.02, max_iter
             iterations[sl][active] = it + 1
             idx = np.flatnonzero(active)
             cur = current[idx].astype(np.float32)
-            grad_ref, _ = _chunked(lambda a, r: model.input_gradient(a, logit=r), cur,
-                                   reference[idx])
+            # the reference class's gradient and the other candidates', from one forward pass
+            classes = np.concatenate([reference[idx, None], order[idx, 1:]], axis=1)
+            grads, logits_c = _chunked(model.logit_gradients, cur, classes)
+            grad_ref = grads[:, 0]
             best_dist = np.full(len(idx), np.inf)
             best_step = np.zeros((len(idx), *x0.shape[1:]))
             for c in range(1, k):
                 cls = order[idx, c]
-                grad_c, logits_c = _chunked(lambda a, c: model.input_gradient(a, logit=c),
-                                            cur, cls)
+                grad_c = grads[:, c]
                 w = (grad_c - grad_ref).reshape(len(idx), -1).astype(np.float64)
                 f = (logits_c[np.arange(len(idx)), cls]
                      - logits_c[np.arange(len(idx)), reference[idx]]).astype(np.float64)

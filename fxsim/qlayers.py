@@ -109,9 +109,22 @@ class _QuantMixin:
     def _ste_inputs(self, dy, ctx):
         """The clipped STE: no gradient through a saturated output; the float gradient is
         taken at the quantised weights. Returns (dy, weights used, input) in dy's dtype."""
-        dy = np.where(self._saturated(ctx["y"]), 0, dy).astype(dy.dtype, copy=False)
-        w = dequantize(ctx["prepared"].weights, self.datapath.weight_fmt).astype(dy.dtype)
-        return dy, w, ctx["x"].astype(dy.dtype, copy=False)
+        saturated, w, x = self._ste_constants(ctx, dy.dtype)
+        return np.where(saturated, 0, dy).astype(dy.dtype, copy=False), w, x
+
+    def _ste_constants(self, ctx, dtype):
+        """What the STE backward takes from the forward pass, in ``dtype``: (where the output
+        saturated, the quantised weights' values, the input). Computed at the first backward
+        pass and kept in ``ctx`` (next to what the forward pass left there, which stays as it
+        was) for the next replay of the same tape: DeepFool replays it once per candidate
+        class (:meth:`fxsim.models.Model.logit_gradients`), and these were a fifth of its
+        time on a quantised LeNet5."""
+        key = ("ste", np.dtype(dtype))
+        if key not in ctx:
+            ctx[key] = (self._saturated(ctx["y"]),
+                        dequantize(ctx["prepared"].weights, self.datapath.weight_fmt).astype(dtype),
+                        ctx["x"].astype(dtype, copy=False))
+        return ctx[key]
 
     def _ste_grads(self, grads, ctx):
         """No weight gradient where the format clipped the weight or the mask pruned it."""
