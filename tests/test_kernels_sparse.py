@@ -44,12 +44,10 @@ def run_both(dp, w, b, x, mask, conv, stride=1, padding=0):
             y8, c8 = (sparse_layer.conv2d(x8, stride, padding) if conv
                       else sparse_layer.linear(x8))
         assert np.array_equal(y8, y_d) and c8 == c_s
-    # narrow codes out: the zero-skipping kernel then requantises inside (fused) and transposes.
-    # int8 only (outputs of up to 8 bits): each codes dtype compiles every lane variant of the
-    # kernels again, and CI compiles cold; test_datapath covers int16 codes on this path
+    # narrow codes out (int8, int16 or int32, as the output format needs): the zero-skipping
+    # kernel then requantises inside (fused) and transposes the codes, or requantises in the
+    # output's order (int32); the kernels write every code width through one compilation
     narrow = code_dtype(dp.output_fmt)
-    if narrow != np.int8:
-        return c_d, c_s
     if conv:
         y_n, c_n = sparse_layer.conv2d(x, stride, padding, out_dtype=narrow)
     else:
