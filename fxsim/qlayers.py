@@ -23,6 +23,7 @@ from fxsim.fixedpoint import (
     quantize_with_count,
     values,
 )
+from fxsim.kernels.dense import unsaturated_gradient
 from fxsim.layers import Layer, conv2d_gradients, conv_columns, linear_gradients
 
 
@@ -91,11 +92,6 @@ class _QuantMixin:
         fmt = self.datapath.output_fmt
         return values(y_codes, fmt, _value_dtype(fmt))
 
-    def _saturated(self, y):
-        """Where the output sat at either end of its format (no gradient there)."""
-        fmt = self.datapath.output_fmt
-        return (y == fmt.max_value) | (y == fmt.min_value)
-
     def _forward(self, x, run):
         """Quantise weights (cached) and input, ``run(prepared, codes, out_dtype)`` the integer
         kernel, dequantise; the ctx keeps what the STE backward and the counters need."""
@@ -109,20 +105,19 @@ class _QuantMixin:
     def _ste_inputs(self, dy, ctx):
         """The clipped STE: no gradient through a saturated output; the float gradient is
         taken at the quantised weights. Returns (dy, weights used, input) in dy's dtype."""
-        saturated, w, x = self._ste_constants(ctx, dy.dtype)
-        return np.where(saturated, 0, dy).astype(dy.dtype, copy=False), w, x
+        fmt = self.datapath.output_fmt
+        dy = unsaturated_gradient(dy, ctx["y"], fmt.min_value, fmt.max_value)
+        return (dy, *self._ste_constants(ctx, dy.dtype))
 
     def _ste_constants(self, ctx, dtype):
-        """What the STE backward takes from the forward pass, in ``dtype``: (where the output
-        saturated, the quantised weights' values, the input). Computed at the first backward
-        pass and kept in ``ctx`` (next to what the forward pass left there, which stays as it
-        was) for the next replay of the same tape: DeepFool replays it once per candidate
-        class (:meth:`fxsim.models.Model.logit_gradients`), and these were a fifth of its
-        time on a quantised LeNet5."""
+        """What the STE backward takes from the forward pass, in ``dtype``: (the quantised
+        weights' values, the input). Computed at the first backward pass and kept in ``ctx``
+        (next to what the forward pass left there, which stays as it was) for the next replay
+        of the same tape: DeepFool replays it once per candidate class
+        (:meth:`fxsim.models.Model.logit_gradients`)."""
         key = ("ste", np.dtype(dtype))
         if key not in ctx:
-            ctx[key] = (self._saturated(ctx["y"]),
-                        dequantize(ctx["prepared"].weights, self.datapath.weight_fmt).astype(dtype),
+            ctx[key] = (dequantize(ctx["prepared"].weights, self.datapath.weight_fmt).astype(dtype),
                         ctx["x"].astype(dtype, copy=False))
         return ctx[key]
 

@@ -123,3 +123,33 @@ def test_int32_requantisation_only_where_it_is_exact():
     assert narrow(acc_bound=(1 << 31) - 17) == 1 and narrow(acc_bound=(1 << 31) - 16) == 0
     assert narrow(omode=1) == 0 and narrow(omode=2) == 0  # wrap, sat_zero
     assert narrow(acc_bits=24, acc_omode=0) == 0  # a final accumulator to overflow first
+
+
+def test_unsaturated_gradient_is_the_masked_gradient():
+    """The STE's one-pass masked gradient equals numpy's ``where`` bit for bit: zero (+0.0)
+    where the output sits at either end of its format, dy elsewhere (NaN included), the ends
+    compared in the output's dtype, as numpy compares a Python float with an array; a shape
+    mismatch is refused."""
+    import pytest
+
+    from fxsim.errors import ShapeError
+
+    rng = np.random.default_rng(3)
+    lo, hi = -2.0, 1.984375  # fix<8,2>
+    for y_dtype, dy_dtype in ((np.float32, np.float32), (np.float64, np.float32),
+                              (np.float64, np.float64)):
+        y = rng.choice(np.array([lo, hi, 0.5, -0.25, np.nan]), (3, 4, 5, 6)).astype(y_dtype)
+        dy = rng.standard_normal(y.shape).astype(dy_dtype)
+        dy[0, 0, 0, :3] = [np.nan, -0.0, -1.5]
+        got = dense.unsaturated_gradient(dy, y, lo, hi)
+        want = np.where((y == lo) | (y == hi), 0, dy).astype(dy.dtype)
+        assert got.dtype == want.dtype
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))  # bits, -0.0 and NaN
+        assert ((y == lo) | (y == hi)).any() and not np.array_equal(got, dy, equal_nan=True)
+    # a bound a float32 output cannot hold exactly: compared as numpy compares it, rounded
+    y = np.full(4, np.float32(0.1))
+    ones = np.ones(4, np.float32)
+    assert dense.unsaturated_gradient(ones, y, -1.0, 0.1).tolist() == (
+        np.where(y == 0.1, 0, ones).tolist())
+    with pytest.raises(ShapeError, match="gradient of shape"):
+        dense.unsaturated_gradient(ones, y[:3], lo, hi)
