@@ -564,10 +564,9 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
     ``sums`` (A, B, C), any strides, holds exact integer sums of products in any numeric dtype;
     ``out`` the bytes (:func:`code_bytes`) of the (A, B, C) codes. ``bias`` (int64) is indexed
     by the last axis when ``bias_last``, else by the middle one (conv: (N, J, P); linear: (N,
-    1, J)). With
-    ``acc_omode >= 0`` the exact sum then meets an ``acc_bits`` accumulator once (``final``
-    mode). The result is requantised by ``shift`` fraction bits into ``[lo, hi]``. ``u`` holds
-    one uniform draw per element of ``out`` for stochastic rounding (empty otherwise).
+    1, J)). With ``acc_omode >= 0`` the exact sum then meets an ``acc_bits`` accumulator once
+    (``final`` mode). The result is requantised by ``shift`` fraction bits into ``[lo, hi]``.
+    ``u`` holds one uniform draw per code for stochastic rounding (empty otherwise).
 
     Returns (accumulator overflow events, output saturation events, largest and smallest
     accumulator value before overflow); the caller takes |.| in Python, where -2^63 is safe.

@@ -635,9 +635,8 @@ def conv_sums(xp, pixel_sums, packed, kh, kw, sh, sw, bias, rq, codes, sums):
 
     With ``codes`` the bytes of (N, J, OH * OW) codes (:func:`fxsim.kernels.dense.code_bytes`),
     each output channel's sums of a task are requantised at once, ``bias`` (J,) int64 added
-    and ``rq`` from
-    :func:`fxsim.kernels.dense.fast_requant_args`, into ``codes``, and the sums are never
-    stored; with ``codes`` of shape (0, 0, 0) they go to ``sums`` (N, J, OH * OW) int32.
+    and ``rq`` from :func:`fxsim.kernels.dense.fast_requant_args`, into ``codes``, and the sums
+    are never stored; with ``codes`` of shape (0, 0, 0) they go to ``sums`` (N, J, OH * OW) int32.
     Returns the fused counters (accumulator overflow events, output saturations, largest and
     smallest sum; zeros when not fused).
 
