@@ -557,6 +557,14 @@ def dot_per_mac_int64(w, cols, start, acc_bits, wrap, block):
 
 
 @njit(inline="always")
+def _task_stats(tasks):
+    """Per-task counters of a requantisation kernel: accumulator overflow events, output
+    saturations, largest and smallest sum (see :func:`totals`)."""
+    return (np.empty(tasks, np.int64), np.empty(tasks, np.int64), np.empty(tasks, np.int64),
+            np.empty(tasks, np.int64))
+
+
+@njit(inline="always")
 def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, signed, rmode,
             omode, u, out):
     """Turn raw dot products into output codes: the general (scalar) kernel.
@@ -576,10 +584,7 @@ def _finish(sums, bias, bias_last, acc_bits, acc_omode, shift, lo, hi, bits, sig
     acc_hi = (np.int64(1) << (acc_bits - 1)) - 1 if 0 < acc_bits < 64 else np.int64((1 << 63) - 1)
     stochastic = u.size > 0
     tasks = n_a * n_b
-    acc_events = np.empty(tasks, np.int64)
-    sat_events = np.empty(tasks, np.int64)
-    highest = np.empty(tasks, np.int64)
-    lowest = np.empty(tasks, np.int64)
+    acc_events, sat_events, highest, lowest = _task_stats(tasks)
     for task in prange(tasks):
         # channel-major: neighbouring tasks read neighbouring images of a transposed input
         i = task % n_a
@@ -819,14 +824,6 @@ def requantise_lanes(lanes, bias, rq, wide, dest):
 
 
 @njit(inline="always")
-def _task_stats(tasks):
-    """Per-task counters of a requantisation kernel: accumulator overflow events, output
-    saturations, largest and smallest sum (see :func:`totals`)."""
-    return (np.empty(tasks, np.int64), np.empty(tasks, np.int64), np.empty(tasks, np.int64),
-            np.empty(tasks, np.int64))
-
-
-@njit(inline="always")
 def _finish_fast(sums, bias, bias_last, rq, out):
     """:func:`_finish` for a right shift of 1..62 bits with a deterministic rounding mode
     (``rq`` from :func:`fast_requant_args`), row by row through the int64 pass
@@ -893,10 +890,7 @@ def finish_fast_rows(sums, bias, rows_per_bias, rq, out):
     of rows, each with one int64 buffer."""
     n_rows, n_cols = sums.shape
     blocks = max(1, min(n_rows, _ROW_BLOCKS))
-    acc_events = np.empty(blocks, np.int64)
-    sat_events = np.empty(blocks, np.int64)
-    highest = np.empty(blocks, np.int64)
-    lowest = np.empty(blocks, np.int64)
+    acc_events, sat_events, highest, lowest = _task_stats(blocks)
     for block in prange(blocks):
         acc = np.empty(n_cols, np.int64)
         n_acc = 0
