@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxsim import QFormat
+from fxsim import QFormat, code_dtype
 from fxsim.datapath import Datapath, conv2d, prepare
 from fxsim.kernels import dense, int8, int8_sparse, sparse
 from fxsim.kernels.int8_sparse import BLOCK, GROUPS, LANES, STEP, WINDOW_STEP
@@ -326,3 +326,41 @@ def test_conv_sums_over_bands_and_pieces_of_rows():
                           sparse.NO_REQUANT, np.empty((0, 0, 0), np.uint8), sums)
     assert int8.task_grid(3, 1100) == (1, 1024, 3, 2)
     assert np.array_equal(sums, expected)
+
+
+@needs_vbmi
+@pytest.mark.parametrize("rounding", ["rnd_conv", "trn", "rnd_zero", "rnd_inf"])
+@pytest.mark.parametrize("out_fmt, overflow, x_max", [(QFormat(8, 2), "sat", 16),
+                                                      (QFormat(16, 5), "sat_sym", 128)])
+def test_fused_convolution_equals_the_dense_kernel(rounding, out_fmt, overflow, x_max,
+                                                   monkeypatch):
+    """The zero-skipping int8 convolution requantised inside the kernel by the int32 kernel
+    (a whole image's tile of a panel in one call, one int32 bias per code) against the dense
+    int8 kernel, bit for bit and counter for counter: panels of 64 outputs, whole and in part
+    (50, 70, 130 outputs), shifts of 6 (int8 codes; inputs within +-16, so that most codes are
+    in range) and 1 (int16 codes, some saturating), random biases, and rows too long for one
+    task (then a call per output channel)."""
+    fmt = QFormat(8, 2)
+    dp = Datapath(fmt, fmt, out_fmt=out_fmt, rounding=rounding, overflow=overflow)
+    out_dtype = code_dtype(out_fmt)
+    rng = np.random.default_rng(11)
+    kernel_calls = []  # whether each call of the kernel took the int32 requantisation
+    conv_sums = int8_sparse.conv_sums
+    monkeypatch.setattr(int8_sparse, "conv_sums", lambda *args: kernel_calls.append(
+        args[12][11]) or conv_sums(*args))
+    for n_out, x_shape in ((50, (3, 16, 7, 9)), (130, (2, 16, 5, 6)), (70, (1, 16, 2, 1030))):
+        x = rng.integers(-x_max, x_max, x_shape)
+        w = random_codes(rng, fmt, (n_out, 16, 3, 3), 0.7)
+        b = rng.integers(-(2**14), 2**14, n_out)  # +-4 at the accumulator's 12 fraction bits
+        ys, cs = {}, {}
+        for kernel in ("dense", "sparse"):
+            layer = prepare(w, b, Datapath(**{**dp.__dict__, "kernel": kernel}))
+            ys[kernel], cs[kernel] = layer.conv2d(x, 1, 1, out_dtype=out_dtype)
+        assert cs["sparse"].paths == {"sparse_int8_gather": cs["sparse"].outputs}
+        assert kernel_calls == [1]
+        kernel_calls.clear()
+        assert ys["sparse"].dtype == ys["dense"].dtype == out_dtype
+        assert np.array_equal(ys["sparse"], ys["dense"]), n_out
+        for key in ("out_saturations", "acc_overflows", "max_abs_acc", "outputs"):
+            assert getattr(cs["sparse"], key) == getattr(cs["dense"], key), (n_out, key)
+        assert 0 < cs["dense"].out_saturations < cs["dense"].outputs // 2
