@@ -798,25 +798,30 @@ def _bias_at(bias, p):
     return lambda bias, p: bias
 
 
+@njit(inline="always")
+def int32_kernel(rq, size):
+    """Whether :func:`requantise_lanes` takes its int32 kernel: where ``rq`` allows it (its
+    flag ``rq[11]``) for codes of 1 or 2 bytes. Wider codes (outputs of more than 16 bits,
+    whose sums rarely fit int32) take the int64 pass: an int32 kernel for each of them cost
+    its every caller compile time (the requantisation code was a third of a first run's
+    compiling)."""
+    return rq[11] != 0 and size <= 2
+
+
 @njit(cache=True)
 def requantise_lanes(lanes, bias, rq, wide, dest):
     """``lanes`` (exact sums in any numeric dtype) + ``bias`` (one int64 for every lane, or an
     array of one per lane: int32 where ``rq`` allows the int32 kernel, so that its lanes stay
     int32) -> output codes in ``dest``, their bytes (:func:`code_bytes`):
-    the int32 kernel where ``rq`` allows it, else through the int64 buffer ``wide`` (at least
-    as long as ``lanes``) and :func:`requantise_row`. Returns what :func:`requantise_row`
-    returns. Not inlined: the sparse kernels and :func:`finish_fast_rows` call it once per
-    row or tile (hundreds of lanes), and one compiled copy per lane dtype keeps their many
-    specialisations small to compile."""
-    if rq[11]:
-        size = code_size(dest, lanes.size)
-        if size == 1:
+    the int32 kernel where :func:`int32_kernel` says it applies, else through the int64 buffer
+    ``wide`` (at least as long as ``lanes``) and :func:`requantise_row`. Returns what
+    :func:`requantise_row` returns. Not inlined: the sparse kernels and
+    :func:`finish_fast_rows` call it once per row or tile (hundreds of lanes), and one
+    compiled copy per lane dtype keeps their many specialisations small to compile."""
+    if int32_kernel(rq, code_size(dest, lanes.size)):
+        if code_size(dest, lanes.size) == 1:
             return _requantise_sat32(lanes, bias, rq, dest.view(np.int8))
-        if size == 2:
-            return _requantise_sat32(lanes, bias, rq, dest.view(np.int16))
-        if size == 4:
-            return _requantise_sat32(lanes, bias, rq, dest.view(np.int32))
-        return _requantise_sat32(lanes, bias, rq, dest.view(np.int64))
+        return _requantise_sat32(lanes, bias, rq, dest.view(np.int16))
     acc = wide[: lanes.size]
     for t in range(lanes.size):
         acc[t] = np.int64(lanes[t]) + bias_at(bias, t)

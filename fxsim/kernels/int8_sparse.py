@@ -41,7 +41,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fxsim.kernels import int8
-from fxsim.kernels.dense import code_size, requantise_lanes, task_totals
+from fxsim.kernels.dense import code_size, int32_kernel, requantise_lanes, task_totals
 from fxsim.kernels.int8 import LANES, QUAD, _dot_intrinsic, _store_transposed
 
 # Bytes of one block of the fan-in: one zmm register, the reach of vpermb. (Two registers
@@ -404,7 +404,7 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
     # work there (LeNet5's conv2, 64 positions: its layer at density 0.1 0.76-0.81 -> 0.68-0.72
     # ms); over larger tiles the bias per code cost more loads than the calls it saved.
     per_image = oh * ow
-    whole = fused and rq[11] and bands * pieces == 1 and per_image <= TILE_POSITIONS
+    whole = fused and int32_kernel(rq, size) and bands * pieces == 1 and per_image <= TILE_POSITIONS
     tile_bias = np.empty(n_out * per_image if whole else 0, np.int32)
     for j in range(n_out if whole else 0):
         value = np.int32(np.int64(bias[j]) - corr[j])
@@ -434,7 +434,7 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
         for j in range(j0, min(j0 + width, n_out)):
             row = c[(j - j0) * n_pos : (j - j0 + 1) * n_pos]
             dest = codes[img, j, p0 * size : (p0 + n_pos) * size] if fused else codes[0, 0, :0]
-            if fused and rq[11]:
+            if fused and int32_kernel(rq, size):
                 # the int32 requantisation adds in int32, wrapping: the biased sums plus
                 # bias - corr give sum + bias exactly (it fits int32: rq[11]), one pass fewer
                 n_acc, n_sat, top, bottom = requantise_lanes(row, np.int64(bias[j]) - corr[j],
