@@ -818,8 +818,9 @@ def requantise_lanes(lanes, bias, rq, wide, dest):
     :func:`requantise_row` returns. Not inlined: the sparse kernels and
     :func:`finish_fast_rows` call it once per row or tile (hundreds of lanes), and one
     compiled copy per lane dtype keeps their many specialisations small to compile."""
-    if int32_kernel(rq, code_size(dest, lanes.size)):
-        if code_size(dest, lanes.size) == 1:
+    size = code_size(dest, lanes.size)
+    if int32_kernel(rq, size):
+        if size == 1:
             return _requantise_sat32(lanes, bias, rq, dest.view(np.int8))
         return _requantise_sat32(lanes, bias, rq, dest.view(np.int16))
     acc = wide[: lanes.size]
