@@ -402,7 +402,7 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
     # Where a task is a whole image of at most TILE_POSITIONS outputs, its channels' codes are
     # contiguous and the int32 requantisation takes its tile in one call, with one bias per
     # code (bias - corr, wrapping: exact, see below). A call per channel cost more than its
-    # work there (LeNet5's conv2, 64 positions: its layer at density 0.1 0.76-0.81 -> 0.68-0.72
+    # work there (LeNet5's conv2, 64 positions: its layer at density 0.1 0.76-0.81 -> 0.65-0.72
     # ms); over larger tiles the bias per code cost more loads than the calls it saved.
     per_image = oh * ow
     whole = fused and int32_kernel(rq, size) and bands * pieces == 1 and per_image <= TILE_POSITIONS
