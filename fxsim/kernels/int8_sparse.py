@@ -421,7 +421,6 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
             x_off = ((img * hp + oy * sh) * wp + ox0 * sw) * depth
             _panel(True, True, c, (oy - oy0) * count, n_pos, 1, xflat, x_off, sw * depth,
                    x_seg, count, runs, r0, r1, table, s0)
-        lanes = np.empty(n_pos, np.int32)
         wide = np.empty(n_pos if fused else 0, np.int64)
         p0 = oy0 * ow + ox0
         j0 = width * panel
@@ -432,6 +431,7 @@ def conv_sums(xflat, shape, runs, run_ptr, step_ptr, table, corr, kh, kw, sh, sw
                 requantise_lanes(c[: (j1 - j0) * n_pos], tile_bias[j0 * n_pos : j1 * n_pos],
                                  rq, wide, dest))
             continue
+        lanes = np.empty(n_pos, np.int32)
         for j in range(j0, min(j0 + width, n_out)):
             row = c[(j - j0) * n_pos : (j - j0 + 1) * n_pos]
             dest = codes[img, j, p0 * size : (p0 + n_pos) * size] if fused else codes[0, 0, :0]
