@@ -11,10 +11,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # ... but a worker that sleeps at once must be woken for the next parallel loop, about 0.15 ms
 # on this machine, which dominated small layers (min/max of 128k codes: 0.17 ms, against
 # 0.025 ms when the workers spin briefly). GNU OpenMP's spin count overrides the passive policy:
-# 20,000 spins (some tens of microseconds) bridge back-to-back Numba loops and still leave the
-# cores to BLAS soon after. Measured (2 cores): a LeNet5 fc2-sized int layer, batch 256,
-# 0.74 -> 0.27 ms; fc1 1.77 -> 1.3 ms; a training step unchanged.
-os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+# a short spin bridges back-to-back Numba loops and leaves the cores to BLAS soon after.
+# Measured (2 cores): 20,000 spins against none, a LeNet5 fc2-sized int layer, batch 256,
+# 0.74 -> 0.27 ms; fc1 1.77 -> 1.3 ms. 3,000 spins (70-80 us here; 20,000 were 300-600 us)
+# bridge the same gaps and no longer spin through most of the GEMM that follows a Numba loop
+# in training: a LeNet5 training step (batch 64) 12.5-13.0 -> 11.0-11.3 ms (four alternated
+# runs each), fc1's forward GEMM in it 0.65-0.71 -> 0.41 ms; int inference unchanged.
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 # OpenBLAS's own threads busy-wait 2^28 cycles after a GEMM by default, stealing the cores
 # from the Numba kernels that follow (im2col, col2im, pooling). 2^4 cycles (the minimum):
 # float IFGSM on 10,000 LeNet5 images 39.8 s -> 29.5 s, a training epoch 17.5 s -> 15.6 s
