@@ -1284,6 +1284,13 @@ def _output_dtype(out_dtype, fmt: QFormat) -> np.dtype:
         dtype = np.dtype(out_dtype)
     except TypeError as exc:
         raise FormatError(f"out_dtype must be a numpy integer dtype, got {out_dtype!r}") from exc
+    return _checked_output_dtype(dtype, fmt)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_output_dtype(dtype: np.dtype, fmt: QFormat) -> np.dtype:
+    """``dtype`` where it is a signed integer dtype that holds every code of ``fmt`` (cached:
+    ``np.iinfo`` took a tenth of a small layer's call)."""
     info = np.iinfo(dtype) if dtype.kind == "i" else None
     if info is None or fmt.min_code < info.min or fmt.max_code > info.max:
         raise FormatError(

@@ -17,6 +17,8 @@ in canonical order.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
@@ -917,6 +919,7 @@ def finish_fast_rows(sums, bias, rows_per_bias, rq, out):
     return totals(acc_events, sat_events, highest, lowest)
 
 
+@functools.lru_cache(maxsize=256)
 def fast_requant_args(rmode: int, shift: int, lo: int, hi: int, bits: int, signed: bool,
                       omode: int, acc_bits: int, acc_omode: int, acc_bound: int) -> tuple:
     """The int64 tuple :func:`requantise_row` and :func:`requantise_lanes` take, for a
