@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from fxsim.errors import ShapeError
+from fxsim.kernels import batchnorm
 from fxsim.kernels.dense import (
     col2im,
     col2im_batch_last,
@@ -262,32 +263,32 @@ class BatchNorm2d(Layer):
 
     def forward(self, x, train=False, rng=None):
         dt = x.dtype
-        gamma = self.params["gamma"].astype(dt)[None, :, None, None]
-        beta = self.params["beta"].astype(dt)[None, :, None, None]
         if train:
-            mean = x.mean(axis=(0, 2, 3))
-            var = x.var(axis=(0, 2, 3))
+            mean, var = batchnorm.statistics(x)
             m = self.momentum
             self.buffers["mean"] = (m * self.buffers["mean"] + (1 - m) * mean).astype(np.float32)
             self.buffers["var"] = (m * self.buffers["var"] + (1 - m) * var).astype(np.float32)
+            mean, var = mean.astype(dt), var.astype(dt)
         else:
             mean, var = self.buffers["mean"].astype(dt), self.buffers["var"].astype(dt)
         inv = 1.0 / np.sqrt(var + self.eps).astype(dt)
-        xhat = (x - mean[None, :, None, None]) * inv[None, :, None, None]
-        return xhat * gamma + beta, (xhat, inv, train)
+        y, xhat = batchnorm.normalise(x, mean, inv, self.params["gamma"], self.params["beta"])
+        return y, (xhat, inv, train)
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
         xhat, inv, train = ctx
-        gamma = self.params["gamma"].astype(dy.dtype)
+        dt = dy.dtype
+        scale = self.params["gamma"].astype(dt) * inv
         grads = {}
-        if need_params:
-            grads = {"gamma": (dy * xhat).sum(axis=(0, 2, 3)), "beta": dy.sum(axis=(0, 2, 3))}
-        g = (gamma * inv)[None, :, None, None]
+        if need_params or train:
+            sum_dy, sum_dy_xhat = batchnorm.gradient_sums(dy, xhat)
+            if need_params:
+                grads = {"gamma": sum_dy_xhat.astype(dt), "beta": sum_dy.astype(dt)}
         if not train:  # running statistics are constants
-            return dy * g, grads
-        mean_dy = dy.mean(axis=(0, 2, 3), keepdims=True)
-        mean_dy_xhat = (dy * xhat).mean(axis=(0, 2, 3), keepdims=True)
-        return g * (dy - mean_dy - xhat * mean_dy_xhat), grads
+            return dy * scale[None, :, None, None], grads
+        count = dy.size // dy.shape[1]
+        return batchnorm.input_gradient(dy, xhat, scale, sum_dy / count,
+                                        sum_dy_xhat / count), grads
 
 
 class Flatten(Layer):
