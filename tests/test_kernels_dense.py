@@ -32,6 +32,19 @@ def test_transpose2d_is_the_transpose(rows, cols, dtype, into, seed):
     np.testing.assert_array_equal(cast, a[:, ::-1].T.astype(np.float64))
 
 
+@settings(max_examples=50, deadline=None)
+@given(j=st.integers(1, 6), n=st.integers(1, 5), p=st.integers(1, 40), bias=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**32 - 1))
+def test_channels_first_moves_rows_and_adds_the_bias(j, n, p, bias, dtype, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((j, n, p)).astype(dtype)
+    b = rng.standard_normal(j).astype(dtype) if bias else None
+    got = dense.channels_first(y, b)
+    assert got.dtype == dtype and got.flags.c_contiguous and got.shape == (n, j, p)
+    expected = y.transpose(1, 0, 2) + (b[None, :, None] if bias else dtype(0))
+    np.testing.assert_array_equal(got, expected)
+
+
 @settings(max_examples=100, deadline=None)
 @given(batch=st.sampled_from([1, 3, 4, 8, 16]), chans=st.integers(1, 3), h=st.integers(1, 6),
        w=st.integers(1, 9), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),

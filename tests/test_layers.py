@@ -73,6 +73,20 @@ def test_conv2d_gradients(stride, padding, size):
     check_layer(Conv2d(3, 4, 3, stride, padding), images((2, 3, *size)))
 
 
+def test_conv2d_one_gemm_over_the_batch_matches_a_gemm_per_image(monkeypatch):
+    from fxsim import layers
+
+    layer = Conv2d(3, 4, 3, 1, 1)
+    to_float64([layer])
+    layer.params["bias"] = np.array([0.5, -1.0, 2.0, 0.25])
+    x = images((2, 3, 16, 16))  # 256 positions: image-major columns, 27,648 MACs an image
+    per_image, _ = layer.forward(x)
+    monkeypatch.setattr(layers, "ONE_GEMM_MACS", 0)
+    one_gemm, _ = layer.forward(x)
+    np.testing.assert_allclose(one_gemm, per_image, rtol=1e-12, atol=1e-12)
+    check_layer(layer, x)
+
+
 def test_linear_relu_flatten_affine_gradients():
     check_layer(Linear(6, 5), images((4, 6)))
     check_layer(ReLU(), images((3, 8)))
