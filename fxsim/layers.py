@@ -235,13 +235,10 @@ class MaxPool2d(Layer):
 
     def forward(self, x, train=False, rng=None):
         _check_divisible(x, self.k, self.name)
-        y, arg = maxpool_forward(np.ascontiguousarray(x), self.k)
-        return y, (arg, x.shape)
+        return maxpool_forward(np.ascontiguousarray(x), self.k)  # (y, ctx: the argmax)
 
     def backward(self, dy, ctx, need_dx=True, need_params=True):
-        arg, shape = ctx
-        dx = np.zeros(shape, dy.dtype)
-        return maxpool_backward(np.ascontiguousarray(dy), arg, self.k, dx), {}
+        return maxpool_backward(np.ascontiguousarray(dy), ctx, self.k), {}
 
 
 class AvgPool2d(Layer):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
@@ -166,3 +167,21 @@ def test_unsaturated_gradient_is_the_masked_gradient():
         np.where(y == 0.1, 0, ones).tolist())
     with pytest.raises(ShapeError, match="gradient of shape"):
         dense.unsaturated_gradient(ones, y[:3], lo, hi)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_maxpool_takes_the_first_maximum_and_routes_its_gradient(k):
+    """Small integers make ties common (as ReLU's zeros do): the first maximum in row-major
+    order wins, as numpy's argmax picks it; the gradient goes there and nowhere else."""
+    rng = np.random.default_rng(k)
+    n, c, oh, ow = 3, 4, 5, 7
+    x = rng.integers(-2, 3, (n, c, oh * k, ow * k)).astype(np.float32)
+    y, arg = dense.maxpool_forward(x, k)
+    windows = x.reshape(n, c, oh, k, ow, k).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, -1)
+    np.testing.assert_array_equal(y, windows.max(axis=-1))
+    np.testing.assert_array_equal(arg, windows.argmax(axis=-1))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = dense.maxpool_backward(dy, arg, k)
+    one_hot = np.arange(k * k) == windows.argmax(axis=-1)[..., None]
+    expected = (one_hot * dy[..., None]).reshape(n, c, oh, ow, k, k).transpose(0, 1, 2, 4, 3, 5)
+    np.testing.assert_array_equal(dx, expected.reshape(x.shape))

@@ -1154,10 +1154,29 @@ def total(values):
     return count
 
 
+@njit(inline="always")
+def _first_max_of_pairs(r0, r1, ox):
+    """The first maximum of a 2 x 2 window (columns 2 * ox, 2 * ox + 1 of rows r0 and r1) and
+    its index (row * 2 + column)."""
+    best = r0[2 * ox]
+    where = np.int8(0)
+    v = r0[2 * ox + 1]
+    if v > best:
+        best, where = v, np.int8(1)
+    v = r1[2 * ox]
+    if v > best:
+        best, where = v, np.int8(2)
+    v = r1[2 * ox + 1]
+    if v > best:
+        best, where = v, np.int8(3)
+    return best, where
+
+
 @njit(cache=True, parallel=True)
 def maxpool_forward(x, k):
     """Non-overlapping k x k max pooling of floats: (values, index of the first maximum in each
-    window as int8 (row * k + column))."""
+    window as int8 (row * k + column)). 2 x 2 windows (LeNet5's) have a loop of their own that
+    vectorises (2 cores, (64, 20, 24, 24) float32: 0.27 -> 0.06 ms)."""
     n_img, chans, h, w = x.shape
     oh, ow = h // k, w // k
     out = np.empty((n_img, chans, oh, ow), x.dtype)
@@ -1165,6 +1184,12 @@ def maxpool_forward(x, k):
     for nc in prange(n_img * chans):
         n, c = nc // chans, nc % chans
         for oy in range(oh):
+            if k == 2:
+                r0, r1 = x[n, c, 2 * oy], x[n, c, 2 * oy + 1]
+                values, where = out[n, c, oy], arg[n, c, oy]
+                for ox in range(ow):
+                    values[ox], where[ox] = _first_max_of_pairs(r0, r1, ox)
+                continue
             for ox in range(ow):
                 best = x[n, c, oy * k, ox * k]
                 where = 0
@@ -1179,10 +1204,26 @@ def maxpool_forward(x, k):
 
 
 @njit(cache=True, parallel=True)
-def maxpool_backward(dy, arg, k, dx):
-    """Send each window's gradient to the position :func:`maxpool_forward` picked; ``dx`` must
-    be zeros of the input's shape."""
+def maxpool_backward(dy, arg, k):
+    """Send each window's gradient to the position :func:`maxpool_forward` picked, zeros
+    elsewhere: (N, C, OH * k, OW * k). 2 x 2 windows write every input position once instead
+    of zeroing them all first (2 cores, (64, 20, 12, 12) float32: 0.30 -> 0.18 ms)."""
     n_img, chans, oh, ow = dy.shape
+    if k == 2:
+        dx = np.empty((n_img, chans, 2 * oh, 2 * ow), dy.dtype)
+        for nc in prange(n_img * chans):
+            n, c = nc // chans, nc % chans
+            for oy in range(oh):
+                d, a = dy[n, c, oy], arg[n, c, oy]
+                r0, r1 = dx[n, c, 2 * oy], dx[n, c, 2 * oy + 1]
+                for ox in range(ow):
+                    v, where = d[ox], a[ox]
+                    r0[2 * ox] = v if where == 0 else 0
+                    r0[2 * ox + 1] = v if where == 1 else 0
+                    r1[2 * ox] = v if where == 2 else 0
+                    r1[2 * ox + 1] = v if where == 3 else 0
+        return dx
+    dx = np.zeros((n_img, chans, oh * k, ow * k), dy.dtype)
     for nc in prange(n_img * chans):
         n, c = nc // chans, nc % chans
         for oy in range(oh):
