@@ -5,7 +5,7 @@ from fxsim import data
 from fxsim.cli import main
 from fxsim.errors import FxsimError
 from fxsim.models import lenet5
-from fxsim.train import TrainConfig, evaluate, train
+from fxsim.train import TrainConfig, evaluate, sgd_step, train
 
 
 def test_lenet5_learns_the_embedded_sample():
@@ -26,6 +26,36 @@ def test_training_is_deterministic_for_a_seed():
         runs.append(model.parameters())
     for name in runs[0]:
         assert np.array_equal(runs[0][name], runs[1][name])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_step_gives_the_bits_of_the_numpy_expressions(dtype):
+    """The fused update against the textbook numpy lines, bit for bit: weight decay on weights
+    only, a pruning mask (with negative velocities, so -0.0 must come out as numpy makes it),
+    and a gradient of another dtype (the numpy path)."""
+    rng = np.random.default_rng(1)
+    shapes = {"fc.weight": (7, 9), "fc.bias": (7,), "conv.weight": (3, 2, 2, 2)}
+    params = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    grads["conv.weight"] = grads["conv.weight"].astype(np.float16)
+    velocity = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    keep = {"fc.weight": rng.random(shapes["fc.weight"]) < 0.5}
+    config = TrainConfig(momentum=0.9, weight_decay=5e-4)
+    p_ref = {k: v.copy() for k, v in params.items()}
+    v_ref = {k: v.copy() for k, v in velocity.items()}
+    for name, p in p_ref.items():
+        g = grads[name]
+        if name.endswith(".weight"):
+            g = g + config.weight_decay * p
+        v_ref[name] *= config.momentum
+        v_ref[name] -= 0.0123 * g
+        if name in keep:
+            v_ref[name] *= keep[name]
+        p += v_ref[name]
+    sgd_step(params, grads, velocity, 0.0123, config, keep)
+    for name in shapes:
+        assert params[name].tobytes() == p_ref[name].tobytes(), name
+        assert velocity[name].tobytes() == v_ref[name].tobytes(), name
 
 
 def test_learning_rate_schedule_decays_three_times():
