@@ -1215,7 +1215,9 @@ def _finish(sums, bias, bias_last, acc_omode, shift, plan: _Plan, dp: Datapath, 
         return kernel(sums, bias, bias_last, dp.acc_bits or 0, acc_omode, shift, lo, hi, bits,
                       signed, dp.rounding.code, dp.overflow.code, u, dense.code_bytes(out))
     if rq[11] and sums.flags.c_contiguous:
-        # the int32 kernel; a bias per lane as int32 (exact: rq[11] bounds |sum + bias| < 2^31)
+        # requantise_lanes row by row: its int32 kernel for 1- and 2-byte codes, the int64
+        # pass for wider ones (dense.int32_kernel); a bias per lane as int32 (exact: rq[11]
+        # bounds |sum + bias| < 2^31)
         lane_bias = bias.astype(np.int32) if bias_last else np.empty(0, np.int32)
         kernel = dense.finish_lanes_serial if serial else dense.finish_lanes
         return kernel(sums, bias, lane_bias, rq, dense.code_bytes(out))

@@ -885,7 +885,9 @@ def _finish_lanes(sums, bias, lane_bias, rq, out):
     allows it and ``sums`` is C-contiguous: with ``lane_bias`` (C,) int32 one bias per lane
     (a linear layer's (N, 1, J) sums: 256 x 500 float32 sums to int8 codes on one core 0.088
     -> 0.052 ms; int32, so that its loads stay 16 lanes wide), with ``lane_bias`` empty
-    ``bias[j]`` (int64) per row (the int8 convolution's (N, J, P) sums). A kernel of its
+    ``bias[j]`` (int64) per row (a convolution's (N, J, P) sums, e.g. the 16-bit digit
+    path's; the int8 convolutions requantise inside their own kernels). Codes wider than 2
+    bytes take the int64 pass (:func:`int32_kernel`). A kernel of its
     own: every row type a kernel is compiled for compiles the calls of every branch."""
     n_a, n_b, n_c = sums.shape
     tasks = n_a * n_b
