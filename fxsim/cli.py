@@ -449,7 +449,9 @@ def quantize_command(model_file, bits, int_bits, max_overflow, calibration, weig
 @click.option("--acc-overflow", type=click.Choice(["sat", "wrap"]), default=None)
 @click.option("--rounding", type=click.Choice(ROUNDING_NAMES), default=None)
 @click.option("--kernel", type=click.Choice(["auto", "dense", "sparse"]), default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True,
+              help="Images per forward pass (fewer where a layer would build more than 128 MB "
+                   "of im2col columns; the integer datapath gives the same bits either way).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def simulate_command(model_file, dataset, data_dir, count, bits, acc_bits, acc_mode,
                      acc_overflow, rounding, kernel, batch_size, as_json):

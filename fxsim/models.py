@@ -23,6 +23,15 @@ from fxsim.layers import (
     Standardize,
 )
 
+# The most bytes of im2col columns one forward pass of :meth:`Model.run` or :meth:`Model.predict`
+# may build in a layer; larger batches go in chunks. Past glibc's kept-heap threshold (256 MB,
+# fxsim/_runtime.py) every chunk's columns are page-faulted in afresh, and past the caches they
+# are slow to write and read anyway. CifarNet's conv1 builds 2 MB of columns an image: on 2
+# cores, 1,000 images took 9.75 s to predict at batch 1,000 and 2.84 s at 64; a 16-bit CifarNet
+# ran 500 images in 3.38 s at batch 500, 1.42 s at 64. LeNet5's largest are 128 KB an image, so
+# its batches of 1,000 stay whole (10,000 images: 0.67 s at 1,000, 0.99 s at 64).
+CHUNK_BYTES = 128 << 20
+
 
 class Model:
     """A sequence of layers with a fixed input shape (C, H, W) and a number of classes."""
@@ -35,6 +44,7 @@ class Model:
         self.input_shape = tuple(input_shape)
         self.num_classes = int(num_classes)
         self.arch = arch
+        self._column_bytes = None  # see _chunk
 
     # ------------------------------------------------------------------ parameters
 
@@ -68,11 +78,32 @@ class Model:
         """Logits (N, classes) for images x (N, C, H, W) in [0, 1]."""
         return autograd.forward(self.layers, self._check_input(x), train, rng)[0]
 
+    def _chunk(self, batch_size: int) -> int:
+        """Images per forward pass of :meth:`run` and :meth:`predict`: ``batch_size``, or
+        fewer where the largest im2col matrix of a layer would pass :data:`CHUNK_BYTES`."""
+        if self._column_bytes is None:
+            self._column_bytes = self._probe_column_bytes()
+        return max(1, min(batch_size, CHUNK_BYTES // max(1, self._column_bytes)))
+
+    def _probe_column_bytes(self) -> int:
+        """Bytes of the largest im2col matrix (float32) a convolution builds for one image:
+        one forward pass of a blank image, layer by layer."""
+        x = np.zeros((1, *self.input_shape), np.float32)
+        worst = 0
+        for layer in self.layers:
+            y, _ = layer.forward(x)
+            w = layer.params.get("weight")
+            if w is not None and w.ndim == 4 and y.ndim == 4:
+                worst = max(worst, w[0].size * y.shape[2] * y.shape[3] * 4)
+            x = y
+        return worst
+
     def run(self, x, batch_size=1000):
         """Logits of all images, batch by batch, with what the integer layers counted:
         returns (logits, {layer name: Counters}, input saturations)."""
         x = self._check_input(x)
         logits, counters, input_saturations = [], {}, 0
+        batch_size = self._chunk(batch_size) if len(x) else batch_size
         for i in range(0, len(x), batch_size):
             out, tape = autograd.forward(self.layers, x[i : i + batch_size], False)
             logits.append(out)
@@ -90,6 +121,7 @@ class Model:
     def predict(self, x, batch_size=1000) -> np.ndarray:
         """Predicted class per image, in batches."""
         x = self._check_input(x)
+        batch_size = self._chunk(batch_size) if len(x) else batch_size
         return np.concatenate([self.forward(x[i : i + batch_size]).argmax(axis=1)
                                for i in range(0, len(x), batch_size)] or [np.zeros(0, int)])
 

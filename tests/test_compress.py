@@ -134,6 +134,26 @@ def test_cifarnet_quantises_with_exact_average_pool():
     assert logits.shape == (2, 10) and len(counters) == 9
 
 
+def test_inference_goes_in_chunks_that_bound_the_columns_and_change_no_bit(monkeypatch):
+    from fxsim import models
+
+    # CifarNet's conv1 builds 576 x 900 float32 columns an image (2 MB): 64 images a chunk;
+    # LeNet5's largest (conv2, 500 x 64) are 128 KB: its batches of 1,000 stay whole
+    assert cifarnet(seed=0)._chunk(1000) == 64
+    assert lenet5(seed=0)._chunk(1000) == 1000
+    assert lenet5(seed=0)._chunk(7) == 7
+    qmodel = quantize_model(lenet5(seed=0), quant_config(lenet5(seed=0), 8))
+    x = np.random.default_rng(1).random((9, 1, 28, 28))
+    whole = qmodel.run(x)
+    monkeypatch.setattr(models, "CHUNK_BYTES", 2 * 128_000)  # 2 images a chunk
+    chunked_model = quantize_model(lenet5(seed=0), quant_config(lenet5(seed=0), 8))
+    assert chunked_model._chunk(1000) == 2
+    chunked = chunked_model.run(x)
+    assert np.array_equal(chunked[0], whole[0])  # the integer datapath: exact in any chunks
+    assert chunked[1] == whole[1] and chunked[2] == whole[2]
+    assert np.array_equal(chunked_model.predict(x), qmodel.predict(x))
+
+
 def test_magnitude_pruning_hits_the_density():
     model = lenet5(seed=0)
     masks = magnitude_masks(model, 0.1)
