@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fxsim import QFormat, autograd, code_dtype
 from fxsim.datapath import Datapath, prepare
-from fxsim.models import lenet5
+from fxsim.models import cifarnet, lenet5
 from tests.test_kernels_sparse import ROUNDINGS, make_weights, random_bias
 
 needs_pool = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
@@ -75,9 +75,11 @@ def test_layers_give_the_same_bits_on_any_thread_count(case, conv, channels, bat
 
 
 @needs_pool
-def test_a_float_model_and_its_gradients_on_any_thread_count():
-    model = lenet5()
-    x = np.random.default_rng(3).random((37, 1, 28, 28)).astype(np.float32)
+@pytest.mark.parametrize(("make", "batch"), [(lenet5, 37), (cifarnet, 5)])
+def test_a_float_model_and_its_gradients_on_any_thread_count(make, batch):
+    # CifarNet: batch normalisation's channel sums, one GEMM over the batch for conv0 / conv1
+    model = make()
+    x = np.random.default_rng(3).random((batch, *model.input_shape)).astype(np.float32)
 
     def run():
         logits, tape = autograd.forward(model.layers, x, train=True,
