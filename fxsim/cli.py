@@ -491,6 +491,42 @@ def simulate_command(model_file, dataset, data_dir, count, bits, acc_bits, acc_m
                    f"{wb['eie']}")
 
 
+@cli.command("distributions")
+@click.argument("model_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--images", "count", type=click.IntRange(1), default=10, show_default=True,
+              help="Test images the activations come from (the paper: 10).")
+@click.option("--dataset", default=None, help="Data set (default: each model's own).")
+@data_dir_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of the CDFs here (weights, activations; a line per model).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON (per model and per layer) instead of text.")
+def distributions_command(model_files, count, dataset, data_dir, plot_path, as_json):
+    """Value distributions of the weights and activations of MODEL_FILES (the paper's Figure
+    5): how many are zero, how many sit at a limit of their format (clipped), the range.
+
+    Weights: every conv/linear weight as the datapath uses it (a quantised model's code
+    values, pruned weights as 0). Activations: every conv/linear layer's output on the first
+    --images test images, before the activation function, with batch normalisation folded
+    into its convolution."""
+    from fxsim import distributions, report, store
+
+    if plot_path:
+        store.check_writable(plot_path)
+    stems = [Path(f).stem for f in model_files]
+    labels = stems if len(set(stems)) == len(stems) else list(model_files)
+    summary, values = distributions.of_files(dict(zip(labels, model_files, strict=True)), count,
+                                             dataset, data_dir)
+    if plot_path:
+        report.plot_value_cdfs(values, plot_path, images=count)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(report.markdown_distributions(summary))
+    if plot_path:
+        click.echo(f"plot: {plot_path}", err=True)
+
+
 # ------------------------------------------------------------------------------ attacks
 
 
@@ -589,11 +625,21 @@ def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _write_report(results_file, out_dir) -> list:
-    from fxsim import report, store
+def _write_report(results_file, out_dir, data_dir=None) -> list:
+    from fxsim import distributions, report, store
 
     rows, models, config = store.load_results(results_file)
-    return report.write_report(rows, models, config, out_dir, source=str(results_file))
+    try:
+        summary, values, missing = distributions.of_results(models, results_file,
+                                                            data_dir=data_dir)
+        note = (f"Not found, so not in the value distributions: {', '.join(missing)}."
+                if missing else "")
+        found = (summary, values, note)
+    except FxsimError as exc:  # e.g. the data set is not on this machine: report the rest
+        click.echo(f"value distributions left out: {exc}", err=True)
+        found = ({}, {}, f"Value distributions left out: {exc}")
+    return report.write_report(rows, models, config, out_dir, source=str(results_file),
+                               distributions=found)
 
 
 @cli.command("scenarios")
@@ -673,7 +719,7 @@ def scenarios_command(baseline_file, compressed, more_compressed, attack_names, 
     store.save_results(output, rows, table, config)
     _print_results(rows, table, output)
     if report_dir:
-        written = _write_report(output, report_dir)
+        written = _write_report(output, report_dir, data_dir)
         click.echo(f"report: {written[0]}")
 
 
@@ -703,7 +749,7 @@ def _run_sweep(config_file, output, jobs, data_dir, with_report):
     rows, models, _ = store.load_results(results)
     _print_results(rows, models, results)
     if with_report:
-        written = _write_report(results, Path(config["output"]) / "report")
+        written = _write_report(results, Path(config["output"]) / "report", data_dir)
         click.echo(f"report: {written[0]}")
 
 
@@ -729,10 +775,12 @@ def sweep_command(config_file, output, jobs, data_dir, with_report):
 @click.argument("results_file", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for report.md, CSV tables and PNG plots.")
-def report_command(results_file, out_dir):
+@data_dir_option
+def report_command(results_file, out_dir, data_dir):
     """Tables (Markdown, CSV) and plots (accuracy vs density and vs bitwidth per attack and
-    scenario, perturbation vs bitwidth, transfer matrix) from a results file."""
-    written = _write_report(results_file, out_dir)
+    scenario, perturbation vs bitwidth, transfer matrix, value distributions of the models
+    whose files are still there) from a results file."""
+    written = _write_report(results_file, out_dir, data_dir)
     for path in written:
         click.echo(str(path))
 

@@ -79,6 +79,12 @@ class _QuantMixin:
         self._cache = ({k: v.copy() for k, v in self.params.items()}, prepared, clipped)
         return prepared, clipped
 
+    def weight_values(self) -> np.ndarray:
+        """The weights the datapath multiplies by: the values of the weight codes (pruned
+        weights 0), float64 (exact for codes of up to 53 bits)."""
+        prepared, _ = self._prepare()
+        return dequantize(prepared.weights, self.datapath.weight_fmt)
+
     def _input_codes(self, x):
         # Inputs come from a quantised layer or QuantizeInput, so they are normally on the grid
         # and need no rounding; anything else (an average pool) takes the general path.

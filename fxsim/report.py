@@ -249,6 +249,68 @@ def plot_perturbation(lines: list[dict], path) -> bool:
     return True
 
 
+def markdown_distributions(summary: dict) -> str:
+    """Two Markdown tables (weights, activations), a row per model, from the summary the
+    ``distributions`` command builds (label -> {"weights": stats, "activations": stats}, stats
+    from :func:`fxsim.distributions.summarize`)."""
+    def number(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    out = []
+    for which in ("weights", "activations"):
+        out += [f"### {which}", "",
+                "| model | values | zero | at a format limit | min | max | mean abs |",
+                "|---|---|---|---|---|---|---|"]
+        for label, entry in summary.items():
+            s = entry[which]
+            out.append(f"| {label} | {s['count']:,} | {number(s['zero'], '.4g')} | "
+                       f"{number(s['at_limit'], '.4g')} | {number(s['min'], '.5g')} | "
+                       f"{number(s['max'], '.5g')} | {number(s['mean_abs'], '.4g')} |")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def plot_value_cdfs(models: dict, path, images: int | None = None) -> None:
+    """The empirical CDF of every model's weights and of its activations, one panel each, a
+    line per model (the paper's Figure 5). ``models``: label -> (weights, activations), 1-D
+    arrays (:mod:`fxsim.distributions`); ``images``: how many the activations come from, for
+    the title. Each panel spans the central 99.8 % of every model's values (float outliers
+    would otherwise squeeze the quantised models' steps into a corner)."""
+    import numpy as np
+
+    from fxsim.distributions import ecdf
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    for ax, which, title in ((axes[0], 0, "weights"), (axes[1], 1, "activations")):
+        arrays = [values[which] for values in models.values() if len(values[which])]
+        if not arrays:
+            continue
+        lo = min(float(np.quantile(a, 0.001)) for a in arrays)
+        hi = max(float(np.quantile(a, 0.999)) for a in arrays)
+        pad = 0.05 * (hi - lo) or 1.0
+        grid = np.union1d(np.linspace(lo - pad, hi + pad, 2001), [0.0])
+        for i, (label, values) in enumerate(models.items()):
+            if len(values[which]):
+                ax.plot(grid, ecdf(values[which], grid), drawstyle="steps-post",
+                        color=f"C{i % 10}", label=label, lw=1.2)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_xlabel("value")
+        ax.set_title(title if which == 0 or images is None
+                     else f"{title} (conv/linear outputs, {images} images)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("cumulative fraction")
+    fig.suptitle("Value distributions (CDF)", fontsize=11)
+    rows = -(-len(models) // 4)
+    fig.tight_layout(rect=(0, 0.05 + 0.05 * rows, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(models)),
+               fontsize=8, frameon=False)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def transfer_matrix(rows: list[dict], models: list[dict], attack: str):
     """(names, matrix) with matrix[i, j] the accuracy of model j on the examples made on
     model i; NaN where that pair was not evaluated."""
@@ -298,9 +360,12 @@ def plot_transfer_matrix(rows: list[dict], models: list[dict], path) -> None:
 
 
 def write_report(rows: list[dict], models: list[dict], config: dict, out_dir,
-                 source: str = "") -> list:
+                 source: str = "", distributions: tuple | None = None) -> list:
     """Tables (Markdown, CSV) and plots of a results file into ``out_dir``; returns the
-    files written."""
+    files written. ``distributions``: (summary, values, note) of the models' weights and
+    activations (:func:`fxsim.distributions.of_results`; the note says what is missing), for
+    a section of its own with a CDF plot of the baseline and the quantised models (the
+    paper's Figure 5; every model where none is quantised)."""
     from pathlib import Path
 
     from fxsim.scenarios import MODEL_COLUMNS, ROW_COLUMNS
@@ -322,6 +387,26 @@ def write_report(rows: list[dict], models: list[dict], config: dict, out_dir,
         plots.append("perturbation.png")
     plot_transfer_matrix(rows, models, out / "transfer-matrix.png")
     plots.append("transfer-matrix.png")
+    section = []
+    if distributions is not None:
+        summary, values, note = distributions
+        quantised = [m["name"] for m in models if "quantized" in m["kind"]]
+        shown = [m["name"] for m in models
+                 if m["name"] in values and (not quantised or m["kind"] == "baseline"
+                                             or m["name"] in quantised)]
+        if shown:
+            images = next(iter(summary.values()))["images"]
+            plot_value_cdfs({name: values[name] for name in shown},
+                            out / "value-distributions.png", images=images)
+            plots.append("value-distributions.png")
+            section = ["## Value distributions", "",
+                       f"Weights as the datapath uses them; activations: every conv/linear "
+                       f"layer's output on {images} test images, before the activation "
+                       f"function (`fxsim distributions`).", "",
+                       "![value-distributions.png](value-distributions.png)", "",
+                       markdown_distributions(summary)]
+        if note:
+            section += ["", note]
     written += [out / p for p in plots]
     text = [f"# fxsim scenario report{f': {source}' if source else ''}", "",
             f"Data set {config.get('dataset', '?')}, architecture {config.get('arch', '?')}, "
@@ -331,9 +416,11 @@ def write_report(rows: list[dict], models: list[dict], config: dict, out_dir,
             "the baseline, evaluated on the compressed model; S3 COMP->FULL: made on the "
             "compressed model, evaluated on the baseline. The baseline's line shows "
             "FULL->FULL in all three columns.", ""]
-    text += [f"![{p}]({p})" for p in plots] + [""]
+    text += [f"![{p}]({p})" for p in plots if p != "value-distributions.png"] + [""]
     text += ["## Attacks", "", "```", json.dumps(config.get("attacks", {}), indent=2), "```",
              "", "## Accuracy per scenario", "", markdown_scenarios(lines)]
+    if section:
+        text += ["", *section]
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(text) + "\n")

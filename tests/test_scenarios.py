@@ -179,6 +179,10 @@ def test_report_renders_tables_and_plots_from_a_results_file(tmp_path, capsys):
     assert len(csv_rows) == len(rows) + 1
     _names, matrix = report.transfer_matrix(rows, models, "ifgsm")
     assert not np.isnan(matrix).any() and matrix.shape == (6, 6)
+    # no model file to read: the value distributions say so instead of failing the report
+    assert not (folder / "value-distributions.png").exists()
+    assert ("Not found, so not in the value distributions: baseline, pruned-0.5, pruned-0.1, "
+            "q4, q8, q16.") in text
 
 
 def test_report_on_a_missing_or_bad_file_is_one_line(tmp_path, capsys):
@@ -200,7 +204,10 @@ def model_files(tmp_path_factory, three_models):
 
 
 def test_scenarios_command_writes_results_and_report(model_files, tmp_path, capsys):
-    f = model_files
+    f = tmp_path / "models"  # copies, moved away below
+    f.mkdir()
+    for name in ("base.h5", "p20.h5", "q8.h5"):
+        (f / name).write_bytes((model_files / name).read_bytes())
     code, out, err = run_cli(["scenarios", "--baseline", f / "base.h5", "--compressed",
                               f / "p20.h5", f / "q8.h5", "--attacks", "ifgsm,deepfool",
                               "--steps", "2", "--max-iter", "3", "--n", "16", "-o",
@@ -211,6 +218,30 @@ def test_scenarios_command_writes_results_and_report(model_files, tmp_path, caps
     assert [m["kind"] for m in models] == ["baseline", "pruned", "quantized"]
     assert len(rows) == 2 * 7 and config["attacks"]["ifgsm"]["steps"] == 2
     assert "### deepfool" in out and (tmp_path / "rep" / "pruning.png").exists()
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Value distributions" in text and "Not found" not in text
+    assert png_size(tmp_path / "rep" / "value-distributions.png")[0] >= 400
+    for name in ("baseline", "p20", "q8"):  # a row in the weights and the activations table
+        assert text.count(f"| {name} | 430,500 |") == 1
+        assert text.count(f"| {name} | {16 * (20 * 24 * 24 + 50 * 64 + 500 + 10):,} |") == 0
+        assert text.count(f"| {name} | {10 * (20 * 24 * 24 + 50 * 64 + 500 + 10):,} |") == 1
+    # moved with its results file into <folder>/steps, as a sweep lays them out: found there
+    moved = tmp_path / "moved"
+    (moved / "steps").mkdir(parents=True)
+    for name in ("base.h5", "p20.h5", "q8.h5"):
+        (f / name).rename(moved / "steps" / name)
+    (tmp_path / "r.h5").rename(moved / "r.h5")
+    code, _, err = run_cli(["report", moved / "r.h5", "-o", moved / "rep"], capsys)
+    assert code == 0, err
+    moved_text = (moved / "rep" / "report.md").read_text()
+    assert "## Value distributions" in moved_text and "Not found" not in moved_text
+    assert moved_text.count("| q8 | 430,500 |") == 1
+    (moved / "steps" / "q8.h5").unlink()
+    code, _, err = run_cli(["report", moved / "r.h5", "-o", moved / "rep"], capsys)
+    assert code == 0, err
+    moved_text = (moved / "rep" / "report.md").read_text()
+    assert "Not found, so not in the value distributions: q8." in moved_text
+    assert moved_text.count("| p20 | 430,500 |") == 1
 
 
 @pytest.mark.parametrize("other, message", [
