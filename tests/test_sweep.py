@@ -232,3 +232,38 @@ def test_the_config_check_looks_for_the_data_set_in_data_dir(tmp_path):
     if data.locate("mnist") is None:  # nowhere else on this machine
         with pytest.raises(FxsimError, match="fetch mnist"):
             sweep.load_config(config_file, tmp_path / "out")
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_example_configs_load_and_plan_every_step(name, tmp_path, monkeypatch):
+    """The shipped configs stay valid: with their data set present (files the test writes in
+    the real formats), each loads and plans one model per density and bitwidth, an attack
+    step per (attack, model) and an evaluation per model."""
+    import numpy as np
+
+    from tests.test_data import write_cifar, write_mnist_like
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data"
+    for mnist_like in ("mnist", "fashion-mnist"):
+        write_mnist_like(folder / mnist_like, rng.integers(0, 256, (12, 28, 28)),
+                         rng.integers(0, 10, 12), rng.integers(0, 256, (5, 28, 28)),
+                         rng.integers(0, 10, 5))
+    write_cifar(folder / "cifar10", rng, as_archive=False)
+    monkeypatch.setattr(data, "SYSTEM_DIRS", [])  # only what the test wrote
+    config = sweep.load_config(EXAMPLES / name, tmp_path / "out", folder)
+    stages = sweep.plan(config)
+    models = len(config["pruning"]["densities"]) + len(config["quantization"]["bitwidths"])
+    assert models >= 3
+    trained = 0 if config["baseline"]["file"] else 1
+    attacks = len(config["attacks"])
+    assert attacks >= 1
+    sizes = [len(stage) for stage in stages]
+    assert sizes == [trained, models, attacks * (models + 1), models + 1][1 - trained:]
+    if name.startswith("paper-"):  # the paper's settings (its section 3.3)
+        assert config["attacks"]["ifgsm"] == {**config["attacks"]["ifgsm"], "eps": 0.02,
+                                              "steps": 12}
+        assert config["quantization"]["int_bits"] == "preset"
