@@ -59,13 +59,10 @@ def layer_values(model: Model, images: np.ndarray, batch_size: int = 100) -> lis
     weighted = [layer for layer in model.layers
                 if isinstance(layer, Conv2d | Linear | QuantConv2d | QuantLinear)]
     outputs = {layer.name: [] for layer in weighted}
-    x_all = model._check_input(images)
-    for start in range(0, len(x_all), batch_size):
-        x = x_all[start : start + batch_size]
-        for layer in model.layers:
-            x, _ = layer.forward(x, False)
-            if layer.name in outputs:
-                outputs[layer.name].append(np.asarray(x, np.float64).reshape(-1))
+    for start in range(0, len(images), batch_size):
+        batch = model.layer_outputs(images[start : start + batch_size], outputs)
+        for name, y in batch.items():
+            outputs[name].append(np.asarray(y, np.float64).reshape(-1))
     result = []
     for layer in weighted:
         limits = out_limits = None

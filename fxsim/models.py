@@ -78,6 +78,17 @@ class Model:
         """Logits (N, classes) for images x (N, C, H, W) in [0, 1]."""
         return autograd.forward(self.layers, self._check_input(x), train, rng)[0]
 
+    def layer_outputs(self, x, names) -> dict[str, np.ndarray]:
+        """The outputs of the layers called ``names`` for images x (N, C, H, W) in [0, 1], in
+        evaluation mode, from one forward pass: layer name -> array (N, ...)."""
+        x = self._check_input(x)
+        wanted, outputs = set(names), {}
+        for layer in self.layers:
+            x, _ = layer.forward(x, False)
+            if layer.name in wanted:
+                outputs[layer.name] = x
+        return outputs
+
     def _chunk(self, batch_size: int) -> int:
         """Images per forward pass of :meth:`run` and :meth:`predict`: ``batch_size``, or
         fewer where the largest im2col matrix of a layer would pass :data:`CHUNK_BYTES`."""

@@ -76,6 +76,13 @@ def test_float_model_activations_are_the_batch_norm_outputs():
     assert layers[-1].activations.size == 2 * 10
 
 
+def test_images_of_another_shape_are_refused():
+    from fxsim.errors import ShapeError
+
+    with pytest.raises(ShapeError, match=r"lenet5 expects images of shape \(N, 1, 28, 28\)"):
+        layer_values(lenet5(), np.zeros((2, 3, 32, 32), np.float32))
+
+
 def test_summarize_counts_zeros_and_limits_exactly():
     a = LayerValues("a", np.array([0.0, 0.5, -1.0, 0.875, 0.0]), np.array([0.875, 0.25]),
                     (-1.0, 0.875), (-2.0, 1.75))
