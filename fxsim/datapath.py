@@ -389,9 +389,13 @@ class PreparedWeights:
         return self.density < SPARSE_DENSITY_THRESHOLD[kind]
 
     def weight_bytes(self) -> dict[str, int]:
-        """Storage of the weights per encoding (see CompressedWeights.storage_bytes)."""
+        """Storage of the weights per encoding (see :func:`sparse.storage_bytes`), counted
+        from the weights themselves: the dense datapath never builds the CSR."""
         if self._weight_bytes is None:
-            self._weight_bytes = self.compressed.storage_bytes(self.datapath.weight_fmt.bits)
+            nnz, fillers = sparse.nonzero_counts(self.matrix)
+            self._weight_bytes = sparse.storage_bytes(
+                self.matrix.shape[0], self.matrix.shape[1], int(nnz), int(fillers),
+                self.datapath.weight_fmt.bits)
         return dict(self._weight_bytes)
 
     def _values_as(self, dtype) -> np.ndarray:

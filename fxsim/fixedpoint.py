@@ -294,14 +294,56 @@ def _quantize_one(x, frac, lo, hi, bits, signed, rmode, omode, u):
     return requantize_one(mant, 53 - e - frac, lo, hi, bits, signed, rmode, omode, u)
 
 
+# _quantize_flat rounds a scaled value s = x * 2**frac with 0 < |s| < _FAST_BELOW in float64 (a
+# fast path, 5-13x the general one: quantising LeNet5's 430k weights took 4 ms of every
+# quantised training step). The power-of-two scaling is exact unless it underflows, and there
+# its floor f and f + 0.5 are exact (|f| < 2^51), so comparing s with f + 0.5 decides every tie
+# exactly. An underflowed s (|s| < 2^-1022) is not exact, but keeps the sign and the magnitude
+# (below one half) that decide its rounding in every mode. Zero (x = 0, or s underflowed to 0),
+# larger or infinite values, NaN (an infinite scale times 0) and stochastic rounding take
+# _quantize_one.
+_FAST_BELOW = 2.0**51
+
+
+@njit(inline="always")
+def _round_scaled(s, rmode):
+    """``s`` (a float64, exact, inside the fast path's bounds) rounded to an integer under the
+    deterministic mode ``rmode``, as int64: the same rules as :func:`round_shift`. Bitwise, not
+    short-circuit, logic: branches in the loop kept it from vectorising (rnd_conv 4x slower)."""
+    if rmode == RND_CONV:
+        return np.int64(np.rint(s))  # exact: ties to even is the float rounding mode
+    f = math.floor(s)
+    half = f + 0.5
+    if rmode == TRN:
+        up = False
+    elif rmode == TRN_ZERO:
+        up = (s < 0) & (s != f)
+    elif rmode == RND:
+        up = s >= half
+    elif rmode == RND_ZERO:
+        up = (s > half) | ((s == half) & (s < 0))
+    elif rmode == RND_MIN_INF:
+        up = s > half
+    else:  # RND_INF
+        up = (s > half) | ((s == half) & (s > 0))
+    return np.int64(f) + np.int64(up)
+
+
 @njit(cache=True, parallel=True)
 def _quantize_flat(x, frac, lo, hi, bits, signed, rmode, omode, u):
     out = np.empty(x.size, np.int64)
     overflows = 0
     stochastic = u.size > 0
+    scale = math.ldexp(1.0, frac)
     for i in prange(x.size):
-        ui = u[i] if stochastic else 0.0
-        code, ovf = _quantize_one(x[i], frac, lo, hi, bits, signed, rmode, omode, ui)
+        s = x[i] * scale
+        magnitude = abs(s)
+        if not stochastic and 0.0 < magnitude < _FAST_BELOW:
+            q = _round_scaled(s, rmode)
+            code, ovf = apply_overflow(q, False, q < 0, lo, hi, bits, signed, omode)
+        else:
+            ui = u[i] if stochastic else 0.0
+            code, ovf = _quantize_one(x[i], frac, lo, hi, bits, signed, rmode, omode, ui)
         out[i] = code
         overflows += 1 if ovf else 0
     return out, overflows

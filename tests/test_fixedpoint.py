@@ -170,6 +170,28 @@ def test_quantize_matches_python_reference(x, fmt, rounding, overflow):
     assert count == sum(o for _, o in expected)
 
 
+@settings(max_examples=600, deadline=None)
+@given(k=st.one_of(st.integers(-(2**12), 2**12), st.integers(2**49, 2**53),
+                   st.integers(-(2**53), -(2**49))),
+       offset=st.sampled_from([0.0, 0.25, 0.5, 0.75]), nudge=st.sampled_from([-1, 0, 1]),
+       fmt=formats(), rounding=st.sampled_from(DETERMINISTIC),
+       overflow=st.sampled_from(OVERFLOWS), tiny=st.booleans())
+def test_quantize_ties_and_the_float_fast_path_bounds(k, offset, nudge, fmt, rounding, overflow,
+                                                      tiny):
+    """Exact ties (k + 1/2 grid steps), their neighbours one ulp away, scaled values across the
+    float fast path's bound (2^51) and, with ``tiny``, ones that underflow: the same codes as
+    the Python reference."""
+    x = math.ldexp(k + offset, -fmt.frac_bits - (1030 if tiny else 0))
+    if nudge:
+        x = math.nextafter(x, math.inf if nudge > 0 else -math.inf)
+    assume(math.isfinite(x))
+    codes, count = quantize_with_count(np.array([x, -x]), fmt, rounding, overflow)
+    expected = [quantize_ref(v, fmt.bits, fmt.int_bits, fmt.signed, rounding, overflow)
+                for v in (x, -x)]
+    assert codes.tolist() == [c for c, _ in expected]
+    assert count == sum(o for _, o in expected)
+
+
 @settings(max_examples=400, deadline=None)
 @given(codes=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=6),
        from_frac=st.integers(-80, 140), fmt=formats(),

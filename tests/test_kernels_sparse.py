@@ -263,6 +263,22 @@ def test_storage_bytes_of_a_hand_worked_layer():
     assert sizes["eie"] == 9
 
 
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 90), density=st.floats(0, 1),
+       seed=st.integers(0, 2**32 - 1), bits=st.integers(1, 32))
+def test_counted_storage_bytes_match_the_csr(rows, cols, density, seed, bits):
+    """What the datapath reports without building a CSR (sparse.nonzero_counts) is what the
+    CSR itself gives, gaps of 16 zeros and more included."""
+    from fxsim.kernels.sparse import nonzero_counts, storage_bytes
+
+    rng = np.random.default_rng(seed)
+    w = np.where(rng.random((rows, cols)) < density, rng.integers(1, 9, (rows, cols)), 0)
+    cw = CompressedWeights(w)
+    nnz, fillers = nonzero_counts(w.astype(np.int64))
+    assert (nnz, fillers) == (cw.nnz, cw._eie_fillers())
+    assert storage_bytes(rows, cols, int(nnz), int(fillers), bits) == cw.storage_bytes(bits)
+
+
 def test_compressed_format_is_canonical_csr():
     rng = np.random.default_rng(1)
     w = np.where(rng.random((5, 3, 2, 2)) < 0.3, rng.integers(-9, 9, (5, 3, 2, 2)), 0)
