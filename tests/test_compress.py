@@ -243,6 +243,27 @@ def test_compression_bad_input_exits_2_and_writes_nothing(baseline_file, tmp_pat
     assert not out.exists()
 
 
+def test_training_passes_run_dense_kernels_with_the_same_bits():
+    """kernel="auto" on a sparse model: evaluation takes the zero-skipping kernel, a training
+    pass (weights prepared for one step) the dense one; the outputs are the same bits."""
+    model = lenet5(seed=0)
+    masks = magnitude_masks(model, 0.05, scope="global")
+    apply_masks(model, masks)
+    qmodel = quantize_model(model, quant_config(model, 8), masks)
+    images = data.load("sample", "test", limit=16)[0]
+    inputs = qmodel.layer_outputs(images, ["pool1", "flatten"])
+    for name, x in (("conv2", inputs["pool1"]), ("fc1", inputs["flatten"])):
+        layer = qmodel.layer(name)
+        y_eval, ctx_eval = layer.forward(x, False)
+        y_train, ctx_train = layer.forward(x, True)
+        assert np.array_equal(y_eval, y_train) and y_eval.dtype == y_train.dtype
+        eval_paths, train_paths = ctx_eval["counters"].paths, ctx_train["counters"].paths
+        assert all(p.startswith("sparse") for p in eval_paths), eval_paths
+        assert not any(p.startswith("sparse") for p in train_paths), train_paths
+        y_again, _ = layer.forward(x, False)  # back to evaluation: zero-skipping again
+        assert np.array_equal(y_again, y_eval)
+
+
 def test_clipped_ste_gradients():
     from fxsim.fixedpoint import QFormat
     from fxsim.layers import Linear
