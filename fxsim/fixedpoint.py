@@ -307,9 +307,10 @@ _FAST_BELOW = 2.0**51
 
 @njit(inline="always")
 def _round_scaled(s, rmode):
-    """``s`` (a float64, exact, inside the fast path's bounds) rounded to an integer under the
-    deterministic mode ``rmode``, as int64: the same rules as :func:`round_shift`. Bitwise, not
-    short-circuit, logic: branches in the loop kept it from vectorising (rnd_conv 4x slower)."""
+    """``s`` (a scaled value inside the fast path's bounds, see above) rounded to an integer
+    under the deterministic mode ``rmode``, as int64: the same rules as :func:`round_shift`.
+    Bitwise, not short-circuit, logic: branches in the loop kept it from vectorising (rnd_conv
+    4x slower)."""
     if rmode == RND_CONV:
         return np.int64(np.rint(s))  # exact: ties to even is the float rounding mode
     f = math.floor(s)

@@ -59,7 +59,8 @@ class CompressedWeights:
     """CSR storage of a layer's nonzero weight codes.
 
     ``row_ptr`` (J + 1,) int64, ``col_idx`` (nnz,) int64 into the flattened fan-in,
-    ``values`` (nnz,) int64 codes, ``shape`` the dense weight shape ((J, K) or (J, C, KH, KW)).
+    ``values`` (nnz,) int64 codes, ``shape`` the dense weight shape ((J, K) or (J, C, KH, KW)),
+    ``eie_fillers`` the filler entries an EIE encoding adds (:func:`storage_bytes`).
     Only nonzero codes are stored: a weight that survived pruning but quantised to 0 is skipped
     like a pruned one (a real compressor drops it too).
     """
@@ -76,6 +77,7 @@ class CompressedWeights:
         del rows
         self.col_idx = cols.astype(np.int64)
         self.values = flat[keep].astype(np.int64)
+        self.eie_fillers = int(nonzero_counts(np.ascontiguousarray(flat, np.int64))[1])
 
     @property
     def n_out(self) -> int:
@@ -152,18 +154,7 @@ class CompressedWeights:
     def storage_bytes(self, weight_bits: int) -> dict[str, int]:
         """Bytes the weights take at ``weight_bits`` bits each, in four encodings
         (:func:`storage_bytes`)."""
-        return storage_bytes(self.n_out, self.fan_in, self.nnz, self._eie_fillers(), weight_bits)
-
-    def _eie_fillers(self) -> int:
-        """Filler entries a 4-bit relative index needs: one per 16 zeros in a gap."""
-        if self.nnz == 0:
-            return 0
-        previous = np.empty(self.nnz, np.int64)
-        previous[0] = -1
-        previous[1:] = self.col_idx[:-1]
-        previous[self.row_ptr[:-1][self.row_ptr[:-1] < self.nnz]] = -1  # each row starts afresh
-        gaps = self.col_idx - previous - 1  # zeros before each stored weight
-        return int((gaps // 16).sum())
+        return storage_bytes(self.n_out, self.fan_in, self.nnz, self.eie_fillers, weight_bits)
 
 
 def storage_bytes(n_out: int, fan_in: int, nnz: int, eie_fillers: int,
