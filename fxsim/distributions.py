@@ -89,8 +89,8 @@ def summarize(layers: list[LayerValues], which: str) -> dict:
     """Statistics of all layers' ``which`` ("weights" or "activations") together: count,
     fraction exactly zero, fraction at a limit of the layer's format (None for a float model),
     min, max, mean |value| (None where there are no values)."""
+    values = pooled(layers, which)  # checks ``which``
     arrays = [getattr(layer, which) for layer in layers]
-    values = pooled(layers, which)
     limits = [layer.weight_limits if which == "weights" else layer.output_limits
               for layer in layers]
     at_limit = None
