@@ -12,6 +12,7 @@ finite is flagged (``gradient_masked``) rather than silently left unchanged.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,24 @@ def _masked(grad):
     return ~np.all(np.isfinite(flat), axis=1) | ~np.any(flat != 0, axis=1)
 
 
+def _iterates(model, x0, goal, sign, eps, steps, norm, clip, radius):
+    """Algorithm 1 on one batch ``x0``: yields (the iterate after step k, whether a sample has
+    met a zero or non-finite gradient so far) for k = 1 .. ``steps``. The iterate after k steps
+    is the k-step attack's result (nothing depends on the step count)."""
+    adv = x0.copy()
+    masked = np.zeros(len(x0), bool)
+    for _ in range(int(steps)):
+        grad, _ = _chunked(model.input_gradient, adv, goal)
+        masked |= _masked(grad)
+        grad = np.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        adv = adv + np.float32(sign * eps) * _direction(grad, norm).astype(np.float32)
+        if radius is not None:
+            adv = np.clip(adv, x0 - radius, x0 + radius)
+        if clip is not None:
+            adv = np.clip(adv, clip[0], clip[1])
+        yield adv, masked
+
+
 def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size,
              progress=None):
     """The paper's Algorithm 1: ``steps`` steps of size ``eps`` along the loss gradient's sign
@@ -138,22 +157,13 @@ def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batc
     masked = np.zeros(len(x), bool)
     for start in range(0, len(x), batch_size):
         sl = slice(start, start + batch_size)
-        x0 = x[sl]
-        adv = x0.copy()
         goal = labels[sl] if target is None else np.asarray(target)[sl]
         sign = 1.0 if target is None else -1.0
-        for _ in range(int(steps)):
-            grad, _ = _chunked(model.input_gradient, adv, goal)
-            masked[sl] |= _masked(grad)
-            grad = np.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            adv = adv + np.float32(sign * eps) * _direction(grad, norm).astype(np.float32)
-            if radius is not None:
-                adv = np.clip(adv, x0 - radius, x0 + radius)
-            if clip is not None:
-                adv = np.clip(adv, clip[0], clip[1])
-        out[sl] = adv
+        # the last iterate is the attack's result (steps >= 1: _check)
+        out[sl], masked[sl] = deque(_iterates(model, x[sl], goal, sign, eps, steps, norm, clip,
+                                              radius), maxlen=1)[0]
         if progress:
-            progress(len(x0))
+            progress(len(out[sl]))
     predictions = _predict(model, out)
     success = predictions != labels if target is None else predictions == np.asarray(target)
     return AttackResult.build(x, out, success, np.full(len(x), int(steps)), masked)
@@ -307,3 +317,53 @@ def run(method: str, model, images, labels, settings: dict | None = None, batch_
                     **common)
     return deepfool(model, images, labels, s["candidates"], s["overshoot"], s["max_iter"],
                     **common)
+
+
+@dataclass
+class StrengthCurves:
+    """Accuracy under an iterative attack as its step size and step count grow (the paper's
+    Figure 3): ``accuracy[name]`` (len(eps), steps + 1) is the accuracy of the model called
+    ``name`` on the examples made on the attacked model with step size ``eps[i]`` after ``k``
+    steps (column 0: the clean images)."""
+
+    method: str
+    eps: list[float]
+    steps: int
+    accuracy: dict[str, np.ndarray]
+
+
+def strength_curves(method: str, model, images, labels, eps_values, steps: int,
+                    targets: dict | None = None, settings: dict | None = None, batch_size=500,
+                    progress=None) -> StrengthCurves:
+    """Run ``method`` ("ifgsm" or "ifgm", with the rest of ``settings``) on ``model`` once per
+    step size in ``eps_values`` for ``steps`` steps, and after every step evaluate the
+    iterates on ``model`` (as "source") and on every model of ``targets`` (name -> model):
+    one run per step size gives every step count, since the iterate after k steps is the
+    k-step attack. ``progress(n)`` after every batch of n images and step size."""
+    if method not in ("ifgsm", "ifgm"):
+        raise FxsimError(f"strength curves need an iterative attack (ifgsm, ifgm), got {method!r}")
+    eps_values = [float(e) for e in eps_values]
+    if not eps_values:
+        raise FxsimError("give at least one step size")
+    s = settings_for(method, {**(settings or {}), "eps": eps_values[0], "steps": steps})
+    for eps in eps_values:
+        check_settings(eps, steps)
+    norm = "sign" if method == "ifgsm" else s["norm"]
+    models = {"source": model, **(targets or {})}
+    x = _check(model, images, labels, eps_values[0], steps, (0.0, 1.0))
+    labels = np.asarray(labels)
+    accuracy = {name: np.zeros((len(eps_values), steps + 1)) for name in models}
+    for start in range(0, len(x), batch_size):
+        x0, goal = x[start : start + batch_size], labels[start : start + batch_size]
+        clean = {name: np.count_nonzero(_predict(m, x0) == goal) for name, m in models.items()}
+        for i, eps in enumerate(eps_values):
+            for name in models:
+                accuracy[name][i, 0] += clean[name]
+            iterates = _iterates(model, x0, goal, 1.0, eps, steps, norm, (0.0, 1.0), s["radius"])
+            for k, (adv, _) in enumerate(iterates, start=1):
+                for name, m in models.items():
+                    accuracy[name][i, k] += np.count_nonzero(_predict(m, adv) == goal)
+            if progress:
+                progress(len(x0))
+    return StrengthCurves(method, eps_values, int(steps),
+                          {name: a / max(1, len(x)) for name, a in accuracy.items()})

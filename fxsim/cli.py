@@ -80,11 +80,11 @@ def bench():
     """Measure fxsim's kernels on the paper's layer shapes (no accuracy, only time)."""
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str, option: str = "--densities") -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise FxsimError(f"--densities must be comma-separated numbers, got {text!r}") from exc
+        raise FxsimError(f"{option} must be comma-separated numbers, got {text!r}") from exc
 
 
 @bench.command("kernels")
@@ -615,6 +615,69 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
     for name, row in rows.items():
         click.echo(f"  {name}: accuracy {row['accuracy_before']:.4f} -> "
                    f"{row['accuracy_after']:.4f}")
+
+
+@cli.command("strength")
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--method", "methods", default="ifgsm,ifgm", show_default=True,
+              help="Iterative attacks, comma-separated (ifgsm, ifgm).")
+@click.option("--eps", "eps_text", default="0.005,0.01,0.02,0.05", show_default=True,
+              help="Step sizes, comma-separated.")
+@click.option("--steps", type=click.IntRange(1), default=12, show_default=True,
+              help="The most steps; the accuracy after every step is reported.")
+@click.option("--norm", type=click.Choice(["none", "l2"]), default="none", show_default=True,
+              help="ifgm: the raw gradient (the paper) or its L2-normalised direction.")
+@click.option("--dataset", default=None, help="Data set (default: the model's own).")
+@data_dir_option
+@click.option("--n", "count", type=click.IntRange(1), default=1000, show_default=True,
+              help="Attack the first N test images.")
+@click.option("--eval-on", "eval_on", multiple=True, type=click.Path(dir_okay=False),
+              help="Also evaluate every iterate on this model (repeatable): transfer curves.")
+@click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: accuracy vs steps, a line per step size, a panel per attack "
+                   "and evaluated model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def strength_command(model_file, methods, eps_text, steps, norm, dataset, data_dir, count,
+                     eval_on, batch_size, plot_path, as_json):
+    """Accuracy under IFGSM / IFGM as the step size and the number of steps grow (the paper's
+    Figure 3): one attack run per step size gives the accuracy after every step, on MODEL_FILE
+    itself (white-box) and on every --eval-on model (transfer)."""
+    from fxsim import attacks, compress, report, store
+    from fxsim import data as data_lib
+
+    eps_values = _floats(eps_text, "--eps")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if plot_path:
+        store.check_writable(plot_path)
+    model, info = _load(model_file)
+    source = compress.runnable(model, info)
+    targets = {}
+    for other in eval_on:
+        other_model, other_info = _load(other)
+        targets[other] = compress.runnable(other_model, other_info)
+    dataset = dataset or info["dataset"]
+    images, labels = data_lib.load(dataset, "test", data_dir, count)
+    curves = []
+    for method in names:
+        settings = {"norm": norm} if method == "ifgm" else {}
+        with click.progressbar(length=len(images) * len(eps_values), file=sys.stderr,
+                               label=f"{method} on {len(images)} {dataset} images") as bar:
+            curves.append(attacks.strength_curves(method, source, images, labels, eps_values,
+                                                  steps, targets, settings, batch_size,
+                                                  bar.update))
+    if plot_path:
+        report.plot_strength_curves(curves, plot_path, source=model_file)
+    if as_json:
+        click.echo(json.dumps({"source": model_file, "dataset": dataset, "images": len(images),
+                               "curves": [{"method": c.method, "eps": c.eps, "steps": c.steps,
+                                           "accuracy": {k: v.tolist()
+                                                        for k, v in c.accuracy.items()}}
+                                          for c in curves]}, indent=2))
+    else:
+        click.echo(report.markdown_strength(curves, source=model_file))
+    if plot_path:
+        click.echo(f"plot: {plot_path}", err=True)
 
 
 # ------------------------------------------------------------------------------ scenarios

@@ -311,6 +311,47 @@ def plot_value_cdfs(models: dict, path, images: int | None = None) -> None:
     plt.close(fig)
 
 
+def markdown_strength(curves: list, source: str = "source") -> str:
+    """A Markdown table per attack and evaluated model: accuracy by step size (rows) and number
+    of steps (columns), from :func:`fxsim.attacks.strength_curves` results."""
+    out = []
+    for c in curves:
+        for name, acc in c.accuracy.items():
+            label = f"{source} (white-box)" if name == "source" else f"{name} (transfer)"
+            out += [f"### {c.method} on {label}", "",
+                    "| eps | " + " | ".join(f"{k} steps" for k in range(c.steps + 1)) + " |",
+                    "|---" * (c.steps + 2) + "|"]
+            out += [f"| {eps:g} | " + " | ".join(f"{a:.3f}" for a in row) + " |"
+                    for eps, row in zip(c.eps, acc, strict=True)]
+            out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def plot_strength_curves(curves: list, path, source: str = "source") -> None:
+    """Accuracy vs number of steps, a line per step size, a panel per attack (rows) and
+    evaluated model (columns): the paper's Figure 3."""
+    plt = _pyplot()
+    names = list(curves[0].accuracy) if curves else []
+    fig, axes = plt.subplots(len(curves), len(names), figsize=(4.0 * len(names),
+                             3.2 * len(curves)), squeeze=False)
+    for row, c in enumerate(curves):
+        for col, name in enumerate(names):
+            ax = axes[row, col]
+            for i, (eps, acc) in enumerate(zip(c.eps, c.accuracy[name], strict=True)):
+                ax.plot(range(c.steps + 1), acc, marker="o", ms=3, color=f"C{i % 10}",
+                        label=f"eps {eps:g}")
+            what = "white-box" if name == "source" else f"on {name}"
+            ax.set_title(f"{c.method}, {what}", fontsize=9)
+            ax.set_xlabel("steps")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(True, alpha=0.3)
+        axes[row, 0].set_ylabel("test accuracy")
+    if curves:
+        axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Attack strength: examples made on {source}", fontsize=10)
+    _save(plt, fig, path)
+
+
 def transfer_matrix(rows: list[dict], models: list[dict], attack: str):
     """(names, matrix) with matrix[i, j] the accuracy of model j on the examples made on
     model i; NaN where that pair was not evaluated."""

@@ -195,3 +195,62 @@ def test_attack_command_bad_input(model_file, tmp_path, capsys, extra, message):
     code, _, err = run_cli(args, capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- strength curves
+
+
+def test_strength_curves_are_the_separate_attacks_step_by_step(trained):
+    """Column k of a strength curve is the accuracy under the k-step attack itself, on the
+    attacked model and on another; column 0 is the clean accuracy."""
+    model, x, y = trained
+    x, y = x[:40], y[:40]
+    other = lenet5(seed=3)
+    for method, eps_values in (("ifgsm", [0.01, 0.03]), ("ifgm", [0.5, 2.0])):
+        curves = attacks.strength_curves(method, model, x, y, eps_values, 3, {"other": other},
+                                         batch_size=15)
+        assert (curves.method, curves.eps, curves.steps) == (method, eps_values, 3)
+        for name, target in (("source", model), ("other", other)):
+            acc = curves.accuracy[name]
+            assert acc.shape == (2, 4)
+            assert np.all(acc[:, 0] == np.mean(target.predict(x) == y))
+            for i, eps in enumerate(eps_values):
+                for k in (1, 3):
+                    adv = attacks.run(method, model, x, y, {"eps": eps, "steps": k}).adversarial
+                    assert acc[i, k] == np.mean(target.predict(adv) == y), (method, name, i, k)
+    white_box = attacks.strength_curves("ifgsm", model, x, y, [0.02], 6).accuracy["source"][0]
+    assert white_box[6] < white_box[0]  # the attack works: accuracy falls as steps are added
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("deepfool", [0.02], 3), "need an iterative attack"),
+    (("ifgsm", [], 3), "at least one step size"),
+    (("ifgsm", [0.01, -0.5], 3), "eps must be >= 0"),
+    (("ifgm", [0.01], 0), "steps must be an integer >= 1"),
+])
+def test_strength_curves_bad_arguments(trained, args, message):
+    model, x, y = trained
+    with pytest.raises(FxsimError, match=message):
+        attacks.strength_curves(args[0], model, x[:4], y[:4], args[1], args[2])
+
+
+def test_strength_command(model_file, tmp_path, capsys):
+    import json
+
+    plot = tmp_path / "strength.png"
+    code, out, err = run_cli(["strength", model_file, "--eps", "0.01,0.04", "--steps", "2",
+                              "--n", "20", "--eval-on", model_file, "--plot", plot, "--json"],
+                             capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["images"] == 20 and [c["method"] for c in result["curves"]] == ["ifgsm", "ifgm"]
+    ifgsm = result["curves"][0]
+    assert ifgsm["eps"] == [0.01, 0.04] and ifgsm["steps"] == 2
+    # the model evaluated on its own examples as a transfer target sees the white-box numbers
+    assert ifgsm["accuracy"]["source"] == ifgsm["accuracy"][str(model_file)]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = run_cli(["strength", model_file, "--method", "ifgsm", "--eps", "0.02",
+                            "--steps", "1", "--n", "10"], capsys)
+    assert code == 0 and "### ifgsm on" in out and "| eps | 0 steps | 1 steps |" in out
+    code, out, err = run_cli(["strength", model_file, "--eps", "0.01,big"], capsys)
+    assert code == 2 and "--eps must be comma-separated numbers" in err and out == ""
