@@ -530,6 +530,32 @@ def distributions_command(model_files, count, dataset, data_dir, plot_path, as_j
 # ------------------------------------------------------------------------------ attacks
 
 
+# The attacked images and the models their adversarial examples are evaluated on, as `attack`
+# and `strength` take them.
+attack_data_options = [
+    click.option("--dataset", default=None, help="Data set (default: the model's own)."),
+    data_dir_option,
+    click.option("--n", "count", type=click.IntRange(1), default=1000, show_default=True,
+                 help="Attack the first N test images."),
+    click.option("--eval-on", "eval_on", multiple=True, type=click.Path(dir_okay=False),
+                 help="Also evaluate the adversarial images on this model (repeatable)."),
+]
+
+
+def _evaluated_models(eval_on, model, model_file) -> dict:
+    """The --eval-on files, ready to run (name -> model); each must take ``model``'s images."""
+    from fxsim import compress
+
+    targets = {}
+    for other in eval_on:
+        other_model, other_info = _load(other)
+        if other_model.input_shape != model.input_shape:
+            raise FxsimError(f"{other} takes {other_model.input_shape} images, {model_file} "
+                             f"takes {model.input_shape}")
+        targets[other] = compress.runnable(other_model, other_info)
+    return targets
+
+
 @cli.command("attack")
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--method", type=click.Choice(["fgsm", "fgm", "ifgsm", "ifgm", "deepfool"]),
@@ -543,12 +569,7 @@ def distributions_command(model_files, count, dataset, data_dir, plot_path, as_j
               help="fgm / ifgm: the raw gradient (the paper) or its L2-normalised direction.")
 @click.option("--max-iter", type=int, default=50, show_default=True, help="DeepFool.")
 @click.option("--overshoot", type=float, default=0.02, show_default=True, help="DeepFool.")
-@click.option("--dataset", default=None, help="Data set (default: the model's own).")
-@data_dir_option
-@click.option("--n", "count", type=click.IntRange(1), default=1000, show_default=True,
-              help="Attack the first N test images.")
-@click.option("--eval-on", "eval_on", multiple=True, type=click.Path(dir_okay=False),
-              help="Also evaluate the adversarial images on this model (repeatable).")
+@_with_options(attack_data_options)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Save originals, adversarial images and labels here (HDF5).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
@@ -573,13 +594,7 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
             store.check_writable(path)
     model, info = _load(model_file)
     source = compress.runnable(model, info)
-    targets = {model_file: source}
-    for other in eval_on:
-        other_model, other_info = _load(other)
-        if other_model.input_shape != model.input_shape:
-            raise FxsimError(f"{other} takes {other_model.input_shape} images, {model_file} "
-                             f"takes {model.input_shape}")
-        targets[other] = compress.runnable(other_model, other_info)
+    targets = {model_file: source, **_evaluated_models(eval_on, model, model_file)}
     dataset = dataset or info["dataset"]
     images, labels = data_lib.load(dataset, "test", data_dir, count)
     with click.progressbar(length=len(images), file=sys.stderr,
@@ -627,12 +642,7 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
               help="The most steps; the accuracy after every step is reported.")
 @click.option("--norm", type=click.Choice(["none", "l2"]), default="none", show_default=True,
               help="ifgm: the raw gradient (the paper) or its L2-normalised direction.")
-@click.option("--dataset", default=None, help="Data set (default: the model's own).")
-@data_dir_option
-@click.option("--n", "count", type=click.IntRange(1), default=1000, show_default=True,
-              help="Attack the first N test images.")
-@click.option("--eval-on", "eval_on", multiple=True, type=click.Path(dir_okay=False),
-              help="Also evaluate every iterate on this model (repeatable): transfer curves.")
+@_with_options(attack_data_options)
 @click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: accuracy vs steps, a line per step size, a panel per attack "
@@ -652,10 +662,7 @@ def strength_command(model_file, methods, eps_text, steps, norm, dataset, data_d
         store.check_writable(plot_path)
     model, info = _load(model_file)
     source = compress.runnable(model, info)
-    targets = {}
-    for other in eval_on:
-        other_model, other_info = _load(other)
-        targets[other] = compress.runnable(other_model, other_info)
+    targets = _evaluated_models(eval_on, model, model_file)
     dataset = dataset or info["dataset"]
     images, labels = data_lib.load(dataset, "test", data_dir, count)
     curves = []

@@ -254,3 +254,10 @@ def test_strength_command(model_file, tmp_path, capsys):
     assert code == 0 and "### ifgsm on" in out and "| eps | 0 steps | 1 steps |" in out
     code, out, err = run_cli(["strength", model_file, "--eps", "0.01,big"], capsys)
     assert code == 2 and "--eps must be comma-separated numbers" in err and out == ""
+    from fxsim import store
+    from fxsim.models import cifarnet
+
+    store.save_model(cifarnet(), tmp_path / "cifar.h5", "cifar10")
+    code, out, err = run_cli(["strength", model_file, "--eval-on", tmp_path / "cifar.h5",
+                              "--plot", plot], capsys)
+    assert code == 2 and "takes (3, 32, 32) images" in err and err.count("\n") == 1
