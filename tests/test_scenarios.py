@@ -185,6 +185,25 @@ def test_report_renders_tables_and_plots_from_a_results_file(tmp_path, capsys):
             "q4, q8, q16.") in text
 
 
+def test_report_without_the_models_data_set_leaves_out_only_the_distributions(
+        tmp_path, capsys, monkeypatch):
+    """Model files present but their data set not on this machine: the report is written, and
+    says why it has no value distributions (stderr too), instead of failing."""
+    rows, models = synthetic_results()
+    store.save_model(lenet5(), tmp_path / "b.h5", "mnist")
+    models = [{**m, "file": str(tmp_path / "b.h5")} for m in models]
+    store.save_results(tmp_path / "r.h5", rows, models, {"dataset": "mnist", "arch": "lenet5"})
+    monkeypatch.setattr(data, "SYSTEM_DIRS", [])
+    code, _, err = run_cli(["report", tmp_path / "r.h5", "-o", tmp_path / "rep",
+                            "--data-dir", tmp_path / "nodata"], capsys)
+    assert code == 0, err
+    assert "value distributions left out: dataset mnist not found" in err
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Value distributions left out: dataset mnist not found" in text
+    assert not (tmp_path / "rep" / "value-distributions.png").exists()
+    assert (tmp_path / "rep" / "pruning.png").exists()
+
+
 def test_report_on_a_missing_or_bad_file_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(["report", tmp_path / "none.h5", "-o", tmp_path / "rep"], capsys)
     assert code == 2 and "no such file" in err and len(err.strip().splitlines()) == 1
