@@ -428,6 +428,7 @@ def write_report(rows: list[dict], models: list[dict], config: dict, out_dir,
         plots.append("perturbation.png")
     plot_transfer_matrix(rows, models, out / "transfer-matrix.png")
     plots.append("transfer-matrix.png")
+    written += [out / p for p in plots]
     section = []
     if distributions is not None:
         summary, values, note = distributions
@@ -439,7 +440,7 @@ def write_report(rows: list[dict], models: list[dict], config: dict, out_dir,
             images = next(iter(summary.values()))["images"]
             plot_value_cdfs({name: values[name] for name in shown},
                             out / "value-distributions.png", images=images)
-            plots.append("value-distributions.png")
+            written.append(out / "value-distributions.png")
             section = ["## Value distributions", "",
                        f"Weights as the datapath uses them; activations: every conv/linear "
                        f"layer's output on {images} test images, before the activation "
@@ -448,7 +449,6 @@ def write_report(rows: list[dict], models: list[dict], config: dict, out_dir,
                        markdown_distributions(summary)]
         if note:
             section += ["", note]
-    written += [out / p for p in plots]
     text = [f"# fxsim scenario report{f': {source}' if source else ''}", "",
             f"Data set {config.get('dataset', '?')}, architecture {config.get('arch', '?')}, "
             f"{int(rows[0]['images']) if rows else 0} test images, seed "
@@ -457,7 +457,7 @@ def write_report(rows: list[dict], models: list[dict], config: dict, out_dir,
             "the baseline, evaluated on the compressed model; S3 COMP->FULL: made on the "
             "compressed model, evaluated on the baseline. The baseline's line shows "
             "FULL->FULL in all three columns.", ""]
-    text += [f"![{p}]({p})" for p in plots if p != "value-distributions.png"] + [""]
+    text += [f"![{p}]({p})" for p in plots] + [""]
     text += ["## Attacks", "", "```", json.dumps(config.get("attacks", {}), indent=2), "```",
              "", "## Accuracy per scenario", "", markdown_scenarios(lines)]
     if section:
