@@ -131,12 +131,14 @@ def _masked(grad):
 
 def _iterates(model, x0, goal, sign, eps, steps, norm, clip, radius):
     """Algorithm 1 on one batch ``x0``: yields (the iterate after step k, whether a sample has
-    met a zero or non-finite gradient so far) for k = 1 .. ``steps``. The iterate after k steps
-    is the k-step attack's result (nothing depends on the step count)."""
+    met a zero or non-finite gradient so far, the logits of the iterate after step k - 1) for
+    k = 1 .. ``steps``. The iterate after k steps is the k-step attack's result (nothing
+    depends on the step count). The logits come free with step k's gradient: its forward pass
+    is :meth:`Model.forward` on the same chunks of images, so they are that call's bits."""
     adv = x0.copy()
     masked = np.zeros(len(x0), bool)
     for _ in range(int(steps)):
-        grad, _ = _chunked(model.input_gradient, adv, goal)
+        grad, logits = _chunked(model.input_gradient, adv, goal)
         masked |= _masked(grad)
         grad = np.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         adv = adv + np.float32(sign * eps) * _direction(grad, norm).astype(np.float32)
@@ -144,7 +146,7 @@ def _iterates(model, x0, goal, sign, eps, steps, norm, clip, radius):
             adv = np.clip(adv, x0 - radius, x0 + radius)
         if clip is not None:
             adv = np.clip(adv, clip[0], clip[1])
-        yield adv, masked
+        yield adv, masked, logits
 
 
 def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batch_size,
@@ -160,8 +162,8 @@ def _iterate(model, images, labels, eps, steps, norm, clip, radius, target, batc
         goal = labels[sl] if target is None else np.asarray(target)[sl]
         sign = 1.0 if target is None else -1.0
         # the last iterate is the attack's result (steps >= 1: _check)
-        out[sl], masked[sl] = deque(_iterates(model, x[sl], goal, sign, eps, steps, norm, clip,
-                                              radius), maxlen=1)[0]
+        out[sl], masked[sl], _ = deque(_iterates(model, x[sl], goal, sign, eps, steps, norm,
+                                                 clip, radius), maxlen=1)[0]
         if progress:
             progress(len(out[sl]))
     predictions = _predict(model, out)
@@ -339,7 +341,8 @@ def strength_curves(method: str, model, images, labels, eps_values, steps: int,
     step size in ``eps_values`` for ``steps`` steps, and after every step evaluate the
     iterates on ``model`` (as "source") and on every model of ``targets`` (name -> model):
     one run per step size gives every step count, since the iterate after k steps is the
-    k-step attack. ``progress(n)`` after every batch of n images and step size."""
+    k-step attack; the attacked model's accuracy on the iterate after k - 1 steps comes from
+    step k's gradient pass. ``progress(n)`` after every batch of n images and step size."""
     if method not in ("ifgsm", "ifgm"):
         raise FxsimError(f"strength curves need an iterative attack (ifgsm, ifgm), got {method!r}")
     eps_values = [float(e) for e in eps_values]
@@ -349,20 +352,28 @@ def strength_curves(method: str, model, images, labels, eps_values, steps: int,
     for eps in eps_values:
         check_settings(eps, steps)
     norm = "sign" if method == "ifgsm" else s["norm"]
-    models = {"source": model, **(targets or {})}
+    targets_ = dict(targets or {})
+    if "source" in targets_:
+        raise FxsimError("'source' names the attacked model's curves; name the other models "
+                         "otherwise")
+    models = {"source": model, **targets_}
     x = _check(model, images, labels, eps_values[0], steps, (0.0, 1.0))
     labels = np.asarray(labels)
     accuracy = {name: np.zeros((len(eps_values), steps + 1)) for name in models}
     for start in range(0, len(x), batch_size):
         x0, goal = x[start : start + batch_size], labels[start : start + batch_size]
-        clean = {name: np.count_nonzero(_predict(m, x0) == goal) for name, m in models.items()}
+        clean = {name: np.count_nonzero(_predict(m, x0) == goal) for name, m in targets_.items()}
         for i, eps in enumerate(eps_values):
-            for name in models:
+            for name in targets_:
                 accuracy[name][i, 0] += clean[name]
             iterates = _iterates(model, x0, goal, 1.0, eps, steps, norm, (0.0, 1.0), s["radius"])
-            for k, (adv, _) in enumerate(iterates, start=1):
-                for name, m in models.items():
+            for k, (adv, _, logits) in enumerate(iterates, start=1):
+                # the attacked model's logits of the iterate before this step: one forward
+                # pass of the three per step saved
+                accuracy["source"][i, k - 1] += np.count_nonzero(logits.argmax(axis=1) == goal)
+                for name, m in targets_.items():
                     accuracy[name][i, k] += np.count_nonzero(_predict(m, adv) == goal)
+            accuracy["source"][i, steps] += np.count_nonzero(_predict(model, adv) == goal)
             if progress:
                 progress(len(x0))
     return StrengthCurves(method, eps_values, int(steps),

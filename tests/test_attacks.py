@@ -200,11 +200,18 @@ def test_attack_command_bad_input(model_file, tmp_path, capsys, extra, message):
 # ---------------------------------------------------------------------------- strength curves
 
 
-def test_strength_curves_are_the_separate_attacks_step_by_step(trained):
+@pytest.mark.parametrize("source_kind", ["float", "8-bit"])
+def test_strength_curves_are_the_separate_attacks_step_by_step(trained, source_kind):
     """Column k of a strength curve is the accuracy under the k-step attack itself, on the
-    attacked model and on another; column 0 is the clean accuracy."""
+    attacked model and on another; column 0 is the clean accuracy. The attacked model's
+    columns 0 .. steps - 1 come from the gradient passes' logits (on a quantised model: its
+    integer datapath's), the last from a forward pass of its own."""
+    from fxsim import compress
+
     model, x, y = trained
     x, y = x[:40], y[:40]
+    if source_kind == "8-bit":
+        model = compress.quantize_model(model, compress.quant_config(model, 8))
     other = lenet5(seed=3)
     for method, eps_values in (("ifgsm", [0.01, 0.03]), ("ifgm", [0.5, 2.0])):
         curves = attacks.strength_curves(method, model, x, y, eps_values, 3, {"other": other},
@@ -215,7 +222,7 @@ def test_strength_curves_are_the_separate_attacks_step_by_step(trained):
             assert acc.shape == (2, 4)
             assert np.all(acc[:, 0] == np.mean(target.predict(x) == y))
             for i, eps in enumerate(eps_values):
-                for k in (1, 3):
+                for k in (1, 2, 3):
                     adv = attacks.run(method, model, x, y, {"eps": eps, "steps": k}).adversarial
                     assert acc[i, k] == np.mean(target.predict(adv) == y), (method, name, i, k)
     white_box = attacks.strength_curves("ifgsm", model, x, y, [0.02], 6).accuracy["source"][0]
@@ -227,11 +234,12 @@ def test_strength_curves_are_the_separate_attacks_step_by_step(trained):
     (("ifgsm", [], 3), "at least one step size"),
     (("ifgsm", [0.01, -0.5], 3), "eps must be >= 0"),
     (("ifgm", [0.01], 0), "steps must be an integer >= 1"),
+    (("ifgsm", [0.01], 2, {"source": None}), "'source' names the attacked model"),
 ])
 def test_strength_curves_bad_arguments(trained, args, message):
     model, x, y = trained
     with pytest.raises(FxsimError, match=message):
-        attacks.strength_curves(args[0], model, x[:4], y[:4], args[1], args[2])
+        attacks.strength_curves(args[0], model, x[:4], y[:4], *args[1:])
 
 
 def test_strength_command(model_file, tmp_path, capsys):
