@@ -137,6 +137,9 @@ def load_model(path):
 
 
 def _read_model(f, path, architectures):
+    from fxsim.datapath import Datapath
+    from fxsim.layers import Conv2d, Linear
+
     attrs = f.attrs
     version = attrs.get("version")
     if version != MODEL_VERSION:
@@ -148,7 +151,8 @@ def _read_model(f, path, architectures):
         raise _bad(path, f"unknown architecture {arch!r}; known: {', '.join(architectures)}")
     model = architectures[arch](num_classes=int(attrs["num_classes"]))
     if tuple(int(v) for v in attrs["input_shape"]) != model.input_shape:
-        raise _bad(path, f"input_shape {tuple(attrs['input_shape'])} does not match {arch}")
+        shown = tuple(int(v) for v in attrs["input_shape"])
+        raise _bad(path, f"input_shape {shown} does not match {arch}")
     if "layers" not in f:
         raise _bad(path, "missing group 'layers'")
     masks = {}
@@ -163,6 +167,9 @@ def _read_model(f, path, architectures):
             if name not in group:
                 raise _bad(path, f"layer '{layer.name}' has no '{name}'")
             value = group[name][()]
+            if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.number):
+                raise _bad(path, f"layer '{layer.name}' {name} is not an array of numbers "
+                                 f"(dtype {getattr(value, 'dtype', type(value).__name__)})")
             if value.shape != current.shape:
                 raise _bad(path, f"layer '{layer.name}' {name} has shape {value.shape}, "
                                  f"{arch} needs {current.shape}")
@@ -180,10 +187,23 @@ def _read_model(f, path, architectures):
     quant = {}
     if "quant" in f:
         known = {layer.name for layer in model.layers}
+        # the datapath runs every conv/linear layer, so a quantised model has one for each
+        datapath_layers = [layer.name for layer in model.layers
+                           if isinstance(layer, Conv2d | Linear)]
         for name, text in f["quant"].attrs.items():
             if name not in known:
                 raise _bad(path, f"quant config names a missing layer '{name}'")
+            if name not in datapath_layers:
+                raise _bad(path, f"quant config names layer '{name}', which is not a "
+                                 "convolution or linear layer")
             quant[name] = json.loads(text)
+            try:  # checked here, so that every command names the file and the layer
+                Datapath.from_dict(quant[name])
+            except (FxsimError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                raise _bad(path, f"layer '{name}' has a bad quant config: {exc}") from exc
+        uncovered = [name for name in datapath_layers if name not in quant]
+        if uncovered:
+            raise _bad(path, f"quant config has no datapath for layer '{uncovered[0]}'")
     info = {
         "arch": arch,
         "dataset": str(attrs.get("dataset", "")),

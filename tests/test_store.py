@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fxsim import store
+from fxsim import compress, store
 from fxsim.cli import main
 from fxsim.errors import FxsimError
 from fxsim.models import cifarnet, lenet5
@@ -19,14 +19,14 @@ def saved_lenet(tmp_path, name="m.h5", **kwargs):
 
 
 def test_round_trip_is_bit_exact(tmp_path):
-    model, path = saved_lenet(tmp_path, masks={"fc1": np.ones((500, 800), bool)},
-                              quant={"conv1": {"act_fmt": {"bits": 8, "int_bits": 2}}})
+    quant = compress.quant_config(lenet5(), 8)
+    model, path = saved_lenet(tmp_path, masks={"fc1": np.ones((500, 800), bool)}, quant=quant)
     loaded, info = store.load_model(path)
     for name, value in model.parameters().items():
         assert np.array_equal(loaded.parameters()[name], value)
     assert info["dataset"] == "fashion-mnist" and info["metrics"] == {"test_acc": 0.5}
     assert info["provenance"]["seed"] == 3 and info["masks"]["fc1"].all()
-    assert info["quant"]["conv1"]["act_fmt"]["bits"] == 8
+    assert info["quant"] == quant
     net = cifarnet(seed=1)
     net.layer("bn2").buffers["var"][:] = 3.0
     store.save_model(net, tmp_path / "c.h5", "cifar10")
@@ -55,10 +55,47 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_FILES))
+def set_quant(layer, **changes):
+    """An edit of a quantised model file: layer's quant config with ``changes`` (None: drop
+    the layer's config)."""
+    def fn(f):
+        attrs = f["quant"].attrs
+        if changes.get("drop"):
+            del attrs[layer]
+            return
+        config = json.loads(attrs["fc1"])
+        config.update(changes)
+        attrs[layer] = json.dumps(config)
+    return fn
+
+
+# a quantised model file whose quant configs are broken: every command must name the file
+# and the layer (they used to pass `fxsim info` and fail later without either, or crash it)
+BAD_QUANT = {
+    "no weight format": (set_quant("fc1", weight_fmt=None), "fc1' has a bad quant config: "),
+    "bits": (set_quant("fc1", weight_fmt={"bits": 200, "int_bits": 2}),
+             "fc1' has a bad quant config: QFormat bits must be between 1 and 64, got 200"),
+    "rounding": (set_quant("conv2", rounding="banana"),
+                 "conv2' has a bad quant config: unknown rounding mode 'banana'"),
+    "accumulator": (set_quant("fc2", acc_bits=4), "fc2' has a bad quant config: acc_bits 4"),
+    "not an object": (lambda f: f["quant"].attrs.__setitem__("fc1", "[1, 2]"),
+                      "fc1' has a bad quant config: a Datapath must be a JSON object"),
+    "not a datapath layer": (set_quant("pool1"), "names layer 'pool1', which is not a conv"),
+    "a layer uncovered": (set_quant("conv1", drop=True), "no datapath for layer 'conv1'"),
+    "text weights": (lambda f: (f["layers/fc2"].__delitem__("bias"),
+                                f["layers/fc2"].create_dataset("bias", data=[b"a"] * 10)),
+                     "fc2' bias is not an array of numbers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES) + list(BAD_QUANT))
 def test_bad_model_files_give_one_line_and_exit_2(tmp_path, case, capsys):
-    fn, message = BAD_FILES[case]
-    _, path = saved_lenet(tmp_path)
+    if case in BAD_FILES:
+        fn, message = BAD_FILES[case]
+        _, path = saved_lenet(tmp_path)
+    else:
+        fn, message = BAD_QUANT[case]
+        _, path = saved_lenet(tmp_path, quant=compress.quant_config(lenet5(), 8))
     edit(path, fn)
     with pytest.raises(FxsimError, match=message):
         store.load_model(path)
