@@ -173,9 +173,20 @@ def load(name: str, split: str = "test", folder=None, limit: int | None = None):
                              f"{', '.join(str(d / name) for d in SYSTEM_DIRS)}; run "
                              f"`fxsim data fetch {name}`")
         images, labels = (_load_idx if info.kind == "idx" else _load_cifar)(where, split)
+        _check_labels(labels, len(info.classes), where, split)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return (images.astype(np.float32) / np.float32(255.0)), labels.astype(np.int64)
+
+
+def _check_labels(labels, n_classes: int, where, split: str) -> None:
+    """A label outside 0 .. n_classes - 1 is a damaged file: every accuracy computed on it
+    would be quietly wrong, so it is an error naming the first such label."""
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if bad.size:
+        raise FxsimError(f"{where}: {split} label {int(labels[bad[0]])} at index {bad[0]} is "
+                         f"not a class (0 .. {n_classes - 1}; {bad.size} of {labels.size} "
+                         "labels are not)")
 
 
 def _load_sample(split):

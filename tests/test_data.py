@@ -68,6 +68,23 @@ def test_bad_idx_files_are_named(tmp_path):
         data.read_idx(garbage)
 
 
+def test_labels_outside_the_classes_are_named(tmp_path):
+    x, y = data.load("sample", "test", limit=30)
+    images = np.round(x[:, 0] * 255).astype(np.uint8)
+    bad = y.copy()
+    bad[[7, 20]] = [10, 255]
+    write_mnist_like(tmp_path / "mnist", images, y, images, bad)
+    assert np.array_equal(data.load("mnist", "train", folder=tmp_path)[1], y)
+    with pytest.raises(FxsimError, match=r"mnist: test label 10 at index 7 is not a class "
+                                         r"\(0 \.\. 9; 2 of 30 labels are not\)"):
+        data.load("mnist", "test", folder=tmp_path, limit=5)
+    batches = write_cifar(tmp_path / "cifar10", np.random.default_rng(0), as_archive=False)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({**batches["test_batch"], b"labels": [0, 1, 2, -1, 4, 5, 6]}))
+    with pytest.raises(FxsimError, match="cifar10: test label -1 at index 3 is not a class"):
+        data.load("cifar10", "test", folder=tmp_path)
+
+
 def write_cifar(folder: Path, rng, as_archive: bool):
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
