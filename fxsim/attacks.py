@@ -280,6 +280,26 @@ DEFAULTS = {
 }
 
 
+# what each setting must be (config files give any TOML value), and how to say so
+_SETTING_TYPES = {
+    "eps": ("number", "a number"), "overshoot": ("number", "a number"),
+    "radius": ("number or None", "a number or absent"),
+    "steps": ("integer", "an integer"), "max_iter": ("integer", "an integer"),
+    "candidates": ("integer", "an integer"), "norm": ("text", "'none' or 'l2'"),
+}
+
+
+def _setting_type_ok(name: str, value) -> bool:
+    kind = _SETTING_TYPES[name][0]
+    if kind == "text":
+        return isinstance(value, str)
+    if value is None:
+        return kind == "number or None"
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return False
+    return kind != "integer" or float(value).is_integer()
+
+
 def settings_for(method: str, given: dict | None = None) -> dict:
     """``given`` completed with ``method``'s defaults; an unknown method or setting is an
     error naming it, and so is a bad value."""
@@ -291,6 +311,10 @@ def settings_for(method: str, given: dict | None = None) -> dict:
         raise FxsimError(f"{method} has no setting {', '.join(map(repr, unknown))}; it takes "
                          f"{', '.join(DEFAULTS[method])}")
     settings = {**DEFAULTS[method], **given}
+    for name, value in given.items():
+        if not _setting_type_ok(name, value):
+            raise FxsimError(f"{method} setting {name!r} must be {_SETTING_TYPES[name][1]}, got "
+                             f"{value!r}")
     check_settings(settings.get("eps"), settings.get("steps"))
     if settings.get("norm", "none") not in ("none", "l2"):
         raise FxsimError(f"norm must be 'none' or 'l2', got {settings['norm']!r}")

@@ -99,7 +99,7 @@ def _floats(text: str, option: str = "--densities") -> list[float]:
 @click.option("--per-mac-acc-bits", "per_mac_bits", type=int, default=None,
               help="Time a per_mac saturating accumulator of this many bits instead of the "
                    "exact (final) one.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write the rows to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
@@ -198,7 +198,7 @@ class _EpochBars:
               help="Initial learning rate; it drops 10x after 50%, 75% and 90% of the epochs.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N training images.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
@@ -309,7 +309,7 @@ finetune_options = [
     data_dir_option,
     click.option("--limit", type=click.IntRange(1), default=None,
                  help="Fine-tune on the first N training images only."),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=click.IntRange(0), default=0, show_default=True),
     click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
                  help="Model file to write (HDF5)."),
 ]

@@ -124,6 +124,8 @@ def load_config(path, output=None, data_dir=None) -> dict:
                          f"`fxsim data fetch {top['dataset']}`")
     for key in ("images", "batch_size", "train_limit"):
         _positive(path, "", key, top[key])
+    if top["seed"] < 0:
+        raise FxsimError(f"{_where(path, '', 'seed')} must be >= 0, got {top['seed']}")
     config = {**top, "baseline": _section(path, raw, "baseline"),
               "pruning": _section(path, raw, "pruning"),
               "quantization": _section(path, raw, "quantization")}
@@ -178,6 +180,16 @@ def load_config(path, output=None, data_dir=None) -> dict:
     for section in ("pruning", "quantization"):
         if config[section]["epochs"] < 0:
             raise FxsimError(f"{_where(path, section, 'epochs')} must be >= 0")
+    for section in ("baseline", "pruning", "quantization"):
+        if not config[section]["lr"] > 0:
+            raise FxsimError(f"{_where(path, section, 'lr')} must be > 0, got "
+                             f"{config[section]['lr']}")
+    if not 0 <= base["momentum"] < 1:
+        raise FxsimError(f"{_where(path, 'baseline', 'momentum')} must be in [0, 1), got "
+                         f"{base['momentum']}")
+    if not base["weight_decay"] >= 0:
+        raise FxsimError(f"{_where(path, 'baseline', 'weight_decay')} must be >= 0, got "
+                         f"{base['weight_decay']}")
     raw_attacks = raw.get("attacks", {})
     if not isinstance(raw_attacks, dict) or not raw_attacks:
         raise FxsimError(f"{path}: give at least one attack, e.g. [attacks.ifgsm]")

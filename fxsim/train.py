@@ -33,8 +33,11 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise FxsimError(f"epochs and batch size must be >= 1, got {self.epochs}, "
                              f"{self.batch_size}")
-        if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise FxsimError("need lr > 0, 0 <= momentum < 1 and weight_decay >= 0")
+        if not self.lr > 0 or not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
+            raise FxsimError(f"need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got lr "
+                             f"{self.lr}, momentum {self.momentum}, weight_decay "
+                             f"{self.weight_decay}")
+        _check_seed(self.seed)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate during ``epoch`` (0-based)."""
@@ -48,9 +51,18 @@ class TrainConfig:
 def finetune_config(epochs: int, lr: float, seed: int) -> TrainConfig | None:
     """How fxsim fine-tunes a compressed model: ``epochs`` at a constant ``lr``, batches of
     64; None for 0 epochs (no fine-tuning)."""
+    if not lr > 0:  # checked without fine-tuning too: a bad value is a mistake either way
+        raise FxsimError(f"the fine-tuning learning rate must be > 0, got {lr}")
+    _check_seed(seed)
     if epochs == 0:
         return None
     return TrainConfig(epochs, 64, lr, seed=seed, lr_decays=())
+
+
+def _check_seed(seed) -> None:
+    """NumPy's generators take seeds >= 0 only."""
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+        raise FxsimError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def _decays(name: str) -> bool:

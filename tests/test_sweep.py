@@ -180,6 +180,17 @@ BAD_CONFIGS = [
     (TINY.replace("images = 24", "images = 'many'"), "images must be int"),
     (TINY.replace("steps = 2", "steps = 0"), "steps must be an integer >= 1"),
     (TINY.replace('dataset = "sample"\n', ""), "missing key 'dataset'"),
+    # each of these used to pass the check and fail (or run nonsense) later
+    (TINY.replace("seed = 3", "seed = -3"), "seed must be >= 0, got -3"),
+    (TINY.replace("lr = 0.05", "lr = -0.05"), "baseline.lr must be > 0, got -0.05"),
+    (TINY.replace("[pruning]", "[pruning]\nlr = 0"), "pruning.lr must be > 0, got 0"),
+    (TINY.replace("lr = 0.05", "lr = 0.05\nmomentum = 1.0"), "momentum must be in [0, 1)"),
+    (TINY.replace("max_iter = 3", "overshoot = 'big'"),
+     "deepfool setting 'overshoot' must be a number, got 'big'"),
+    (TINY.replace("steps = 2", "steps = 2.5"), "ifgsm setting 'steps' must be an integer"),
+    (TINY.replace("steps = 2", "steps = 2\neps = true"), "ifgsm setting 'eps' must be a number"),
+    (TINY.replace("steps = 2", "steps = 2\nradius = '0.1'"),
+     "ifgsm setting 'radius' must be a number or absent"),
 ]
 
 

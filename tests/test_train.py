@@ -5,7 +5,7 @@ from fxsim import data
 from fxsim.cli import main
 from fxsim.errors import FxsimError
 from fxsim.models import lenet5
-from fxsim.train import TrainConfig, evaluate, sgd_step, train
+from fxsim.train import TrainConfig, evaluate, finetune_config, sgd_step, train
 
 
 def test_lenet5_learns_the_embedded_sample():
@@ -67,6 +67,16 @@ def test_learning_rate_schedule_decays_three_times():
 def test_bad_training_settings(tmp_path, capsys):
     with pytest.raises(FxsimError, match="epochs and batch size"):
         TrainConfig(epochs=0)
+    with pytest.raises(FxsimError, match="seed must be an integer >= 0, got -1"):
+        TrainConfig(seed=-1)
+    with pytest.raises(FxsimError, match=r"need lr > 0.*got lr -0\.1"):
+        TrainConfig(lr=-0.1)
+    # no fine-tuning (0 epochs) still refuses a learning rate that could not be meant
+    with pytest.raises(FxsimError, match="fine-tuning learning rate must be > 0, got -1"):
+        finetune_config(0, -1.0, 0)
+    with pytest.raises(SystemExit) as done:  # NumPy's generators take no negative seed
+        main(["train", "lenet5", "--seed", "-5", "-o", str(tmp_path / "m.h5")])
+    assert done.value.code == 2 and "--seed" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         main(["train", "cifarnet", "--dataset", "sample", "--epochs", "1",
               "-o", str(tmp_path / "c.h5")])
