@@ -47,10 +47,14 @@ class AttackResult:
                    mean_abs=np.abs(delta).mean(axis=1) if delta.shape[1] else delta.sum(axis=1))
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_settings(eps=None, steps=None) -> None:
-    """Reject a negative step size or a step count below 1, naming the value."""
-    if eps is not None and not eps >= 0:
-        raise FxsimError(f"eps must be >= 0, got {eps}")
+    """Reject a negative, NaN or infinite step size (steps are taken in float32, where inf
+    times a zero gradient is NaN) or a step count below 1, naming the value."""
+    if eps is not None and not 0 <= eps <= _FLOAT32_MAX:
+        raise FxsimError(f"eps must be >= 0 and finite in float32, got {eps}")
     if steps is not None and (int(steps) != steps or steps < 1):
         raise FxsimError(f"steps must be an integer >= 1, got {steps}")
 
@@ -141,7 +145,8 @@ def _iterates(model, x0, goal, sign, eps, steps, norm, clip, radius):
         grad, logits = _chunked(model.input_gradient, adv, goal)
         masked |= _masked(grad)
         grad = np.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        adv = adv + np.float32(sign * eps) * _direction(grad, norm).astype(np.float32)
+        with np.errstate(over="ignore"):  # a huge step overflows to +-inf: clipped below
+            adv = adv + np.float32(sign * eps) * _direction(grad, norm).astype(np.float32)
         if radius is not None:
             adv = np.clip(adv, x0 - radius, x0 + radius)
         if clip is not None:

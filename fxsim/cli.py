@@ -763,13 +763,13 @@ def scenarios_command(baseline_file, compressed, more_compressed, attack_names, 
         raise FxsimError(f"{baseline_file} is compressed: the baseline must be the dense float "
                          "model")
     files = {"baseline": baseline_file}
+    given = {Path(baseline_file).resolve(): "the baseline"}
     for path in [*compressed, *more_compressed]:
+        if Path(path).resolve() in given:  # the same file under another spelling too
+            raise FxsimError(f"{path} is given twice (it is also {given[Path(path).resolve()]})")
+        given[Path(path).resolve()] = f"given as {path}"
         name = Path(path).stem
-        if name in files:
-            name = str(path)
-        if name in files:
-            raise FxsimError(f"{path} is given twice")
-        files[name] = path
+        files[str(path) if name in files else name] = path
     models = {"baseline": compress.runnable(base_model, base_info)}
     table = [scenarios.describe("baseline", base_model, base_info, baseline_file, True)]
     for name, path in list(files.items())[1:]:

@@ -122,6 +122,8 @@ def test_gradient_masking_is_reported():
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"eps": -0.1}, "eps must be >= 0"),
+    ({"eps": np.inf}, "eps must be >= 0 and finite in float32, got inf"),
+    ({"eps": 1e39}, r"finite in float32, got 1e\+39"),  # float32's inf
     ({"steps": 0}, "steps must be an integer >= 1"),
 ])
 def test_bad_attack_arguments(kwargs, message):

@@ -285,3 +285,17 @@ def test_scenarios_rejects_an_unknown_attack_and_a_compressed_baseline(model_fil
     code, _, err = run_cli([*args, "--baseline", model_files / "p20.h5"], capsys)
     assert code == 2 and "must be the dense float model" in err
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_scenarios_refuses_a_model_given_twice(model_files, tmp_path, capsys):
+    """The same file twice (under any spelling), or the baseline again as a compressed model,
+    would be attacked twice under two names: refused before any work."""
+    q8, again = model_files / "q8.h5", model_files / ".." / model_files.name / "q8.h5"
+    for compressed, message in (([q8, again], f"{again} is given twice (it is also given as "
+                                              f"{q8})"),
+                                ([model_files / "base.h5"], "is also the baseline")):
+        code, _, err = run_cli(["scenarios", "--baseline", model_files / "base.h5",
+                                "--compressed", *compressed, "--n", "4", "-o",
+                                tmp_path / "r.h5"], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "r.h5").exists()
