@@ -182,9 +182,15 @@ class _EpochBars:
             self.bar.__exit__(None, None, None)
             self.bar = None
         test = f" test acc {event['test_acc']:.4f}" if "test_acc" in event else ""
+        done = ", from the checkpoint" if event.get("resumed") else ""
         click.echo(f"epoch {event['epoch']}: loss {event['loss']:.4f} train acc "
                    f"{event['train_acc']:.4f}{test} lr {event['lr']:g} "
-                   f"({event['seconds']:.1f} s)", err=True)
+                   f"({event['seconds']:.1f} s{done})", err=True)
+
+
+def checkpoint_path(output) -> Path:
+    """Where training for ``output`` keeps its checkpoint until ``output`` is written."""
+    return Path(f"{output}.checkpoint")
 
 
 @cli.command("train")
@@ -221,12 +227,15 @@ def train_command(arch, dataset, data_dir, epochs, batch_size, lr, momentum, wei
     test = data_lib.load(dataset, "test", data_dir)
     config = TrainConfig(epochs, batch_size, lr, momentum, weight_decay, seed=seed)
     click.echo(f"training {arch} on {len(x_train)} {dataset} images", err=True)
-    history = train(model, x_train, y_train, config, test=test, progress=_EpochBars())
+    checkpoint = checkpoint_path(output)
+    history = train(model, x_train, y_train, config, test=test, progress=_EpochBars(),
+                    checkpoint=checkpoint)
     metrics = {"test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"],
                "history": history}
     provenance = {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": None, "seed": seed,
                   "train_config": config.to_dict()}
     store.save_model(model, output, dataset, provenance, metrics)
+    checkpoint.unlink(missing_ok=True)
     click.echo(f"{output}: test accuracy {history[-1]['test_acc']:.4f}")
 
 
@@ -351,13 +360,15 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
                                            "dynamic network surgery" if method == "dns"
                                            else "fine-tuning")
     masks, history = compress.prune_model(model, density, method, scope, train_data, config,
-                                          progress=_EpochBars())
+                                          progress=_EpochBars(),
+                                          checkpoint=checkpoint_path(output))
     acc = _test_accuracy(model, dataset, data_dir)
     report = compress.density_report(model, masks)
     store.save_model(model, output, info["dataset"],
                      {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": str(model_file),
                       "seed": seed, "method": method, "scope": scope, "density": density},
                      {"test_acc": acc, "density": report, "history": history}, masks=masks)
+    checkpoint_path(output).unlink(missing_ok=True)
     click.echo(f"{output}: density {report['overall']:.4f}, test accuracy {acc:.4f}")
 
 
@@ -426,13 +437,14 @@ def quantize_command(model_file, bits, int_bits, max_overflow, calibration, weig
                                                  limit, "fine-tuning")
     if train_config:
         history = train(qmodel, *train_data, train_config, progress=_EpochBars(),
-                        masks=info["masks"])
+                        masks=info["masks"], checkpoint=checkpoint_path(output))
     acc = _test_accuracy(qmodel, dataset, data_dir) if history else before
     store.save_model(compress.export_float(qmodel, model), output, info["dataset"],
                      {"command": "fxsim " + " ".join(sys.argv[1:]), "parent": str(model_file),
                       "seed": seed, "bits": bits, "int_bits": int_bits},
                      {"test_acc": acc, "test_acc_before_finetune": before, "history": history},
                      masks=info["masks"], quant=config)
+    checkpoint_path(output).unlink(missing_ok=True)
     click.echo(f"{output}: {bits}-bit, bit-accurate test accuracy {acc:.4f}")
 
 

@@ -406,11 +406,14 @@ def runnable(model: Model, info: dict) -> Model:
 
 
 def prune_model(model: Model, density: float, method: str = "magnitude", scope: str = "layer",
-                train_data=None, config=None, progress=None) -> tuple[dict, list]:
+                train_data=None, config=None, progress=None,
+                checkpoint=None) -> tuple[dict, list]:
     """Prune ``model`` in place to ``density`` and fine-tune it on ``train_data`` (images,
     labels) with ``config`` (a TrainConfig; None or no data: no fine-tuning). ``method``:
     "magnitude" (prune once, then train with the masks fixed) or "dns" (dynamic network
-    surgery while training; needs data). Returns (masks, epoch history)."""
+    surgery while training; needs data). Returns (masks, epoch history). ``checkpoint``: see
+    :func:`fxsim.train.train` (magnitude pruning's fine-tuning; DNS, whose masks change as it
+    trains, has none)."""
     from fxsim.train import train
 
     if method not in ("magnitude", "dns"):
@@ -423,17 +426,20 @@ def prune_model(model: Model, density: float, method: str = "magnitude", scope: 
     apply_masks(model, masks)
     if train_data is None or config is None:
         return masks, []
-    return masks, train(model, *train_data, config, progress=progress, masks=masks)
+    return masks, train(model, *train_data, config, progress=progress, masks=masks,
+                        checkpoint=checkpoint)
 
 
 def quantize_finetune(model: Model, bits: int, int_bits=None, masks=None, train_data=None,
                       config=None, calibration=None, max_overflow: float = 1e-3,
-                      progress=None, **datapath_options) -> tuple[Model, dict, list]:
+                      progress=None, checkpoint=None,
+                      **datapath_options) -> tuple[Model, dict, list]:
     """Quantise ``model`` to ``bits`` (``int_bits``: None = the paper's preset, an integer, or
     "auto" = dynamic fixed point calibrated on ``calibration`` images) and fine-tune the
     quantised twin through the integer datapath (clipped STE) when ``train_data`` and
     ``config`` are given. Returns (quantised model, quant config, epoch history); the
-    float model to store is ``export_float(quantised, model)``."""
+    float model to store is ``export_float(quantised, model)``. ``checkpoint``: see
+    :func:`fxsim.train.train`."""
     from fxsim.train import train
 
     if int_bits == "auto":
@@ -445,4 +451,5 @@ def quantize_finetune(model: Model, bits: int, int_bits=None, masks=None, train_
     qmodel = quantize_model(model, quant, masks)
     if train_data is None or config is None:
         return qmodel, quant, []
-    return qmodel, quant, train(qmodel, *train_data, config, progress=progress, masks=masks)
+    return qmodel, quant, train(qmodel, *train_data, config, progress=progress, masks=masks,
+                                checkpoint=checkpoint)

@@ -216,6 +216,48 @@ def _read_model(f, path, architectures):
     return model, info
 
 
+# --------------------------------------------------------------------------------------------
+# Training checkpoints (HDF5, version 1): where an interrupted training run continues
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "fxsim-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path, run: str, arrays: dict[str, dict[str, np.ndarray]], rng_state: dict,
+                    history: list[dict]) -> None:
+    """Write a training run's state after an epoch, atomically: ``run`` identifies the run
+    (see :func:`fxsim.train.train`), ``arrays`` is group name -> (name -> array) (parameters,
+    buffers, momentum), kept in their own dtypes, ``rng_state`` the random generator's
+    state, ``history`` the finished epochs' records."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = CHECKPOINT_FORMAT
+        f.attrs["version"] = CHECKPOINT_VERSION
+        f.attrs["run"] = run
+        f.attrs["rng_state"] = json.dumps(rng_state)
+        f.attrs["history"] = json.dumps(history)
+        for group_name, named in arrays.items():
+            group = f.create_group(group_name)
+            for name, value in named.items():
+                group.create_dataset(name, data=value)
+
+
+def load_checkpoint(path, run: str) -> dict | None:
+    """The state :func:`save_checkpoint` wrote at ``path`` if it is there and belongs to
+    ``run``, else None (no file, or another run's, which the next save replaces). A damaged
+    file is an FxsimError naming it: it is not deleted."""
+    if not Path(path).exists():
+        return None
+    with _reading(path, CHECKPOINT_FORMAT, "checkpoint") as f:
+        if f.attrs.get("version") != CHECKPOINT_VERSION or f.attrs.get("run") != run:
+            return None
+        return {"rng_state": json.loads(f.attrs["rng_state"]),
+                "history": json.loads(f.attrs["history"]),
+                "arrays": {g: {name: f[g][name][()] for name in f[g]} for g in f}}
+
+
 ADVERSARIAL_FORMAT = "fxsim-adversarial"
 
 

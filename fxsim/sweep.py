@@ -308,12 +308,15 @@ def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) ->
 
     s = step.settings
     target = Path(out_dir) / step.file
+    # a training step's state after every epoch, so that a step cut short resumes mid-way
+    checkpoint = Path(f"{target}.checkpoint")
     say = log or (lambda msg: None)
 
     def epoch_log(event):
         if "batch" not in event:
+            done = ", from the checkpoint" if event.get("resumed") else ""
             say(f"{step.name}: epoch {event['epoch']} loss {event['loss']:.4f} train acc "
-                f"{event['train_acc']:.4f} ({event['seconds']:.1f} s)")
+                f"{event['train_acc']:.4f} ({event['seconds']:.1f} s{done})")
 
     def training_data():
         return data_lib.load(s["dataset"], "train", data_dir, s["train_limit"])
@@ -324,9 +327,11 @@ def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) ->
         model = ARCHITECTURES[s["arch"]](seed=s["seed"])
         config = TrainConfig(s["epochs"], s["batch_size"], s["lr"], s["momentum"],
                              s["weight_decay"], seed=s["seed"])
-        history = train(model, *training_data(), config, progress=epoch_log)
+        history = train(model, *training_data(), config, progress=epoch_log,
+                        checkpoint=checkpoint)
         store.save_model(model, target, s["dataset"], {**provenance, "parent": None},
                          {"train_acc": history[-1]["train_acc"], "history": history})
+        checkpoint.unlink(missing_ok=True)
         return str(target)
     if step.kind in ("prune", "quantize"):
         parent = parent_files[step.parents[0]]
@@ -336,19 +341,21 @@ def execute(step: Step, out_dir, parent_files: dict, data_dir=None, log=None) ->
         provenance["parent"] = str(parent)
         if step.kind == "prune":
             masks, history = compress.prune_model(model, s["density"], s["method"], s["scope"],
-                                                  train_data, config, epoch_log)
+                                                  train_data, config, epoch_log, checkpoint)
             store.save_model(model, target, info["dataset"], provenance,
                              {"history": history}, masks=masks)
+            checkpoint.unlink(missing_ok=True)
             return str(target)
         int_bits = {"preset": None}.get(s["int_bits"], s["int_bits"])
         calibration = (data_lib.load(s["dataset"], "train", data_dir, s["calibration"])[0]
                        if int_bits == "auto" else None)
         qmodel, quant, history = compress.quantize_finetune(
             model, s["bits"], int_bits, info["masks"], train_data, config, calibration,
-            s["max_overflow"], epoch_log, acc_bits=s["acc_bits"], acc_mode=s["acc_mode"],
-            acc_overflow=s["acc_overflow"], rounding=s["rounding"])
+            s["max_overflow"], epoch_log, checkpoint, acc_bits=s["acc_bits"],
+            acc_mode=s["acc_mode"], acc_overflow=s["acc_overflow"], rounding=s["rounding"])
         store.save_model(compress.export_float(qmodel, model), target, info["dataset"],
                          provenance, {"history": history}, masks=info["masks"], quant=quant)
+        checkpoint.unlink(missing_ok=True)
         return str(target)
     images, labels = data_lib.load(s["dataset"], "test", data_dir, s["images"])
     if step.kind == "attack":

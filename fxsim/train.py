@@ -116,7 +116,8 @@ def evaluate(model, images, labels, batch_size: int = 1000) -> float:
 
 
 def train(model, images, labels, config: TrainConfig, test=None,
-          progress: Callable[[dict], None] | None = None, masks=None) -> list[dict]:
+          progress: Callable[[dict], None] | None = None, masks=None,
+          checkpoint=None) -> list[dict]:
     """Train ``model`` in place; return one record per epoch (loss, accuracies, lr, seconds).
 
     ``masks`` (layer name -> boolean array of its weight's shape) keeps pruned weights at
@@ -125,8 +126,18 @@ def train(model, images, labels, config: TrainConfig, test=None,
     ``test`` is an optional (images, labels) pair evaluated after each epoch. ``progress`` is
     called after every batch with {"epoch", "batch", "batches", "loss"} and after every epoch
     with the epoch's record (which has "test_acc").
+
+    ``checkpoint``: a file path. After every epoch the run's whole state (parameters, buffers,
+    momentum, the random generator, the records so far) is written there, atomically. A run
+    that finds there a checkpoint of the same run (same settings, layers, starting weights,
+    masks and data: :func:`run_id`) continues after its last epoch, with the bits it would
+    have had uninterrupted; its finished epochs' records go to ``progress`` again, with
+    "resumed": True. Another run's checkpoint is replaced. The caller deletes the file once
+    the result is saved.
     """
     import time
+
+    from fxsim import store
 
     if len(images) != len(labels) or len(images) == 0:
         raise FxsimError(f"need as many labels as images, got {len(images)} and {len(labels)}")
@@ -139,7 +150,17 @@ def train(model, images, labels, config: TrainConfig, test=None,
     n = len(images)
     batches = -(-n // config.batch_size)
     history = []
-    for epoch in range(config.epochs):
+    run = None
+    if checkpoint is not None:
+        run = run_id(model, images, labels, config, keep, test)
+        state = store.load_checkpoint(checkpoint, run)
+        if state is not None:
+            _restore(model, velocity, state["arrays"])
+            rng.bit_generator.state = state["rng_state"]
+            history = state["history"][: config.epochs]
+            for record in history if progress else ():
+                progress({**record, "resumed": True})
+    for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
         lr = config.lr_at(epoch)
         order = rng.permutation(n)
@@ -159,6 +180,63 @@ def train(model, images, labels, config: TrainConfig, test=None,
         if test is not None:
             record["test_acc"] = evaluate(model, *test)
         history.append(record)
+        if checkpoint is not None:
+            store.save_checkpoint(checkpoint, run, {"params": params, "buffers": _buffers(model),
+                                                    "velocity": velocity},
+                                  rng.bit_generator.state, history)
         if progress:
             progress(record)
     return history
+
+
+def _buffers(model) -> dict[str, np.ndarray]:
+    """``"layer.buffer"`` -> array: the state a model keeps besides its parameters (BatchNorm's
+    running statistics)."""
+    return {f"{layer.name}.{k}": v for layer in model.layers for k, v in layer.buffers.items()}
+
+
+def _restore(model, velocity: dict, arrays: dict) -> None:
+    """Put a checkpoint's arrays back: parameters and momentum in place (the training loop
+    holds them), buffers by assignment (BatchNorm replaces its own)."""
+    params = model.parameters()
+    for name, value in arrays["params"].items():
+        params[name][...] = value
+    for name, value in arrays["velocity"].items():
+        velocity[name][...] = value
+    for layer in model.layers:
+        for k in layer.buffers:
+            layer.buffers[k] = arrays["buffers"][f"{layer.name}.{k}"]
+
+
+def run_id(model, images, labels, config: TrainConfig, keep: dict, test=None) -> str:
+    """A digest of everything a training run's bits depend on: the settings, every layer's
+    type and settings (a quantised layer's datapath too), the starting parameters and
+    buffers, the masks, the training images and labels, and the test set its records score.
+    Two runs with the same digest compute the same thing, so one may continue the other."""
+    import hashlib
+    import json
+
+    digest = hashlib.blake2b(digest_size=16)
+
+    def add(value) -> None:
+        if isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).data)
+        else:
+            digest.update(repr(value).encode())
+
+    add(json.dumps(config.to_dict(), sort_keys=True))
+    for layer in model.layers:
+        add(type(layer).__name__)
+        for key, value in sorted(vars(layer).items()):
+            if key.startswith("_"):  # caches
+                continue
+            for name, item in sorted(value.items()) if isinstance(value, dict) else [(key, value)]:
+                add(name)
+                add(item)
+    for name, mask in sorted(keep.items()):
+        add(name)
+        add(np.asarray(mask, bool))
+    for array in (images, labels, *(test or ())):
+        add(np.asarray(array))
+    return digest.hexdigest()

@@ -4,6 +4,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fxsim import data, store, sweep
@@ -278,3 +279,35 @@ def test_example_configs_load_and_plan_every_step(name, tmp_path, monkeypatch):
         assert config["attacks"]["ifgsm"] == {**config["attacks"]["ifgsm"], "eps": 0.02,
                                               "steps": 12}
         assert config["quantization"]["int_bits"] == "preset"
+
+
+def test_a_training_step_cut_short_resumes_from_its_checkpoint(tmp_path):
+    """A step that trains writes STEP-FILE.checkpoint after every epoch; cut short in its
+    second epoch and run again, it resumes there (its log says so) and writes the model an
+    uninterrupted step writes; the checkpoint is then gone."""
+    config = sweep.load_config(write_config(tmp_path, TINY.replace("epochs = 1\nlr = 0.05",
+                                                                   "epochs = 2\nlr = 0.05")))
+    baseline = next(step for stage in sweep.plan(config) for step in stage
+                    if step.name == "baseline")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for folder in (whole, cut):
+        (folder / "steps").mkdir(parents=True)
+    sweep.execute(baseline, whole, {})
+
+    def stop_after_the_first_epoch(message):
+        raise Interrupt(message)
+
+    with pytest.raises(Interrupt, match="baseline: epoch 1 "):
+        sweep.execute(baseline, cut, {}, log=stop_after_the_first_epoch)
+    checkpoint = cut / f"{baseline.file}.checkpoint"
+    assert checkpoint.exists() and not (cut / baseline.file).exists()
+    lines = []
+    sweep.execute(baseline, cut, {}, log=lines.append)
+    assert "from the checkpoint" in lines[0] and "from the checkpoint" not in lines[1]
+    assert not checkpoint.exists()
+    model, info = store.load_model(cut / baseline.file)
+    reference, reference_info = store.load_model(whole / baseline.file)
+    for name, value in reference.parameters().items():
+        assert np.array_equal(model.parameters()[name], value), name
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(info["metrics"]["history"]) == strip(reference_info["metrics"]["history"])

@@ -106,3 +106,139 @@ def test_cifarnet_trains_from_cifar_files(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
     main(["info", str(out), "--json"])
     assert '"arch": "cifarnet"' in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(epoch: int, batch: int):
+    """A progress callback that stops training in the middle of ``epoch`` (0-based)."""
+    def progress(event):
+        if event.get("epoch") == epoch and event.get("batch") == batch:
+            raise Interrupted
+    return progress
+
+
+def all_state(model):
+    return {**model.parameters(), **{f"{layer.name}.{k}": v for layer in model.layers
+                                     for k, v in layer.buffers.items()}}
+
+
+def assert_same_run(a, b):
+    """Same bits in every parameter and buffer."""
+    state_a, state_b = all_state(a), all_state(b)
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert np.array_equal(state_a[name], state_b[name]), name
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "cifarnet"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, arch):
+    """Cut short in its third epoch, a run resumes after its second from the checkpoint and
+    ends with the bits of the run never interrupted: weights, momentum, BatchNorm statistics
+    (CifarNet) and the random generator (shuffling, dropout) all come back."""
+    from fxsim.models import ARCHITECTURES
+
+    if arch == "lenet5":
+        x, y = data.load("sample", "train", limit=300)
+        test = data.load("sample", "test", limit=50)
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.random((96, 3, 32, 32), dtype=np.float32)
+        y = rng.integers(0, 10, 96)
+        test = (x[:16], y[:16])
+    config = TrainConfig(epochs=3, batch_size=32, lr=0.01, seed=7)
+    whole = ARCHITECTURES[arch](seed=2)
+    expected = train(whole, x, y, config, test=test)
+    checkpoint = tmp_path / "run.checkpoint"
+    cut = ARCHITECTURES[arch](seed=2)
+    with pytest.raises(Interrupted):
+        train(cut, x, y, config, test=test, progress=interrupt_at(2, 2), checkpoint=checkpoint)
+    events = []
+    resumed = ARCHITECTURES[arch](seed=2)
+    history = train(resumed, x, y, config, test=test, progress=events.append,
+                    checkpoint=checkpoint)
+    assert_same_run(whole, resumed)
+    drop = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert drop(history) == drop(expected)
+    epochs = [e for e in events if "batch" not in e]
+    assert [(e["epoch"], e.get("resumed", False)) for e in epochs] == [
+        (1, True), (2, True), (3, False)]
+    assert not any(e.get("epoch") in (0, 1) for e in events if "batch" in e)  # not re-run
+
+
+def test_a_checkpoint_of_another_run_is_not_used(tmp_path):
+    """Other settings, starting weights, data or datapath: the checkpoint is replaced, and the
+    run gives the bits of a run from scratch."""
+    from fxsim import compress
+
+    x, y = data.load("sample", "train", limit=200)
+    config = TrainConfig(epochs=2, batch_size=50, seed=1)
+    checkpoint = tmp_path / "run.checkpoint"
+    with pytest.raises(Interrupted):
+        train(lenet5(seed=0), x, y, config, progress=interrupt_at(1, 1), checkpoint=checkpoint)
+    other_lr = TrainConfig(epochs=2, batch_size=50, seed=1, lr=0.02)
+    model, fresh = lenet5(seed=0), lenet5(seed=0)
+    events = []
+    train(model, x, y, other_lr, progress=events.append, checkpoint=checkpoint)
+    train(fresh, x, y, other_lr)
+    assert_same_run(model, fresh)
+    assert not any(e.get("resumed") for e in events)
+    # what the digest tells apart
+    from fxsim.train import run_id
+
+    base = lenet5(seed=0)
+    reference = run_id(base, x, y, config, {})
+    assert run_id(lenet5(seed=0), x, y, config, {}) == reference
+    assert run_id(lenet5(seed=1), x, y, config, {}) != reference
+    assert run_id(base, x[:199], y[:199], config, {}) != reference
+    flipped = y.copy()
+    flipped[0] = (flipped[0] + 1) % 10
+    assert run_id(base, x, flipped, config, {}) != reference
+    assert run_id(base, x, y, config, {"fc1.weight": np.ones((500, 800), bool)}) != reference
+    q8 = compress.quantize_model(base, compress.quant_config(base, 8))
+    q4 = compress.quantize_model(base, compress.quant_config(base, 4))
+    assert run_id(q8, x, y, config, {}) != run_id(q4, x, y, config, {})
+
+
+def test_train_command_resumes_and_deletes_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """`fxsim train` cut short keeps OUTPUT.checkpoint; run again, it resumes (saying so), and
+    the model it writes equals an uninterrupted run's; the checkpoint is gone."""
+    from fxsim import cli, store
+
+    args = ["train", "lenet5", "--dataset", "sample", "--epochs", "2", "--limit", "256",
+            "--seed", "4"]
+    main([*args, "-o", str(tmp_path / "whole.h5")])
+    real_bars = cli._EpochBars
+
+    class CutShort(real_bars):
+        def __call__(self, event):
+            if event.get("epoch") == 1 and event.get("batch") == 2:
+                raise KeyboardInterrupt
+            super().__call__(event)
+
+    monkeypatch.setattr(cli, "_EpochBars", CutShort)
+    out = tmp_path / "m.h5"
+    with pytest.raises(SystemExit) as done:  # Ctrl-C: "aborted", exit 130
+        main([*args, "-o", str(out)])
+    assert done.value.code == 130
+    assert not out.exists() and (tmp_path / "m.h5.checkpoint").exists()
+    monkeypatch.setattr(cli, "_EpochBars", real_bars)
+    capsys.readouterr()
+    main([*args, "-o", str(out)])
+    assert "epoch 1:" in capsys.readouterr().err.split("from the checkpoint")[0]
+    assert not (tmp_path / "m.h5.checkpoint").exists()
+    assert_same_run(store.load_model(out)[0], store.load_model(tmp_path / "whole.h5")[0])
+
+
+def test_a_damaged_checkpoint_is_named_not_deleted(tmp_path):
+    checkpoint = tmp_path / "run.checkpoint"
+    checkpoint.write_bytes(b"not hdf5")
+    x, y = data.load("sample", "train", limit=64)
+    with pytest.raises(FxsimError, match=r"run\.checkpoint: not an HDF5 file"):
+        train(lenet5(), x, y, TrainConfig(epochs=1), checkpoint=checkpoint)
+    assert checkpoint.read_bytes() == b"not hdf5"
