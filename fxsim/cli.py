@@ -157,7 +157,34 @@ def data_fetch(name, data_dir):
     """Download data set NAME from its canonical source, checking published checksums."""
     from fxsim import data as data_lib
 
-    click.echo(str(data_lib.fetch(name, data_dir)))
+    click.echo(str(data_lib.fetch(name, data_dir, progress=_DownloadBar)))
+
+
+class _DownloadBar:
+    """One file's download as a click progress bar on stderr, in the protocol pooch asks of a
+    progress bar: pooch sets ``total`` (bytes; 0 when the server does not say), calls
+    ``update(n)`` per chunk, then ``reset()``, ``update(total)`` and ``close()``."""
+
+    def __init__(self, file_name: str):
+        self.label, self.total, self.bar = file_name, 0, None
+
+    def _bar(self):
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(self.total, 1), label=self.label,
+                                         file=sys.stderr)
+            self.bar.__enter__()
+        return self.bar
+
+    def update(self, n: int) -> None:
+        bar = self._bar()
+        bar.update(max(0, min(n, bar.length - bar.pos)))  # pooch counts whole chunks
+
+    def reset(self) -> None:
+        self._bar().pos = 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 # ------------------------------------------------------------------------------ models

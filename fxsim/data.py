@@ -114,8 +114,10 @@ def locate(name: str, folder=None) -> Path | None:
     return None
 
 
-def fetch(name: str, folder=None, progress: bool = True) -> Path:
-    """Download ``name`` into the data folder (skipping files already there and verified)."""
+def fetch(name: str, folder=None, progress=None) -> Path:
+    """Download ``name`` into the data folder (skipping files already there and verified).
+    ``progress(file name)``, if given, makes a progress bar for one file in pooch's protocol
+    (``total``, ``update(n)``, ``reset()``, ``close()``); pooch's own bar would need tqdm."""
     info = _info(name)
     import pooch
 
@@ -126,7 +128,7 @@ def fetch(name: str, folder=None, progress: bool = True) -> Path:
         for base in info.urls:
             try:
                 pooch.retrieve(base + file_name, known_hash=known_hash, fname=file_name,
-                               path=target, progressbar=progress)
+                               path=target, progressbar=progress(file_name) if progress else False)
                 break
             except Exception as exc:  # network or checksum: try the next mirror
                 errors.append(f"{base}: {exc}")
