@@ -114,6 +114,9 @@ def bench_kernels(layers, densities, bits, repeats, per_mac_bits, seed, json_pat
     from fxsim import report, store
 
     names = [n.strip() for n in layers.split(",")] if layers else None
+    for path in (json_path, plot_path):  # before minutes of timing, not after
+        if path:
+            store.check_writable(path)
     rows = bench_lib.sparse_vs_dense(
         names, bench_lib.check_densities(_floats(densities)), bits, repeats, seed,
         progress=lambda msg: click.echo(f"  {msg}", err=True), per_mac_bits=per_mac_bits,

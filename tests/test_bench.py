@@ -56,11 +56,13 @@ def test_bench_command_bad_input_exits_2_without_files(tmp_path, capsys):
     assert done.value.code == 2
     assert capsys.readouterr().err.strip() == "error: densities must be in (0, 1], got 1.5"
     assert not target.exists()
-    with pytest.raises(SystemExit) as done:
-        main(["bench", "kernels", "--layers", "lenet5.fc2", "--repeats", "1",
-              "--json", str(tmp_path / "missing" / "b.json")])
-    assert done.value.code == 2
-    assert "folder" in capsys.readouterr().err
+    for option in ("--json", "--plot"):  # refused before the timing, not after it
+        with pytest.raises(SystemExit) as done:
+            main(["bench", "kernels", "--layers", "lenet5.fc2", "--repeats", "1",
+                  option, str(tmp_path / "missing" / "b.json")])
+        assert done.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot write") and "density" not in err
 
 
 def test_bench_command_times_a_per_mac_register(tmp_path, capsys, monkeypatch):
