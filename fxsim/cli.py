@@ -66,13 +66,17 @@ def format_command(bits, int_bits, values, unsigned, rounding, overflow, as_json
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{fmt}: {fmt.bits} bits, {fmt.int_bits} integer (sign included), "
-               f"{fmt.frac_bits} fraction; step {fmt.step:g}; "
-               f"range [{fmt.min_value:g}, {fmt.max_value:g}] "
+    # every number as the shortest text that reads back as the same double (fix<8,2>'s top
+    # is 1.984375, which %g showed as 1.98438)
+    sign = "sign included" if fmt.signed else "no sign"
+    click.echo(f"{fmt}: {fmt.bits} bits, {fmt.int_bits} integer ({sign}), "
+               f"{fmt.frac_bits} fraction; step {float(fmt.step)!r}; "
+               f"range [{float(fmt.min_value)!r}, {float(fmt.max_value)!r}] "
                f"(codes {fmt.min_code}..{fmt.max_code})")
     for row in rows:
         note = f"  overflow ({overflow})" if row["overflow"] else ""
-        click.echo(f"{row['input']:>14g} -> code {row['code']:>8d} = {row['value']:g}{note}")
+        click.echo(f"{float(row['input'])!r:>14} -> code {row['code']:>8d} = "
+                   f"{float(row['value'])!r}{note}")
 
 
 @cli.group()

@@ -21,6 +21,14 @@ def test_format_command_quantises_values(capsys):
     assert [(r["code"], r["overflow"]) for r in info["values"]] == [(19, False), (-128, True)]
     main(["format", "4", "1", "--rounding", "trn", "0.9999"])
     assert "code        7 = 0.875" in capsys.readouterr().out
+    # every digit: the top of fix<8,2> is 1.984375 (%g said 1.98438), a code's value exact
+    main(["format", "8", "2", "0.3", "--", "-5"])
+    out = capsys.readouterr().out
+    assert "step 0.015625; range [-2.0, 1.984375]" in out and "= -2.0  overflow (sat)" in out
+    main(["format", "16", "4", "0.123456789"])
+    assert "0.123456789 -> code      506 = 0.12353515625" in capsys.readouterr().out
+    main(["format", "4", "0", "--unsigned", "0.3"])
+    assert capsys.readouterr().out.startswith("ufix<4,0>: 4 bits, 0 integer (no sign), 4 fraction")
 
 
 def test_bad_input_is_one_line_and_exit_code_2(capsys):
