@@ -526,14 +526,16 @@ def simulate_command(model_file, dataset, data_dir, count, bits, acc_bits, acc_m
     click.echo(f"{model_file} on {result['images']} {dataset} test images: bit-accurate "
                f"accuracy {result['accuracy']:.4f}; input saturations "
                f"{result['input_saturations']}")
-    click.echo("layer     MACs dense  executed  skipped  acc overflows  out saturations"
-               "     max |acc|  kernel          weight bytes dense/bitmask/csr/eie")
+    # counters exactly, as the datapath counted them
+    click.echo(f"{'layer':<8} {'MACs dense':>13} {'executed':>13} {'skipped':>13}  acc overflows"
+               "  out saturations     max |acc|  kernel              weight bytes "
+               "dense/bitmask/csr/eie")
     for name, row in result["layers"].items():
         wb = row["weight_bytes"]
-        click.echo(f"{name:<8} {row['macs']:>11,} {row['executed_macs']:>9.3g} "
-                   f"{row['skipped_macs']:>8.3g} {row['acc_overflows']:>14,} "
+        click.echo(f"{name:<8} {row['macs']:>13,} {row['executed_macs']:>13,} "
+                   f"{row['skipped_macs']:>13,} {row['acc_overflows']:>14,} "
                    f"{row['out_saturations']:>16,} {row['max_abs_acc']:>13,}  "
-                   f"{','.join(row['paths']):<15} {wb['dense']}/{wb['bitmask']}/{wb['csr']}/"
+                   f"{','.join(row['paths']):<19} {wb['dense']}/{wb['bitmask']}/{wb['csr']}/"
                    f"{wb['eie']}")
 
 

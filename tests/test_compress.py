@@ -221,6 +221,9 @@ def test_prune_quantize_simulate_pipeline(baseline_file, tmp_path, capsys):
     code, out, _ = run_cli(["simulate", quantised, "--n", "50", "--acc-bits", "16",
                             "--acc-mode", "per_mac"], capsys)
     assert code == 0 and "acc overflows" in out
+    code, out, _ = run_cli(["simulate", quantised, "--n", "200"], capsys)  # the counts, exact
+    row = next(line.split() for line in out.splitlines() if line.startswith("conv2 "))
+    assert row[1:4] == [f"{conv2[k]:,}" for k in ("macs", "executed_macs", "skipped_macs")]
 
 
 @pytest.mark.parametrize(("args", "message"), [
