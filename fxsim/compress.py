@@ -293,15 +293,16 @@ def dns_masks(weights: dict, density: float, scope: str, previous=None) -> dict:
 
 
 def dns_prune(model: Model, images, labels, density: float, config, scope: str = "layer",
-              interval: int = 50, progress=None) -> tuple[dict, list]:
+              interval: int = 50, progress=None, checkpoint=None) -> tuple[dict, list]:
     """Dynamic network surgery (Guo et al. 2016): train with the forward pass using W * mask
     while every weight keeps learning, so pruned weights can come back; every ``interval``
     batches the masks are updated by the hysteresis rule, alpha searched to hold ``density``.
     The last epoch keeps the masks fixed (plain fine-tuning). The model ends up with the pruned
-    weights zeroed. Returns (masks, epoch history)."""
+    weights zeroed. Returns (masks, epoch history). ``checkpoint``: as in
+    :func:`fxsim.train.train`, the masks kept with the rest."""
     import time
 
-    from fxsim.train import sgd_step
+    from fxsim.train import resume, run_id, save_checkpoint, sgd_step
 
     if not 0.0 < density <= 1.0:
         raise FxsimError(f"density must be in (0, 1], got {density}")
@@ -313,9 +314,14 @@ def dns_prune(model: Model, images, labels, density: float, config, scope: str =
     rng = np.random.default_rng(config.seed)
     params = model.parameters()
     velocity = {name: np.zeros_like(p) for name, p in params.items()}
-    n, step, history = len(images), 0, []
+    n = len(images)
     batches = -(-n // config.batch_size)
-    for epoch in range(config.epochs):
+    run = None if checkpoint is None else run_id(model, images, labels, config, {}, None,
+                                                 ("dns", density, scope, interval))
+    history, extra = resume(checkpoint, run, model, velocity, rng, config.epochs, progress)
+    masks = extra.get("masks", masks)
+    step = len(history) * batches  # mask updates fall every `interval` steps of the whole run
+    for epoch in range(len(history), config.epochs):
         lr, order, loss_sum, correct = config.lr_at(epoch), rng.permutation(n), 0.0, 0
         start = time.perf_counter()
         surgery = epoch < config.epochs - 1 or config.epochs == 1
@@ -337,6 +343,7 @@ def dns_prune(model: Model, images, labels, density: float, config, scope: str =
         record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / n, "train_acc": correct / n,
                   "seconds": time.perf_counter() - start}
         history.append(record)
+        save_checkpoint(checkpoint, run, model, velocity, rng, history, {"masks": masks})
         if progress:
             progress(record)
     apply_masks(model, masks)
@@ -412,8 +419,7 @@ def prune_model(model: Model, density: float, method: str = "magnitude", scope: 
     labels) with ``config`` (a TrainConfig; None or no data: no fine-tuning). ``method``:
     "magnitude" (prune once, then train with the masks fixed) or "dns" (dynamic network
     surgery while training; needs data). Returns (masks, epoch history). ``checkpoint``: see
-    :func:`fxsim.train.train` (magnitude pruning's fine-tuning; DNS, whose masks change as it
-    trains, has none)."""
+    :func:`fxsim.train.train`."""
     from fxsim.train import train
 
     if method not in ("magnitude", "dns"):
@@ -421,7 +427,8 @@ def prune_model(model: Model, density: float, method: str = "magnitude", scope: 
     if method == "dns":
         if train_data is None or config is None:
             raise FxsimError("dns prunes while training: give it training data and epochs >= 1")
-        return dns_prune(model, *train_data, density, config, scope, progress=progress)
+        return dns_prune(model, *train_data, density, config, scope, progress=progress,
+                         checkpoint=checkpoint)
     masks = magnitude_masks(model, density, scope=scope)
     apply_masks(model, masks)
     if train_data is None or config is None:

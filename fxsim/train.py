@@ -137,8 +137,6 @@ def train(model, images, labels, config: TrainConfig, test=None,
     """
     import time
 
-    from fxsim import store
-
     if len(images) != len(labels) or len(images) == 0:
         raise FxsimError(f"need as many labels as images, got {len(images)} and {len(labels)}")
     rng = np.random.default_rng(config.seed)
@@ -149,17 +147,8 @@ def train(model, images, labels, config: TrainConfig, test=None,
         params[name] *= mask
     n = len(images)
     batches = -(-n // config.batch_size)
-    history = []
-    run = None
-    if checkpoint is not None:
-        run = run_id(model, images, labels, config, keep, test)
-        state = store.load_checkpoint(checkpoint, run)
-        if state is not None:
-            _restore(model, velocity, state["arrays"])
-            rng.bit_generator.state = state["rng_state"]
-            history = state["history"][: config.epochs]
-            for record in history if progress else ():
-                progress({**record, "resumed": True})
+    run = None if checkpoint is None else run_id(model, images, labels, config, keep, test)
+    history, _ = resume(checkpoint, run, model, velocity, rng, config.epochs, progress)
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
         lr = config.lr_at(epoch)
@@ -180,13 +169,45 @@ def train(model, images, labels, config: TrainConfig, test=None,
         if test is not None:
             record["test_acc"] = evaluate(model, *test)
         history.append(record)
-        if checkpoint is not None:
-            store.save_checkpoint(checkpoint, run, {"params": params, "buffers": _buffers(model),
-                                                    "velocity": velocity},
-                                  rng.bit_generator.state, history)
+        save_checkpoint(checkpoint, run, model, velocity, rng, history)
         if progress:
             progress(record)
     return history
+
+
+def resume(checkpoint, run: str | None, model, velocity: dict, rng, epochs: int,
+           progress=None) -> tuple[list[dict], dict]:
+    """The start of a training loop that keeps ``checkpoint`` (None: none): where the file
+    holds run ``run``, its parameters, buffers and momentum are put back, ``rng`` takes its
+    state, and its records go to ``progress`` with "resumed": True. Returns (the finished
+    epochs' records, the checkpoint's other array groups); ([], {}) to start afresh."""
+    from fxsim import store
+
+    state = None if checkpoint is None else store.load_checkpoint(checkpoint, run)
+    if state is None:
+        return [], {}
+    arrays = state["arrays"]
+    _restore(model, velocity, arrays)
+    rng.bit_generator.state = state["rng_state"]
+    history = state["history"][:epochs]
+    for record in history if progress else ():
+        progress({**record, "resumed": True})
+    extra = {k: v for k, v in arrays.items() if k not in ("params", "buffers", "velocity")}
+    return history, extra
+
+
+def save_checkpoint(checkpoint, run: str | None, model, velocity: dict, rng,
+                    history: list[dict], extra: dict | None = None) -> None:
+    """The end of an epoch of a training loop that keeps ``checkpoint`` (None: nothing to
+    do): the model's parameters and buffers, the momentum, ``rng``'s state, the records and
+    ``extra`` array groups (name -> (name -> array)), written atomically."""
+    from fxsim import store
+
+    if checkpoint is not None:
+        store.save_checkpoint(checkpoint, run, {"params": model.parameters(),
+                                                "buffers": _buffers(model),
+                                                "velocity": velocity, **(extra or {})},
+                              rng.bit_generator.state, history)
 
 
 def _buffers(model) -> dict[str, np.ndarray]:
@@ -208,11 +229,13 @@ def _restore(model, velocity: dict, arrays: dict) -> None:
             layer.buffers[k] = arrays["buffers"][f"{layer.name}.{k}"]
 
 
-def run_id(model, images, labels, config: TrainConfig, keep: dict, test=None) -> str:
+def run_id(model, images, labels, config: TrainConfig, keep: dict, test=None,
+           method=("train",)) -> str:
     """A digest of everything a training run's bits depend on: the settings, every layer's
     type and settings (a quantised layer's datapath too), the starting parameters and
-    buffers, the masks, the training images and labels, and the test set its records score.
-    Two runs with the same digest compute the same thing, so one may continue the other."""
+    buffers, the masks, the training images and labels, the test set its records score, and
+    ``method``, what the loop does besides (DNS: its density, scope and interval). Two runs
+    with the same digest compute the same thing, so one may continue the other."""
     import hashlib
     import json
 
@@ -226,6 +249,7 @@ def run_id(model, images, labels, config: TrainConfig, keep: dict, test=None) ->
             digest.update(repr(value).encode())
 
     add(json.dumps(config.to_dict(), sort_keys=True))
+    add(method)
     for layer in model.layers:
         add(type(layer).__name__)
         for key, value in sorted(vars(layer).items()):

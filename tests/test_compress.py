@@ -321,6 +321,40 @@ def test_dns_lands_on_the_density_and_zeroes_pruned_weights(scope):
     assert len(history) == 2 and history[-1]["loss"] < history[0]["loss"] * 1.5
 
 
+def test_dns_cut_short_resumes_from_its_checkpoint_with_the_same_bits(tmp_path):
+    """DNS's masks change while it trains: they are kept in the checkpoint with the rest, and
+    a run cut short in its second epoch ends with the masks and weights of one never cut."""
+    from fxsim.compress import dns_prune
+    from fxsim.train import TrainConfig
+
+    x, y = data.load("sample", "train", limit=320)
+    config = TrainConfig(epochs=3, batch_size=32, seed=2)
+    whole = lenet5(seed=0)
+    expected_masks, _ = dns_prune(whole, x, y, 0.2, config, "global", interval=3)
+
+    def cut(event):
+        if event.get("epoch") == 1 and event.get("batch") == 4:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "dns.checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        dns_prune(lenet5(seed=0), x, y, 0.2, config, "global", 3, cut, checkpoint)
+    resumed, events = lenet5(seed=0), []
+    masks, history = dns_prune(resumed, x, y, 0.2, config, "global", 3, events.append,
+                               checkpoint)
+    assert [e["epoch"] for e in events if e.get("resumed")] == [1]
+    assert len(history) == 3
+    for name, mask in expected_masks.items():
+        assert np.array_equal(masks[name], mask), name
+    for name, value in whole.parameters().items():
+        assert np.array_equal(resumed.parameters()[name], value), name
+    # another density is another run: its checkpoint is not this one's
+    other, events = lenet5(seed=0), []
+    dns_prune(other, x, y, 0.3, TrainConfig(epochs=1, batch_size=32, seed=2), "global", 3,
+              events.append, checkpoint)
+    assert not any(e.get("resumed") for e in events)
+
+
 def test_separate_weight_and_activation_formats(trained_lenet):
     config = quant_config(trained_lenet, 8, weight_bits=4)
     assert config["fc1"]["act_fmt"] == {"bits": 8, "int_bits": 2, "signed": True}
