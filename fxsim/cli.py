@@ -789,9 +789,10 @@ def scenarios_command(baseline_file, compressed, more_compressed, attack_names, 
                       report_dir):
     """The paper's three attack scenarios: for every attack, examples made on the baseline
     (once) and on each compressed model, evaluated as COMP->COMP, FULL->COMP and COMP->FULL
-    (plus FULL->FULL and clean accuracy); --matrix adds every compressed->compressed pair."""
-    from pathlib import Path
+    (plus FULL->FULL and clean accuracy); --matrix adds every compressed->compressed pair.
 
+    Finished attacks are kept in OUTPUT.attacks/ until OUTPUT is written: run again after an
+    interruption, the command skips them."""
     from fxsim import attacks, compress, scenarios, store
     from fxsim import data as data_lib
 
@@ -827,14 +828,20 @@ def scenarios_command(baseline_file, compressed, more_compressed, attack_names, 
         models[name] = compress.runnable(model, info)
     dataset = dataset or base_info["dataset"]
     images, labels = data_lib.load(dataset, "test", data_dir, count)
+    # every finished attack is kept beside the output until it is written: a run cut short
+    # and started again skips them
+    attack_files = scenarios.AttackFiles(f"{output}.attacks",
+                                         {name: store.file_digest(path)
+                                          for name, path in files.items()}, images, labels)
     rows, clean = scenarios.run(models, "baseline", settings, images, labels, matrix,
-                                batch_size, progress=_echo_err)
+                                batch_size, progress=_echo_err, attack_files=attack_files)
     for row in table:
         row["clean_accuracy"] = clean[row["name"]]
     config = {"dataset": dataset, "arch": base_info["arch"], "images": len(images),
               "matrix": matrix, "attacks": settings, "baseline": baseline_file,
               "compressed": files, "command": "fxsim " + " ".join(sys.argv[1:])}
     store.save_results(output, rows, table, config)
+    attack_files.remove()
     _print_results(rows, table, output)
     if report_dir:
         written = _write_report(output, report_dir, data_dir)

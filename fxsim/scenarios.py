@@ -18,7 +18,9 @@ source); ``gradient_masked``: images for which the source's gradient was zero or
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -99,11 +101,66 @@ def check_compatible(baseline_path, baseline_info: dict, path, info: dict) -> No
                              f"{baseline_path} is {baseline_info[key]!r}")
 
 
+class AttackFiles:
+    """The finished attacks of a scenarios run, one adversarial image file each in ``folder``,
+    so that a run cut short skips them when it is run again. A file is named by a digest of
+    what its images depend on: the source model (``model_digests``: name -> a digest of its
+    file), the attack and its settings, and the images and labels attacked."""
+
+    def __init__(self, folder, model_digests: dict, images, labels):
+        import hashlib
+
+        self.folder = Path(folder)
+        self.model_digests = model_digests
+        data = hashlib.sha256(np.ascontiguousarray(images).data)
+        data.update(np.ascontiguousarray(labels).data)
+        self.data_digest = data.hexdigest()
+
+    def path(self, method: str, source: str, settings: dict) -> Path:
+        import hashlib
+        import json
+
+        what = json.dumps([self.model_digests[source], method, settings, self.data_digest],
+                          sort_keys=True)
+        return self.folder / f"{method}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.h5"
+
+    def load(self, method: str, source: str, settings: dict) -> AdversarialSet | None:
+        from fxsim import store
+
+        path = self.path(method, source, settings)
+        if not path.exists():
+            return None
+        _, adversarial, _, meta = store.load_adversarial(path)
+        return AdversarialSet(method, source, adversarial, meta["mean_abs"], meta["mean_l2"],
+                              meta["gradient_masked"])
+
+    def save(self, made: AdversarialSet, settings: dict, images, labels) -> None:
+        from fxsim import store
+
+        self.folder.mkdir(exist_ok=True)
+        store.save_adversarial(self.path(made.attack, made.source, settings), images,
+                               made.adversarial, labels,
+                               {"method": made.attack, "settings": settings,
+                                "source": made.source, "mean_abs": made.mean_abs,
+                                "mean_l2": made.mean_l2,
+                                "gradient_masked": made.gradient_masked})
+
+    def remove(self) -> None:
+        """Delete the files (the folder too, once it holds nothing else)."""
+        for path in self.folder.glob("*.h5"):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+
+
 def run(models: dict, baseline: str, attacks: dict, images, labels, matrix: bool = False,
-        batch_size: int = 500, progress=None) -> tuple[list[dict], dict]:
+        batch_size: int = 500, progress=None,
+        attack_files: AttackFiles | None = None) -> tuple[list[dict], dict]:
     """Every scenario for every attack. ``models``: name -> runnable model (the baseline
     among them); ``attacks``: method -> settings (fxsim.attacks.DEFAULTS). ``progress(msg)``
-    hears about each attack run. Returns (rows, clean accuracy per model)."""
+    hears about each attack run. With ``attack_files`` every attack's images are kept as a
+    file, and an attack whose file is there is not run again. Returns (rows, clean accuracy
+    per model)."""
     from fxsim import attacks as attack_lib
 
     if baseline not in models:
@@ -114,11 +171,19 @@ def run(models: dict, baseline: str, attacks: dict, images, labels, matrix: bool
     for method, settings in attacks.items():
         adversarial = {}
         for source in dict.fromkeys(s for s, _, _ in pairs):
+            made = attack_files.load(method, source, settings) if attack_files else None
+            if made is not None:
+                if progress:
+                    progress(f"{method} on {source}: made before, read back")
+                adversarial[source] = made
+                continue
             if progress:
                 progress(f"{method} on {source} ({len(images)} images)")
             result = attack_lib.run(method, models[source], images, labels, settings,
                                     batch_size)
             adversarial[source] = AdversarialSet.from_result(method, source, result)
+            if attack_files:
+                attack_files.save(adversarial[source], settings, images, labels)
         for source, target, scenario in pairs:
             metrics = evaluate(models[target], adversarial[source], labels, clean[target])
             rows.append({"attack": method, "scenario": scenario, "source": source,

@@ -44,6 +44,17 @@ def check_writable(path) -> None:
         raise FxsimError(f"cannot write {path}: folder {folder} does not exist")
 
 
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_json(path, data) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

@@ -244,14 +244,6 @@ def _attack_step_name(method: str, model: str) -> str:
     return f"{method}-{model}"
 
 
-def _file_digest(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def plan(config: dict) -> list[list[Step]]:
     """The sweep's steps in stages; the steps of a stage only read earlier stages."""
     from fxsim.scenarios import plan as scenario_plan
@@ -260,7 +252,9 @@ def plan(config: dict) -> list[list[Step]]:
             "seed": config["seed"]}
     base = config["baseline"]
     if base["file"]:
-        settings = {"sha256": _file_digest(base["file"])}
+        from fxsim import store
+
+        settings = {"sha256": store.file_digest(base["file"])}
         baseline = Step("given", "baseline", settings, key=_key("given", settings, []),
                         file=base["file"])
     else:

@@ -299,3 +299,54 @@ def test_scenarios_refuses_a_model_given_twice(model_files, tmp_path, capsys):
                                 tmp_path / "r.h5"], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "r.h5").exists()
+
+
+def test_scenarios_cut_short_skips_the_finished_attacks_when_run_again(model_files, tmp_path,
+                                                                        capsys, monkeypatch):
+    """Interrupted in its third attack, `fxsim scenarios` keeps the two finished ones in
+    OUTPUT.attacks; run again it makes only the rest, writes what an uninterrupted run writes,
+    and removes the folder."""
+    from fxsim import attacks
+
+    args = ["scenarios", "--baseline", model_files / "base.h5", "--compressed",
+            model_files / "p20.h5", model_files / "q8.h5", "--attacks", "ifgsm,fgsm",
+            "--steps", "2", "--n", "12"]
+    code, _, err = run_cli([*args, "-o", tmp_path / "whole.h5"], capsys)
+    assert code == 0, err
+    real_run, made = attacks.run, []
+
+    def counted(method, model, *rest, **kw):
+        made.append(method)
+        if stop_at and len(made) == stop_at:
+            raise KeyboardInterrupt
+        return real_run(method, model, *rest, **kw)
+
+    monkeypatch.setattr(attacks, "run", counted)
+    out = tmp_path / "r.h5"
+    stop_at = 3
+    code, _, _ = run_cli([*args, "-o", out], capsys)
+    assert code == 130 and not out.exists()
+    assert len(list((tmp_path / "r.h5.attacks").glob("*.h5"))) == 2
+    made.clear()
+    stop_at = None
+    code, _, err = run_cli([*args, "-o", out], capsys)
+    assert code == 0, err
+    assert len(made) == 6 - 2 and err.count("made before, read back") == 2
+    assert not (tmp_path / "r.h5.attacks").exists()
+    whole, resumed = store.load_results(tmp_path / "whole.h5"), store.load_results(out)
+    assert json.dumps(whole[0]) == json.dumps(resumed[0])  # every row, to the bit
+
+
+def test_attack_files_are_named_by_everything_their_images_depend_on(tmp_path):
+    images, labels = np.zeros((3, 1, 28, 28), np.float32), np.array([0, 1, 2])
+    files = scenarios.AttackFiles(tmp_path, {"a": "d1", "b": "d2"}, images, labels)
+    reference = files.path("ifgsm", "a", {"eps": 0.02, "steps": 12})
+    assert files.path("ifgsm", "a", {"steps": 12, "eps": 0.02}) == reference
+    others = [files.path("ifgsm", "a", {"eps": 0.03, "steps": 12}),
+              files.path("ifgm", "a", {"eps": 0.02, "steps": 12}),
+              files.path("ifgsm", "b", {"eps": 0.02, "steps": 12}),
+              scenarios.AttackFiles(tmp_path, {"a": "d1"}, images + 0.5, labels).path(
+                  "ifgsm", "a", {"eps": 0.02, "steps": 12}),
+              scenarios.AttackFiles(tmp_path, {"a": "d1"}, images, labels[::-1]).path(
+                  "ifgsm", "a", {"eps": 0.02, "steps": 12})]
+    assert reference not in others and len(set(others)) == len(others)
