@@ -6,6 +6,10 @@ import pytest
 
 import fxsim  # noqa: F401  (its process settings first: before numpy and Numba load)
 
+# Many tests check that a command's stderr is exactly one line; in a run with a cold Numba
+# cache the CLI would add its first-run notice (tests/test_cli.py tests it on its own).
+os.environ["FXSIM_COMPILE_NOTICE"] = "off"
+
 
 def threads_per_worker() -> int:
     """Numba threads for one test process: its share of the pool when pytest-xdist runs

@@ -43,3 +43,26 @@ def test_console_script_runs():
     done = subprocess.run([sys.executable, "-m", "fxsim.cli", "--version"], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0 and "fxsim, version" in done.stdout
+
+
+def test_a_first_run_says_that_the_kernels_compile(tmp_path):
+    """With an empty Numba cache a command that runs kernels says, once, that they compile
+    (a minute or two of silence otherwise looks like a hang); with the cache filled it says
+    nothing, and FXSIM_COMPILE_NOTICE=off silences it."""
+    import os
+
+    def stderr(**env):
+        done = subprocess.run([sys.executable, "-m", "fxsim.cli", "simulate",
+                               str(tmp_path / "missing.h5"), "--bits", "8"],
+                              capture_output=True, text=True,
+                              env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+                                   **env})
+        assert done.returncode == 2, done.stderr
+        return done.stderr
+
+    quiet = stderr(FXSIM_COMPILE_NOTICE="off")
+    assert "first run" not in quiet and quiet.count("\n") == 1
+    first = stderr(FXSIM_COMPILE_NOTICE="on")  # the quiet run did not probe: still cold
+    assert first.startswith("fxsim: first run here: the kernels compile")
+    assert "no such file" in first
+    assert stderr(FXSIM_COMPILE_NOTICE="on").count("\n") == 1  # cached now: just the error
