@@ -24,31 +24,16 @@ OVERFLOW_NAMES = [o.value for o in Overflow]
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fxsim")
-@click.pass_context
-def cli(ctx):
+def cli():
     """Bit-accurate fixed-point simulation of neural-network accelerators.
 
     fxsim simulates exactly what a fixed-point datapath computes (rounding, saturation,
     accumulator width, overflow counts) and asks whether adversarial examples transfer between
     a full-precision network and its pruned or quantised versions.
     """
-    if ctx.invoked_subcommand not in _NO_KERNELS:
-        _compile_notice()
+    from fxsim.kernels import announce_compiling
 
-
-# commands that run no compiled kernel worth a word
-_NO_KERNELS = ("info", "format", "data", "report")
-
-
-def _compile_notice() -> None:
-    """Say so when the kernels are not compiled yet, so that a first run's minute of silence
-    is not taken for a hang (FXSIM_COMPILE_NOTICE=off: not a word)."""
-    from fxsim.kernels.dense import kernels_cached
-
-    if os.environ.get("FXSIM_COMPILE_NOTICE", "on") != "off" and not kernels_cached():
-        click.echo("fxsim: first run here: the kernels compile for this CPU as they are first "
-                   "needed (a minute or two in all), then load from Numba's disk cache",
-                   err=True)
+    announce_compiling(_echo_err)  # a first run's minute of compiling is not a hang
 
 
 @cli.command("format")

@@ -419,6 +419,10 @@ def _start_pool(jobs: int):
 def _run_in_worker(step, out, files, data_dir, log, threads: int) -> float:
     import numba
 
+    from fxsim.kernels import announce_compiling
+
+    if log:  # the workers compile the kernels a first run needs: they say so in the log
+        announce_compiling(log)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     start = time.perf_counter()
     execute(step, out, files, data_dir, log)

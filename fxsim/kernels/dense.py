@@ -1349,17 +1349,3 @@ def cast_min_max(flat, out):
         lo = v if v < lo else lo
         hi = v if v > hi else hi
     return lo, hi
-
-
-@njit(cache=True)
-def _cache_probe(x):
-    return x + 1
-
-
-def kernels_cached() -> bool:
-    """Whether Numba's disk cache held this module's compiled code already (a first run on a
-    machine, after an upgrade or with an empty NUMBA_CACHE_DIR compiles every kernel as it
-    is first needed: a minute or two in all). A tiny kernel of this module is the probe: its
-    cache entry is made, and goes stale, with the others'."""
-    _cache_probe(1)
-    return sum(_cache_probe.stats.cache_hits.values()) > 0
