@@ -389,7 +389,7 @@ def prune_command(model_file, density, method, scope, finetune_epochs, lr, datas
     model, info = _load(model_file)
     if info["quant"]:
         raise FxsimError(f"{model_file} is quantised: prune the float model, then quantize it")
-    store.check_writable(output)
+    store.check_writable(output, [model_file])
     dataset = dataset or info["dataset"]
     if method == "dns" and finetune_epochs < 1:
         raise FxsimError("dns prunes while training: give --finetune-epochs >= 1")
@@ -452,7 +452,7 @@ def quantize_command(model_file, bits, int_bits, max_overflow, calibration, weig
     from fxsim.train import train
 
     model, info = _load(model_file)
-    store.check_writable(output)
+    store.check_writable(output, [model_file])
     dataset = dataset or info["dataset"]
     if int_bits == "auto" and (weight_bits is not None or weight_int_bits is not None):
         raise FxsimError("--int-bits auto picks weight formats too: drop --weight-bits")
@@ -563,7 +563,7 @@ def distributions_command(model_files, count, dataset, data_dir, plot_path, as_j
     from fxsim import distributions, report, store
 
     if plot_path:
-        store.check_writable(plot_path)
+        store.check_writable(plot_path, model_files)
     stems = [Path(f).stem for f in model_files]
     labels = stems if len(set(stems)) == len(stems) else list(model_files)
     summary, values = distributions.of_files(dict(zip(labels, model_files, strict=True)), count,
@@ -642,7 +642,7 @@ def attack_command(model_file, method, eps, steps, radius, norm, max_iter, overs
         method, {k: v for k, v in given.items() if k in attacks.DEFAULTS[method]})
     for path in (output, plot_path):
         if path:
-            store.check_writable(path)
+            store.check_writable(path, [model_file, *eval_on])
     model, info = _load(model_file)
     source = compress.runnable(model, info)
     targets = {model_file: source, **_evaluated_models(eval_on, model, model_file)}
@@ -710,7 +710,7 @@ def strength_command(model_file, methods, eps_text, steps, norm, dataset, data_d
     eps_values = _floats(eps_text, "--eps")
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if plot_path:
-        store.check_writable(plot_path)
+        store.check_writable(plot_path, [model_file, *eval_on])
     model, info = _load(model_file)
     source = compress.runnable(model, info)
     targets = _evaluated_models(eval_on, model, model_file)
@@ -809,7 +809,7 @@ def scenarios_command(baseline_file, compressed, more_compressed, attack_names, 
             method, {k: v for k, v in given.items() if k in attacks.DEFAULTS[method]})
     if not settings:
         raise FxsimError("--attacks names no attack")
-    store.check_writable(output)
+    store.check_writable(output, [baseline_file, *compressed, *more_compressed])
     base_model, base_info = _load(baseline_file)
     if base_info["quant"] or base_info["masks"]:
         raise FxsimError(f"{baseline_file} is compressed: the baseline must be the dense float "

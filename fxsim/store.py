@@ -37,11 +37,18 @@ def atomic_path(path):
         raise
 
 
-def check_writable(path) -> None:
-    """Fail early, before long work, if ``path`` cannot be written (missing folder)."""
+def check_writable(path, inputs=()) -> None:
+    """Fail early, before long work, if ``path`` cannot be written (missing folder) or is one
+    of ``inputs``, the files the command reads (under any spelling): writing it would
+    replace that file (`fxsim attack m.h5 -o m.h5` turned the model into adversarial
+    images)."""
     folder = Path(path).parent if str(Path(path).parent) else Path(".")
     if not folder.is_dir():
         raise FxsimError(f"cannot write {path}: folder {folder} does not exist")
+    for given in inputs:
+        if Path(given).resolve() == Path(path).resolve():
+            raise FxsimError(f"cannot write {path}: it is {given}, which this command reads; "
+                             "give another output path")
 
 
 def file_digest(path) -> str:

@@ -64,3 +64,35 @@ def test_a_first_run_says_that_the_kernels_compile(tmp_path):
                      "all; they are cached on disk for the next runs)\n")
     assert stderr(FXSIM_COMPILE_NOTICE="on") == ""  # cached now
     assert stderr(FXSIM_COMPILE_NOTICE="off", NUMBA_CACHE_DIR=str(tmp_path / "other")) == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["attack", "{m}", "--method", "fgsm", "-o", "{m_again}"],
+    ["attack", "{m}", "--method", "fgsm", "--plot", "{m}"],
+    ["attack", "{m}", "--method", "fgsm", "--eval-on", "{q}", "-o", "{q}"],
+    ["strength", "{m}", "--plot", "{m_again}"],
+    ["distributions", "{m}", "{q}", "--plot", "{q}"],
+    ["prune", "{m}", "--density", "0.5", "-o", "{m_again}"],
+    ["quantize", "{m}", "--bits", "8", "-o", "{m}"],
+    ["scenarios", "--baseline", "{m}", "--compressed", "{q}", "-o", "{q}"],
+])
+def test_an_output_that_is_an_input_is_refused(tmp_path, capsys, args):
+    """`fxsim attack m.h5 -o m.h5` used to replace the model with adversarial images, and
+    `fxsim scenarios ... -o q8.h5` a compressed model with the results: now exit 2, one line,
+    every file as it was."""
+    from fxsim import compress, store
+    from fxsim.models import lenet5
+
+    model = lenet5(seed=0)
+    store.save_model(model, tmp_path / "m.h5", "sample")
+    store.save_model(model, tmp_path / "q.h5", "sample", quant=compress.quant_config(model, 8))
+    (tmp_path / "sub").mkdir()
+    paths = {"m": tmp_path / "m.h5", "q": tmp_path / "q.h5",
+             "m_again": tmp_path / "sub" / ".." / "m.h5"}
+    before = {name: paths[name].read_bytes() for name in ("m", "q")}
+    with pytest.raises(SystemExit) as done:
+        main([a.format(**paths) for a in args])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1, err
+    assert "which this command reads; give another output path" in err
+    assert {name: paths[name].read_bytes() for name in ("m", "q")} == before
