@@ -942,6 +942,9 @@ def main(argv=None):
     except FxsimError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # the machine's (permissions, a full disk), not fxsim's
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     except Exception as exc:  # a bug: say so in one line, traceback on request
         if os.environ.get("FXSIM_DEBUG"):
             raise

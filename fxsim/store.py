@@ -25,15 +25,20 @@ def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
     target = Path(path)
     check_writable(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise FxsimError(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result should not be
     try:
         yield Path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, a file system gone read-only
+            raise FxsimError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -45,6 +50,12 @@ def check_writable(path, inputs=()) -> None:
     folder = Path(path).parent if str(Path(path).parent) else Path(".")
     if not folder.is_dir():
         raise FxsimError(f"cannot write {path}: folder {folder} does not exist")
+    try:  # a read-only or forbidden folder, found now rather than after the work
+        fd, probe = tempfile.mkstemp(prefix=".fxsim-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FxsimError(f"cannot write {path}: {exc.strerror or exc}") from exc
     for given in inputs:
         if Path(given).resolve() == Path(path).resolve():
             raise FxsimError(f"cannot write {path}: it is {given}, which this command reads; "

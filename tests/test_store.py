@@ -136,6 +136,34 @@ def test_interrupted_save_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]
 
 
+def test_a_failing_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    """The machine refusing a write (a full disk, a read-only or forbidden folder) is an
+    error naming the file, exit 2, not an "internal error"; the old file stays."""
+    import errno
+    import os
+    import sys
+
+    model, path = saved_lenet(tmp_path)
+    before = path.read_bytes()
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(FxsimError, match=r"cannot write .*m\.h5: No space left on device"):
+        store.save_model(model, path, "fashion-mnist")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]  # no temporary left
+    monkeypatch.undo()
+    if sys.platform == "linux":  # a folder nobody can create files in, root included
+        with pytest.raises(FxsimError, match=r"cannot write /proc/m\.h5: "):
+            store.check_writable("/proc/m.h5")
+        with pytest.raises(SystemExit) as done:  # found before the work, not after it
+            main(["prune", str(path), "--density", "0.5", "-o", "/proc/m.h5"])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.startswith("error: cannot write /proc/m.h5")
+
+
 def test_info_command_prints_architecture_and_json(tmp_path, capsys):
     _, path = saved_lenet(tmp_path)
     main(["info", str(path)])
