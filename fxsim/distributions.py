@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fxsim.compress import fold_batchnorm, runnable
+from fxsim.errors import FxsimError
 from fxsim.layers import Conv2d, Linear
 from fxsim.models import Model
 from fxsim.qlayers import QuantConv2d, QuantLinear
@@ -131,6 +132,9 @@ def of_files(files: dict, count: int = 10, dataset: str | None = None,
     for label, path in files.items():
         model, info = store.load_model(path)
         name = dataset or info["dataset"]
+        if data_lib.input_shape(name) != model.input_shape:
+            raise FxsimError(f"{path} ({model.arch}) takes {model.input_shape} images, {name} "
+                             f"has {data_lib.input_shape(name)}")
         if name not in images_of:
             images_of[name] = data_lib.load(name, "test", data_dir, count)[0]
         layers = layer_values(runnable(model, info), images_of[name])

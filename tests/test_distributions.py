@@ -148,6 +148,9 @@ def test_distributions_command(model_files, tmp_path, capsys):
     (["{missing}"], "no such file"),
     (["{q4}", "--plot", "{nodir}"], "no such directory|does not exist|cannot write"),
     (["{q4}", "--dataset", "no-such-set"], "unknown data set|unknown dataset"),
+    # a model of the data set's images named, not only the shapes that do not fit
+    (["{q4}", "--dataset", "cifar10"], r"q4\.h5 \(lenet5\) takes \(1, 28, 28\) images, "
+                                       r"cifar10 has \(3, 32, 32\)"),
 ])
 def test_distributions_bad_input_exits_2(model_files, tmp_path, capsys, args, message):
     import re
