@@ -24,7 +24,7 @@ os.umask(_UMASK)
 def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
     target = Path(path)
-    check_writable(target)
+    _check_folder(target)  # its own temporary file below is the write test
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
@@ -42,14 +42,20 @@ def atomic_path(path):
         raise
 
 
+def _check_folder(path) -> Path:
+    """``path``'s folder, which must exist."""
+    folder = Path(path).parent if str(Path(path).parent) else Path(".")
+    if not folder.is_dir():
+        raise FxsimError(f"cannot write {path}: folder {folder} does not exist")
+    return folder
+
+
 def check_writable(path, inputs=()) -> None:
     """Fail early, before long work, if ``path`` cannot be written (missing folder) or is one
     of ``inputs``, the files the command reads (under any spelling): writing it would
     replace that file (`fxsim attack m.h5 -o m.h5` turned the model into adversarial
     images)."""
-    folder = Path(path).parent if str(Path(path).parent) else Path(".")
-    if not folder.is_dir():
-        raise FxsimError(f"cannot write {path}: folder {folder} does not exist")
+    folder = _check_folder(path)
     try:  # a read-only or forbidden folder, found now rather than after the work
         fd, probe = tempfile.mkstemp(prefix=".fxsim-probe.", dir=folder)
         os.close(fd)
@@ -166,8 +172,8 @@ def load_model(path):
 
 
 def _read_model(f, path, architectures):
+    from fxsim.compress import prunable_layers
     from fxsim.datapath import Datapath
-    from fxsim.layers import Conv2d, Linear
 
     attrs = f.attrs
     version = attrs.get("version")
@@ -217,8 +223,7 @@ def _read_model(f, path, architectures):
     if "quant" in f:
         known = {layer.name for layer in model.layers}
         # the datapath runs every conv/linear layer, so a quantised model has one for each
-        datapath_layers = [layer.name for layer in model.layers
-                           if isinstance(layer, Conv2d | Linear)]
+        datapath_layers = prunable_layers(model)
         for name, text in f["quant"].attrs.items():
             if name not in known:
                 raise _bad(path, f"quant config names a missing layer '{name}'")
